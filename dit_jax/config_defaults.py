@@ -1,0 +1,120 @@
+"""The base config every `configs/*.py` starts from. Imports only ml_collections.
+
+Every field a user may set lives here with its default, so that a locked config rejects typos.
+The README's "Config contract" documents the public names.
+"""
+
+import ml_collections
+
+# Names accepted by the registries; the JAX-side registries validate against the same tuples.
+OBJECTIVES = ("eps", "v", "rectified_flow")
+TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "mode", "cosmap")
+SAMPLERS = ("ddpm", "ddim", "euler", "heun")
+CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
+VP_SCHEDULES = ("linear", "cosine")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns the full default config (a small DiT on the built-in `digits` data)."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "dit"
+  c.model.variant = "S/2"  # One of the 12 sizes of DiT Table 1, or "tiny/2"-style test sizes.
+  c.model.learn_sigma = False
+  c.model.conditioning = "adaln_zero"
+  c.model.num_classes = 10
+  c.model.class_dropout = 0.1  # Label dropout for classifier-free guidance.
+  c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+  c.model.remat = "none"
+  # Overrides of the variant table (0 = take the variant's value).
+  c.model.width = 0
+  c.model.depth = 0
+  c.model.heads = 0
+  c.model.mlp_ratio = 4.0
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.objective = "rectified_flow"
+  c.diffusion.schedule = "linear"  # Beta schedule of the VP objectives (eps, v).
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.timestep_sampler = "uniform"
+  c.diffusion.logit_mean = 0.0
+  c.diffusion.logit_std = 1.0
+  c.diffusion.mode_scale = 1.29
+  # SD3 timestep shift t -> s*t / (1 + (s-1)*t). If shift_base_resolution > 0 the shift is
+  # multiplied by sqrt(H*W) / shift_base_resolution (the resolution-dependent shift, SD3 §5.3.2).
+  c.diffusion.shift = 1.0
+  c.diffusion.shift_base_resolution = 0
+  c.diffusion.loss_weighting = "none"
+  c.diffusion.min_snr_gamma = 5.0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"  # digits | synthetic | tfds:<name> | folder | latents
+  c.data.path = ""  # Image folder root, or directory of pre-encoded latents.
+  c.data.split = "train"
+  c.data.image_size = 16
+  c.data.channels = 1
+  c.data.random_flip = False
+  c.data.image_key = "image"  # Feature names for tfds datasets.
+  c.data.label_key = "label"
+  c.data.latent_scale = 1.0  # Multiplier applied to pre-encoded latents (SD-VAE: 0.18215).
+  c.data.synthetic_size = 4096  # Number of distinct synthetic examples.
+  c.data.num_workers = 0  # grain worker processes (0 = threads in this process).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64  # Global batch size, over all devices and processes.
+  c.train.num_steps = 1000
+  c.train.seed = 0
+  c.train.lr = 1e-4
+  c.train.warmup_steps = 0
+  c.train.weight_decay = 0.0
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.grad_clip = 1.0  # Global-norm clipping; 0 disables it.
+  c.train.ema_decay = 0.9999
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.sample_every = 0  # Steps between PNG grids of samples (0 = only at the end).
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.name = "samples"
+  c.sample.num_images = 100
+  c.sample.labels = "balanced"  # balanced | random
+  c.sample.sampler = "auto"  # auto (euler for rectified flow, ddim otherwise) | ddpm | ddim | euler | heun
+  c.sample.num_steps = 50
+  c.sample.guidance_scale = 1.0
+  c.sample.eta = 0.0  # DDIM eta.
+  c.sample.batch_size = 100  # Images per jitted sampling call.
+  c.sample.seed = 0
+  c.sample.use_ema = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.name = "eval"
+  c.eval.num_images = 1000
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.preset = "dp"
+  c.parallel.mesh = ml_collections.ConfigDict()
+  c.parallel.mesh.data = -1  # -1: all remaining devices.
+  c.parallel.mesh.fsdp = 1
+  c.parallel.mesh.tensor = 1
+  return c
+
+
+def parse_arg(arg: str | None, defaults: dict) -> dict:
+  """Parses a config arg string `key=value,flag` against `defaults` (bools may be bare flags)."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config arg {key!r}; expected one of {sorted(defaults)}.")
+    default = defaults[key]
+    if isinstance(default, bool):
+      out[key] = value.lower() in ("", "1", "true", "yes") if eq else True
+    else:
+      out[key] = type(default)(value)
+  return out
