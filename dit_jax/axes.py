@@ -1,0 +1,15 @@
+"""Logical axis names: the only vocabulary model code uses to describe array dimensions.
+
+`dit_jax.parallel` maps these names onto mesh axes through rules chosen by a preset.
+"""
+
+BATCH = "batch"
+SEQ = "seq"  # Tokens (image patches, conditioning tokens).
+EMBED = "embed"  # Model width.
+MLP = "mlp"  # MLP hidden width, and fused modulation outputs.
+HEADS = "heads"
+KV = "kv"  # Per-head width.
+VOCAB = "vocab"  # Rows of the class embedding table.
+PATCH = "patch"  # Flattened patch (p * p * C) at the input and output projections.
+FREQ = "freq"  # Sinusoidal timestep features.
+LAYERS = "layers"  # Stacked (scanned) blocks.

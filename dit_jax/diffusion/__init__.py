@@ -1,0 +1,180 @@
+"""Diffusion math as pure functions of arrays and a model closure; no Flax in this package.
+
+`Diffusion` bundles the parts a config selects by name (schedule, objective, timestep sampler,
+shift, loss weighting) and offers the two things training and evaluation need:
+`training_loss(denoise, x0, rng)` and `sample(denoise, noise, ...)`, where
+`denoise(z [B, H, W, C], model_time [B]) -> output [B, H, W, C or 2C]` wraps the network.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dit_jax import config_defaults
+from dit_jax.diffusion import objectives, samplers, timesteps, vlb
+from dit_jax.diffusion.guidance import classifier_free_guidance
+from dit_jax.diffusion.schedules import FlowSchedule, Schedule, VPSchedule, vp_schedule
+from dit_jax.errors import ConfigError, check_choice
+
+Denoise = Callable[[jax.Array, jax.Array], jax.Array]
+
+__all__ = [
+  "Diffusion",
+  "FlowSchedule",
+  "VPSchedule",
+  "build_diffusion",
+  "classifier_free_guidance",
+  "objectives",
+  "samplers",
+  "timesteps",
+  "vlb",
+]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Diffusion:
+  schedule: Schedule
+  objective: str
+  timestep_sampler: str = "uniform"
+  logit_mean: float = 0.0
+  logit_std: float = 1.0
+  mode_scale: float = 1.29
+  shift: float = 1.0
+  learn_sigma: bool = False
+  loss_weighting: str = "none"
+  min_snr_gamma: float = 5.0
+
+  def sample_t(self, rng: jax.Array, batch: int) -> jax.Array:
+    """Training times [B]: int32 in [0, T) for VP, float32 in [0, 1] for rectified flow."""
+    u = timesteps.sample_unit_time(
+      self.timestep_sampler,
+      rng,
+      (batch,),
+      logit_mean=self.logit_mean,
+      logit_std=self.logit_std,
+      mode_scale=self.mode_scale,
+    )
+    return self.schedule.from_unit(timesteps.shift_time(u, self.shift))
+
+  def alpha_sigma(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(alpha, sigma) shaped [B, 1, 1, 1] for broadcasting against images."""
+    alpha, sigma = self.schedule.alpha_sigma(t)
+    return alpha[:, None, None, None], sigma[:, None, None, None]
+
+  def split_output(self, out: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Splits [B, H, W, 2C] into (mean prediction, variance output) when sigma is learned."""
+    if not self.learn_sigma:
+      return out, None
+    c = out.shape[-1] // 2
+    return out[..., :c], out[..., c:]
+
+  def training_loss(
+    self, denoise: Denoise, x0: jax.Array, rng: jax.Array
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-example loss [B] and per-example terms (mse, vb, t)."""
+    rng_t, rng_eps = jax.random.split(rng)
+    b = x0.shape[0]
+    t = self.sample_t(rng_t, b)
+    eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
+    alpha, sigma = self.alpha_sigma(t)
+    z = alpha * x0 + sigma * eps
+    out, var_out = self.split_output(denoise(z, self.schedule.model_time(t)))
+    assert out.shape == x0.shape, (out.shape, x0.shape)
+    goal = objectives.target(self.objective, x0, eps, alpha, sigma)
+    weight = objectives.loss_weight(
+      self.loss_weighting, self.objective, alpha, sigma, self.min_snr_gamma
+    )[:, 0, 0, 0]
+    mse = weight * jnp.mean((goal - out) ** 2, axis=(1, 2, 3))
+    terms = {"mse": mse, "t": t.astype(jnp.float32)}
+    loss = mse
+    if var_out is not None:
+      # The bound trains only the variance: the mean gets its gradient from the MSE alone.
+      x0_hat, _ = objectives.to_x0_eps(self.objective, jax.lax.stop_gradient(out), z, alpha, sigma)
+      terms["vb"] = vlb.vb_term(self.schedule, x0, z, t, x0_hat, var_out)
+      loss = loss + terms["vb"]
+    return loss, terms
+
+  def predictor(self, denoise: Denoise, clip_x0: bool = False) -> samplers.Predict:
+    """Wraps `denoise` as predict(z, t) -> (x0_hat, eps_hat, var_out) for the samplers."""
+
+    def predict(z, t):
+      alpha, sigma = self.alpha_sigma(t)
+      out, var_out = self.split_output(denoise(z, self.schedule.model_time(t)))
+      x0, eps = objectives.to_x0_eps(self.objective, out, z, alpha, sigma)
+      if clip_x0:
+        x0 = jnp.clip(x0, -1.0, 1.0)
+        eps = objectives.eps_from_x0(z, x0, alpha, sigma)
+      return x0, eps, var_out
+
+    return predict
+
+  def sample(
+    self,
+    denoise: Denoise,
+    noise: jax.Array,
+    *,
+    sampler: str,
+    num_steps: int,
+    rng: jax.Array,
+    eta: float = 0.0,
+    clip_x0: bool = False,
+  ) -> jax.Array:
+    """Runs the named sampler from `noise` [B, H, W, C]; jit the caller, not each step."""
+    grid = samplers.time_grid(self.schedule, num_steps, self.shift)
+    predict = self.predictor(denoise, clip_x0)
+    return samplers.run_sampler(sampler, self.schedule, predict, noise, grid, rng, eta)
+
+
+def default_sampler(objective: str) -> str:
+  return "euler" if objective == "rectified_flow" else "ddim"
+
+
+def resolve_sampler(config: ml_collections.ConfigDict) -> str:
+  """The sampler `config.sample.sampler` names ("auto" picks one that suits the objective)."""
+  name = config.sample.sampler
+  if name == "auto":
+    return default_sampler(config.diffusion.objective)
+  check_choice(name, config_defaults.SAMPLERS, "sample.sampler")
+  if name in ("ddpm", "ddim") and config.diffusion.objective == "rectified_flow":
+    raise ConfigError(
+      f"config.sample.sampler={name!r} needs a VP objective (eps or v); for rectified flow use "
+      "euler or heun."
+    )
+  return name
+
+
+def build_diffusion(config: ml_collections.ConfigDict) -> Diffusion:
+  """The diffusion process `config.diffusion` describes, for images of `config.data`."""
+  d = config.diffusion
+  check_choice(d.objective, config_defaults.OBJECTIVES, "diffusion.objective")
+  check_choice(d.timestep_sampler, config_defaults.TIMESTEP_SAMPLERS, "diffusion.timestep_sampler")
+  check_choice(d.loss_weighting, config_defaults.LOSS_WEIGHTINGS, "diffusion.loss_weighting")
+  if d.objective == "rectified_flow":
+    schedule = FlowSchedule()
+  else:
+    check_choice(d.schedule, config_defaults.VP_SCHEDULES, "diffusion.schedule")
+    if d.num_timesteps < 2:
+      raise ConfigError(f"config.diffusion.num_timesteps={d.num_timesteps} must be >= 2.")
+    schedule = vp_schedule(d.schedule, d.num_timesteps)
+  if d.shift <= 0:
+    raise ConfigError(f"config.diffusion.shift={d.shift} must be > 0 (1.0 = no shift).")
+  if d.timestep_sampler == "mode" and not -1.0 <= d.mode_scale <= 2.0 / (3.141592653589793 - 2):
+    raise ConfigError(
+      f"config.diffusion.mode_scale={d.mode_scale} must lie in [-1, 2/(pi-2)] so that the mode "
+      "sampler maps [0, 1] onto [0, 1] monotonically."
+    )
+  return Diffusion(
+    schedule=schedule,
+    objective=d.objective,
+    timestep_sampler=d.timestep_sampler,
+    logit_mean=d.logit_mean,
+    logit_std=d.logit_std,
+    mode_scale=d.mode_scale,
+    shift=timesteps.resolution_shift(d.shift, config.data.image_size, d.shift_base_resolution),
+    learn_sigma=config.model.learn_sigma,
+    loss_weighting=d.loss_weighting,
+    min_snr_gamma=d.min_snr_gamma,
+  )

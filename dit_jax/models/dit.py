@@ -1,0 +1,182 @@
+"""DiT (Peebles & Xie, ICCV 2023) with the four conditioning designs of the paper's Figure 3.
+
+- `adaln_zero`: adaptive layer norm whose shift, scale and residual gates are regressed from
+  t + y and zero-initialized, so every block starts as the identity (the paper's choice).
+- `adaln`: shift and scale only, regular initialization.
+- `cross_attention`: t and y embeddings form a two-token sequence every block cross-attends to.
+- `in_context`: t and y embeddings are two extra tokens, removed after the last block.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dit_jax import axes
+from dit_jax.models import layers
+from dit_jax.models.layers import constrain, dense
+
+REMAT_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_ACT = (axes.BATCH, axes.SEQ, axes.EMBED)
+
+
+class DiTBlock(nn.Module):
+  """One transformer block; `cond` is [B, D] (adaLN variants) or [B, 2, D] (cross-attention)."""
+
+  width: int
+  heads: int
+  mlp_ratio: float
+  conditioning: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array) -> tuple[jax.Array, None]:
+    mlp = layers.Mlp(int(self.width * self.mlp_ratio), self.dtype, name="mlp")
+    attn = layers.Attention(self.heads, self.dtype, name="attn")
+    if self.conditioning in ("adaln_zero", "adaln"):
+      gated = self.conditioning == "adaln_zero"
+      n_mod = 6 if gated else 4
+      init = layers.zeros if gated else layers.xavier
+      mod = dense(
+        (n_mod, self.width),
+        (axes.EMBED, None, axes.MLP),
+        self.dtype,
+        kernel_init=init,
+        name="modulation",
+      )(nn.silu(cond))  # [B, n_mod, D]
+      mod = [mod[:, i] for i in range(n_mod)]
+      if gated:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod
+      else:
+        shift_a, scale_a, shift_m, scale_m = mod
+        gate_a = gate_m = jnp.ones_like(shift_a)
+      norm1 = layers.layer_norm(False, self.dtype, name="norm1")
+      norm2 = layers.layer_norm(False, self.dtype, name="norm2")
+      x = x + gate_a[:, None] * attn(layers.modulate(norm1(x), shift_a, scale_a))
+      x = x + gate_m[:, None] * mlp(layers.modulate(norm2(x), shift_m, scale_m))
+    else:
+      x = x + attn(layers.layer_norm(True, self.dtype, name="norm1")(x))
+      if self.conditioning == "cross_attention":
+        cross = layers.Attention(self.heads, self.dtype, name="cross_attn")
+        x = x + cross(layers.layer_norm(True, self.dtype, name="norm_cross")(x), cond)
+      x = x + mlp(layers.layer_norm(True, self.dtype, name="norm2")(x))
+    return constrain(x, _ACT), None
+
+
+class FinalLayer(nn.Module):
+  """Norm (adaLN-modulated for the adaLN variants) and projection back to patches."""
+
+  out_dim: int
+  conditioning: str
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+    zero = self.conditioning == "adaln_zero"
+    if self.conditioning in ("adaln_zero", "adaln"):
+      width = x.shape[-1]
+      mod = dense(
+        (2, width),
+        (axes.EMBED, None, axes.MLP),
+        self.dtype,
+        kernel_init=layers.zeros if zero else layers.xavier,
+        name="modulation",
+      )(nn.silu(cond))  # [B, 2, D]
+      x = layers.modulate(
+        layers.layer_norm(False, self.dtype, name="norm")(x), mod[:, 0], mod[:, 1]
+      )
+    else:
+      x = layers.layer_norm(True, self.dtype, name="norm")(x)
+    return dense(
+      self.out_dim,
+      (axes.EMBED, axes.PATCH),
+      self.dtype,
+      kernel_init=layers.zeros if zero else layers.xavier,
+      name="linear",
+    )(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Static hyper-parameters of a DiT; built from the config by `dit_jax.models.build_model`."""
+
+  input_size: int
+  in_channels: int
+  patch: int
+  width: int
+  depth: int
+  heads: int
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  class_dropout: float = 0.1
+  learn_sigma: bool = True
+  conditioning: str = "adaln_zero"
+  dtype: str = "float32"
+  remat: str = "none"
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * (2 if self.learn_sigma else 1)
+
+
+class DiT(nn.Module):
+  """Class-conditional diffusion transformer over images [B, H, W, C] (pixels or latents)."""
+
+  config: DiTConfig
+
+  @nn.compact
+  def __call__(
+    self, x: jax.Array, t: jax.Array, labels: jax.Array, *, train: bool = False
+  ) -> jax.Array:
+    """Returns the prediction [B, H, W, out_channels] for inputs x at model times t [B]."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    b, h, w, c = x.shape
+    p = cfg.patch
+    assert (h, w, c) == (cfg.input_size, cfg.input_size, cfg.in_channels), (x.shape, cfg)
+    assert t.shape == (b,) and labels.shape == (b,), (t.shape, labels.shape)
+    gh, gw = h // p, w // p
+
+    tokens = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    tokens = tokens.reshape(b, gh * gw, p * p * c).astype(dtype)  # [B, L, p*p*C]
+    tokens = dense(cfg.width, (axes.PATCH, axes.EMBED), dtype, name="patch_embed")(tokens)
+    pos = layers.sincos_2d(cfg.width, gh, gw)  # [L, D], fixed
+    tokens = constrain(tokens + jnp.asarray(pos, dtype)[None], _ACT)  # [B, L, D]
+
+    t_emb = layers.TimestepEmbedder(cfg.width, dtype, name="t_embedder")(t)  # [B, D]
+    y_emb = layers.LabelEmbedder(
+      cfg.num_classes, cfg.width, cfg.class_dropout, dtype, name="y_embedder"
+    )(labels, train)  # [B, D]
+    if cfg.conditioning in ("adaln_zero", "adaln"):
+      cond = t_emb + y_emb  # [B, D]
+    else:
+      cond = jnp.stack([t_emb, y_emb], axis=1)  # [B, 2, D]
+    n_extra = 0
+    if cfg.conditioning == "in_context":
+      n_extra = 2
+      tokens = jnp.concatenate([cond, tokens], axis=1)  # [B, 2 + L, D]
+
+    block = DiTBlock
+    if cfg.remat != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    blocks = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast,),
+      length=cfg.depth,
+      metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+    )(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.conditioning, dtype, name="blocks")
+    tokens, _ = blocks(tokens, cond)
+    tokens = tokens[:, n_extra:]  # [B, L, D]
+
+    out = FinalLayer(p * p * cfg.out_channels, cfg.conditioning, dtype, name="final")(tokens, cond)
+    out = out.reshape(b, gh, gw, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
+    return out.reshape(b, h, w, cfg.out_channels).astype(jnp.float32)  # [B, H, W, out_C]

@@ -1,0 +1,179 @@
+"""Building blocks shared by the diffusion transformers. Logical axes only, no mesh names."""
+
+import math
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dit_jax import axes
+
+Dtype = jnp.dtype
+Init = Callable[..., jax.Array]
+
+xavier = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros_init()
+
+
+def logical(init: Init, names: Sequence[str | None]) -> Init:
+  """Attaches logical axis names to a parameter initializer."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def dense(
+  features: int | Sequence[int],
+  kernel_axes: Sequence[str | None],
+  dtype: Dtype,
+  *,
+  axis: int | Sequence[int] = -1,
+  kernel_init: Init = xavier,
+  bias_init: Init = zeros,
+  name: str | None = None,
+) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel and bias carry logical axes (bias: the output axes)."""
+  n_out = 1 if isinstance(features, int) else len(features)
+  return nn.DenseGeneral(
+    features,
+    axis=axis,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=logical(kernel_init, kernel_axes),
+    bias_init=logical(bias_init, kernel_axes[-n_out:]),
+    name=name,
+  )
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN modulation: x [B, L, D], shift/scale [B, D]."""
+  return x * (1.0 + scale[:, None, :]) + shift[:, None, :]
+
+
+def layer_norm(affine: bool, dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(
+    epsilon=1e-6,
+    use_bias=affine,
+    use_scale=affine,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    scale_init=logical(nn.initializers.ones_init(), (axes.EMBED,)),
+    bias_init=logical(zeros, (axes.EMBED,)),
+    name=name,
+  )
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+  """Sin-cos features of `positions` [N] -> [N, dim] (sin half first)."""
+  assert dim % 2 == 0, dim
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  angles = positions.reshape(-1).astype(np.float64)[:, None] * omega[None, :]  # [N, dim/2]
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+  """Fixed 2D position embedding [grid_h * grid_w, dim], tokens in row-major order.
+
+  The first half of the features encodes the column, the second half the row, which is the
+  layout of the released DiT checkpoints.
+  """
+  assert dim % 4 == 0, f"width {dim} must be divisible by 4 for the 2D sin-cos embedding"
+  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+
+
+def timestep_features(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal features of (possibly fractional) timesteps t [B] -> [B, dim], cos half first."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]  # [B, half]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedder(nn.Module):
+  """Sinusoidal features of t followed by a two-layer MLP."""
+
+  width: int
+  dtype: Dtype = jnp.float32
+  frequency_dim: int = 256
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    init = nn.initializers.normal(0.02)
+    h = timestep_features(t, self.frequency_dim).astype(self.dtype)
+    h = dense(self.width, (axes.FREQ, axes.EMBED), self.dtype, kernel_init=init, name="mlp_in")(h)
+    h = nn.silu(h)
+    return dense(
+      self.width, (axes.EMBED, axes.EMBED), self.dtype, kernel_init=init, name="mlp_out"
+    )(h)  # [B, D]
+
+
+class LabelEmbedder(nn.Module):
+  """Class embedding table with one extra row, the null class used for guidance.
+
+  During training each label is replaced by the null class with probability `dropout`.
+  """
+
+  num_classes: int
+  width: int
+  dropout: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, labels: jax.Array, train: bool) -> jax.Array:
+    if train and self.dropout > 0:
+      drop = jax.random.bernoulli(self.make_rng("label_dropout"), self.dropout, labels.shape)
+      labels = jnp.where(drop, self.num_classes, labels)
+    table = self.param(
+      "embedding",
+      logical(nn.initializers.normal(0.02), (axes.VOCAB, axes.EMBED)),
+      (self.num_classes + 1, self.width),
+      jnp.float32,
+    )
+    return jnp.take(table, labels, axis=0).astype(self.dtype)  # [B, D]
+
+
+class Attention(nn.Module):
+  """Multi-head attention; self-attention when `context` is None."""
+
+  heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    width = x.shape[-1]
+    assert width % self.heads == 0, f"width {width} not divisible by {self.heads} heads"
+    head_dim = width // self.heads
+    context = x if context is None else context
+
+    # DenseGeneral hands initializers the kernel flattened to 2D, so xavier sees the true fans.
+    def project(name: str, src: jax.Array) -> jax.Array:
+      kernel_axes = (axes.EMBED, axes.HEADS, axes.KV)
+      return dense((self.heads, head_dim), kernel_axes, self.dtype, name=name)(src)  # [B, L, H, Dh]
+
+    q, k, v = project("query", x), project("key", context), project("value", context)
+    q = constrain(q, (axes.BATCH, axes.SEQ, axes.HEADS, axes.KV))
+    out = jax.nn.dot_product_attention(q, k, v)  # [B, L, H, Dh]
+    out = dense(width, (axes.HEADS, axes.KV, axes.EMBED), self.dtype, axis=(-2, -1), name="out")(
+      out
+    )
+    return constrain(out, (axes.BATCH, axes.SEQ, axes.EMBED))  # [B, L, D]
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    h = dense(self.hidden, (axes.EMBED, axes.MLP), self.dtype, name="fc1")(x)
+    h = constrain(nn.gelu(h, approximate=True), (axes.BATCH, axes.SEQ, axes.MLP))
+    return dense(width, (axes.MLP, axes.EMBED), self.dtype, name="fc2")(h)
