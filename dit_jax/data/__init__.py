@@ -1,0 +1,13 @@
+"""Training data: random-access sources chosen by `config.data.name`, and the grain pipeline."""
+
+from dit_jax.data.pipeline import build_train_iterator, real_images
+from dit_jax.data.sources import SOURCE_NAMES, DataError, Source, build_source
+
+__all__ = [
+  "SOURCE_NAMES",
+  "DataError",
+  "Source",
+  "build_source",
+  "build_train_iterator",
+  "real_images",
+]

@@ -1,0 +1,120 @@
+"""The grain input pipeline: shuffled, repeated, sharded by process, batched, checkpointable.
+
+The order of elements is a function of the seed alone: one global stream (shuffled anew each epoch,
+flipped per position) is dealt out to processes round-robin, so the union of the processes' batches
+at a step does not depend on how many processes there are.
+"""
+
+from concurrent import futures
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags, logging
+
+from dit_jax.data.sources import DataError, build_source
+
+# Each thread builds whole batches; a few in flight keep the accelerator fed without holding many
+# large batches in memory.
+_NUM_THREADS = 4
+_PREFETCH_BATCHES = 8
+
+
+def _random_flip(element: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+  if rng.random() < 0.5:
+    return {**element, "image": element["image"][:, ::-1]}
+  return element
+
+
+def _ensure_flags_parsed() -> None:
+  # grain 0.2.18 reads an absl flag in mp_prefetch and fails when no absl.app parsed the command
+  # line (notebooks, pytest; grain issue #1355). Its default is the value we want anyway.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def build_train_iterator(
+  config: ml_collections.ConfigDict,
+  *,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  seed: int | None = None,
+) -> grain.DatasetIterator:
+  """Returns an endless iterator over this process's training batches.
+
+  Batches are `{"image": np.float32 [batch_size, H, W, C], "label": np.int32 [batch_size]}`. The
+  iterator's `get_state()` / `set_state()` resume the exact sequence of batches.
+
+  Args:
+    config: the full config; reads `config.data`, `config.model.num_classes`, `config.train.seed`.
+    batch_size: examples per batch on this process (the global batch over `process_count`).
+    process_index: this process's index; processes see disjoint elements of each epoch.
+    process_count: the number of processes reading the data.
+    seed: shuffle and flip seed; defaults to `config.train.seed`.
+
+  Raises:
+    DataError: on a bad batch size or process index, or data smaller than one global batch.
+  """
+  if batch_size <= 0:
+    raise DataError(f"The per-process batch size is {batch_size}; it must be positive.")
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index={process_index} is not in [0, process_count={process_count}).")
+  source = build_source(config, num_classes=config.model.num_classes)
+  global_batch = batch_size * process_count
+  if len(source) < global_batch:
+    raise DataError(
+      f"config.data.name={config.data.name!r} has {len(source)} examples, fewer than one global "
+      f"batch of {global_batch} ({process_count} process(es) x {batch_size}); lower "
+      "config.train.batch_size or use more data."
+    )
+  seed = config.train.seed if seed is None else seed
+  dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  if config.data.random_flip:
+    # Before sharding, so an element's flip depends on its global position, not the topology.
+    dataset = dataset.random_map(_random_flip)
+  dataset = dataset[process_index::process_count].batch(batch_size, drop_remainder=True)
+  iter_dataset = dataset.to_iter_dataset(
+    grain.ReadOptions(num_threads=_NUM_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+  )
+  if config.data.num_workers > 0:
+    _ensure_flags_parsed()
+    iter_dataset = iter_dataset.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=config.data.num_workers)
+    )
+  logging.info(
+    "Train data: %d examples, batches of %d on process %d of %d, seed %d, %d worker processes.",
+    len(source),
+    batch_size,
+    process_index,
+    process_count,
+    seed,
+    config.data.num_workers,
+  )
+  return iter(iter_dataset)
+
+
+def real_images(
+  config: ml_collections.ConfigDict, max_images: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Returns real data as arrays, in dataset order, neither shuffled nor flipped.
+
+  Args:
+    config: the full config; reads `config.data` and `config.model.num_classes`.
+    max_images: if set and smaller than the dataset, take this many evenly spaced elements, so
+      that class-sorted data (folders, digits) stays balanced.
+
+  Returns:
+    images float32 [N, H, W, C] and labels int32 [N].
+  """
+  if max_images is not None and max_images <= 0:
+    raise DataError(f"max_images={max_images} must be positive.")
+  source = build_source(config, num_classes=config.model.num_classes)
+  count = len(source) if max_images is None else min(max_images, len(source))
+  indices = np.linspace(0, len(source), count, endpoint=False).astype(np.int64)
+  # Decoding dominates for image folders; PIL releases the GIL, so threads help.
+  with futures.ThreadPoolExecutor(_NUM_THREADS) as pool:
+    elements = list(pool.map(lambda i: source[int(i)], indices))
+  images = np.stack([e["image"] for e in elements]).astype(np.float32)  # [N, H, W, C]
+  labels = np.array([e["label"] for e in elements], np.int32)  # [N]
+  return images, labels

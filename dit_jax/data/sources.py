@@ -1,0 +1,332 @@
+"""Random-access data sources, chosen by `config.data.name`.
+
+Every source follows grain's `RandomAccessDataSource` protocol (`__len__`, `__getitem__`), exposes
+`num_classes`, and returns elements `{"image": np.float32 [H, W, C], "label": np.int32 []}`. Pixel
+images are scaled to [-1, 1]; latents are returned as stored, times `config.data.latent_scale`.
+
+Names:
+  digits       the 1,797 8x8 handwritten digits that scikit-learn ships, resized to image_size.
+  synthetic    `config.data.synthetic_size` standard-normal images, deterministic per index.
+  tfds:<name>  a prepared TensorFlow Datasets dataset, read with `tfds.data_source`.
+  folder       `config.data.path/<class>/<image>`: sorted sub-folder names are labels 0..K-1.
+  latents      pre-encoded latents in the directory `config.data.path`:
+                 latents.npy  float16 or float32 [N, H, W, C], the encoder's output (unscaled);
+                 labels.npy   integer [N], class ids in 0..K-1.
+               Both are plain `np.save` files; latents.npy is memory-mapped, not loaded.
+
+Pixel sources other than digits center-crop to a square, then downsample as ADM does: halve with a
+box filter while the image is at least twice the target, then one bicubic step.
+"""
+
+import os
+from typing import Any, Protocol
+
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from dit_jax.errors import ConfigError
+
+SOURCE_NAMES = ("digits", "synthetic", "tfds:<name>", "folder", "latents")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_DIGITS_SIZES = (8, 16, 32)
+
+
+class DataError(ConfigError):
+  """A data config that does not match the data on disk, or data that cannot be read."""
+
+
+class Source(Protocol):
+  """What the pipeline needs from a source."""
+
+  num_classes: int | None
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+def _element(image: np.ndarray, label: Any) -> dict[str, np.ndarray]:
+  return {"image": image, "label": np.int32(label)}
+
+
+def _center_crop_resize(image: Image.Image, size: int) -> Image.Image:
+  """Crops the central square of `image` and resizes it to `size` x `size`."""
+  width, height = image.size
+  side = min(width, height)
+  left, top = (width - side) // 2, (height - side) // 2
+  image = image.crop((left, top, left + side, top + side))
+  # One large bicubic step aliases; repeated box halving averages every source pixel first.
+  while side >= 2 * size:
+    side //= 2
+    image = image.resize((side, side), Image.BOX)
+  if side != size:
+    image = image.resize((size, size), Image.BICUBIC)
+  return image
+
+
+def _pil_to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
+  """Converts, crops and resizes `image`; returns float32 [size, size, channels] in [-1, 1]."""
+  image = _center_crop_resize(image.convert("L" if channels == 1 else "RGB"), size)
+  array = np.asarray(image, np.float32) / 127.5 - 1.0
+  return array.reshape(size, size, channels)
+
+
+def _check_pixel_channels(config: ml_collections.ConfigDict) -> None:
+  if config.data.channels not in (1, 3):
+    raise DataError(
+      f"config.data.channels={config.data.channels} is not supported for "
+      f"config.data.name={config.data.name!r}; set it to 1 (grayscale) or 3 (RGB)."
+    )
+
+
+class DigitsSource:
+  """scikit-learn's 8x8 digits, resized once at construction (bicubic on the float image)."""
+
+  num_classes = 10
+
+  def __init__(self, image_size: int):
+    from sklearn.datasets import load_digits  # Imported here: sklearn adds a second to startup.
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) / 8.0 - 1.0  # [N, 8, 8], 0..16 -> -1..1.
+    if image_size != 8:
+      images = np.stack(
+        [
+          np.asarray(Image.fromarray(x).resize((image_size, image_size), Image.BICUBIC))
+          for x in images
+        ]
+      )
+    # Bicubic overshoots near strokes; clipping keeps the documented range.
+    self._images = np.clip(images, -1.0, 1.0)[..., None]  # [N, S, S, 1]
+    self._labels = digits.target.astype(np.int32)
+
+  def __len__(self) -> int:
+    return len(self._images)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return _element(self._images[index].copy(), self._labels[index])
+
+
+class SyntheticSource:
+  """Standard-normal images with uniform labels; element i depends only on (seed, i)."""
+
+  def __init__(self, size: int, shape: tuple[int, int, int], num_classes: int, seed: int):
+    self._size = size
+    self._shape = shape
+    self._seed = seed
+    self.num_classes = num_classes
+
+  def __len__(self) -> int:
+    return self._size
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    if not 0 <= index < self._size:
+      raise IndexError(f"Index {index} out of range for {self._size} synthetic examples.")
+    rng = np.random.default_rng([self._seed, index])
+    image = rng.standard_normal(self._shape, dtype=np.float32)
+    return _element(image, rng.integers(max(self.num_classes, 1)))
+
+
+class TfdsSource:
+  """A prepared TFDS dataset; images are cropped, resized and converted per element."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    import tensorflow_datasets as tfds  # Imported here: only this source needs it.
+
+    data = config.data
+    name = data.name.removeprefix("tfds:")
+    try:
+      # download=False: a training job must not start fetching a dataset on its own.
+      self._source = tfds.data_source(name, split=data.split, download=False)
+    except (KeyError, ValueError, FileNotFoundError, AssertionError) as e:
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise DataError(
+        f"config.data.name={data.name!r} (split config.data.split={data.split!r}) could not be "
+        f"opened: {reason} Prepare it with `tfds build {name}` and set TFDS_DATA_DIR to the data "
+        "directory it was built in."
+      ) from e
+    features = self._source.dataset_info.features
+    for field in ("image_key", "label_key"):
+      if data[field] not in features:
+        raise DataError(
+          f"config.data.{field}={data[field]!r} is not a feature of {data.name!r}; "
+          f"its features are {sorted(features.keys())}."
+        )
+    self.num_classes = getattr(features[data.label_key], "num_classes", None)
+    self._image_key = data.image_key
+    self._label_key = data.label_key
+    self._size = data.image_size
+    self._channels = data.channels
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    example = self._source[index]
+    pixels = np.asarray(example[self._image_key])
+    if pixels.ndim == 3 and pixels.shape[-1] == 1:
+      pixels = pixels[..., 0]  # PIL reads [H, W] as grayscale but rejects [H, W, 1].
+    image = _pil_to_array(Image.fromarray(pixels), self._size, self._channels)
+    return _element(image, example[self._label_key])
+
+
+class FolderSource:
+  """`root/<class>/<image>` files, decoded lazily; labels follow the sorted class names."""
+
+  def __init__(self, root: str, image_size: int, channels: int):
+    if not os.path.isdir(root):
+      raise DataError(
+        f"config.data.path={root!r} does not exist or is not a directory; set it to an image "
+        "folder with one sub-folder per class."
+      )
+    self.classes = sorted(
+      entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
+    )
+    if not self.classes:
+      raise DataError(
+        f"config.data.path={root!r} has no class sub-folders; expected {root}/<class>/<image>."
+      )
+    files, labels = [], []
+    for label, name in enumerate(self.classes):
+      class_files = sorted(
+        os.path.join(directory, filename)
+        for directory, _, filenames in os.walk(os.path.join(root, name))
+        for filename in filenames
+        if filename.lower().endswith(IMAGE_EXTENSIONS)
+      )
+      if not class_files:
+        raise DataError(
+          f"Class folder {os.path.join(root, name)!r} under config.data.path={root!r} has no "
+          f"images with extensions {IMAGE_EXTENSIONS}; add images or remove the folder."
+        )
+      files += class_files
+      labels += [label] * len(class_files)
+    self._files = files
+    self._labels = np.asarray(labels, np.int32)
+    self._size = image_size
+    self._channels = channels
+    self.num_classes = len(self.classes)
+
+  def __len__(self) -> int:
+    return len(self._files)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    path = self._files[index]
+    try:
+      with Image.open(path) as image:
+        image.load()
+        image = image.convert("L" if self._channels == 1 else "RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+      raise DataError(f"Cannot read image {path!r} ({e}); remove or fix this file.") from e
+    return _element(_pil_to_array(image, self._size, self._channels), self._labels[index])
+
+
+class LatentsSource:
+  """Pre-encoded latents (`latents.npy`, `labels.npy`), memory-mapped and scaled on read."""
+
+  def __init__(self, path: str, image_size: int, channels: int, scale: float):
+    self._latents_path = os.path.join(path, "latents.npy")
+    labels_path = os.path.join(path, "labels.npy")
+    missing = [p for p in (self._latents_path, labels_path) if not os.path.isfile(p)]
+    if missing:
+      raise DataError(
+        f"config.data.path={path!r} does not hold pre-encoded latents: missing {missing}. "
+        "Expected latents.npy [N, H, W, C] and labels.npy [N] written with np.save."
+      )
+    self._latents = np.load(self._latents_path, mmap_mode="r")
+    labels = np.load(labels_path, mmap_mode="r")
+    shape, dtype = self._latents.shape, self._latents.dtype
+    if len(shape) != 4 or dtype not in (np.float16, np.float32):
+      raise DataError(
+        f"{self._latents_path!r} holds {dtype} {list(shape)}; expected float16 or float32 "
+        "[N, H, W, C]."
+      )
+    if labels.shape != shape[:1] or not np.issubdtype(labels.dtype, np.integer) or not shape[0]:
+      raise DataError(
+        f"{labels_path!r} holds {labels.dtype} {list(labels.shape)}; expected a non-empty "
+        f"integer array [{shape[0]}] matching {self._latents_path!r}."
+      )
+    if shape[1:] != (image_size, image_size, channels):
+      raise DataError(
+        f"config.data.path={path!r} holds latents of shape [H, W, C]={list(shape[1:])}, but "
+        f"config.data.image_size={image_size} and config.data.channels={channels} expect "
+        f"{[image_size, image_size, channels]}; set those two fields to match the files."
+      )
+    self._labels = np.asarray(labels, np.int32)
+    self._scale = np.float32(scale)
+    self.num_classes = int(self._labels.max()) + 1
+
+  def __getstate__(self) -> dict[str, Any]:
+    # Pickling a memmap copies the whole array into every grain worker; reopen it there instead.
+    return {**self.__dict__, "_latents": None}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._latents = np.load(self._latents_path, mmap_mode="r")
+
+  def __len__(self) -> int:
+    return len(self._labels)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    latent = np.asarray(self._latents[index], np.float32) * self._scale
+    return _element(latent, self._labels[index])
+
+
+def build_source(config: ml_collections.ConfigDict, num_classes: int | None = None) -> Source:
+  """Builds the source named by `config.data.name`.
+
+  Args:
+    config: the full config; reads `config.data` and, for synthetic data, `config.train.seed`.
+    num_classes: the model's number of classes. Synthetic labels are drawn from [0, num_classes)
+      (default `config.model.num_classes`); if positive, other sources must not hold more classes.
+
+  Returns:
+    A random-access source with a `num_classes` attribute.
+
+  Raises:
+    DataError: if the config does not describe readable data.
+  """
+  data = config.data
+  name = data.name
+  if data.image_size <= 0 or data.channels <= 0:
+    raise DataError(
+      f"config.data.image_size={data.image_size} and config.data.channels={data.channels} must "
+      "both be positive."
+    )
+  if name == "digits":
+    if data.image_size not in _DIGITS_SIZES:
+      raise DataError(
+        f"config.data.image_size={data.image_size} is not supported for digits; use one of "
+        f"{_DIGITS_SIZES}."
+      )
+    if data.channels != 1:
+      raise DataError(
+        f"config.data.channels={data.channels}, but digits are grayscale; set it to 1."
+      )
+    source = DigitsSource(data.image_size)
+  elif name == "synthetic":
+    if data.synthetic_size <= 0:
+      raise DataError(f"config.data.synthetic_size={data.synthetic_size} must be positive.")
+    classes = config.model.num_classes if num_classes is None else num_classes
+    shape = (data.image_size, data.image_size, data.channels)
+    source = SyntheticSource(data.synthetic_size, shape, classes, config.train.seed)
+  elif name.startswith("tfds:") and len(name) > len("tfds:"):
+    _check_pixel_channels(config)
+    source = TfdsSource(config)
+  elif name == "folder":
+    _check_pixel_channels(config)
+    source = FolderSource(data.path, data.image_size, data.channels)
+  elif name == "latents":
+    source = LatentsSource(data.path, data.image_size, data.channels, data.latent_scale)
+  else:
+    raise DataError(f"config.data.name={name!r} is unknown; use one of {SOURCE_NAMES}.")
+  if num_classes and source.num_classes is not None and source.num_classes > num_classes:
+    raise DataError(
+      f"config.data.name={name!r} has {source.num_classes} classes, but the model has "
+      f"{num_classes} (config.model.num_classes); set config.model.num_classes="
+      f"{source.num_classes}."
+    )
+  logging.info("Data %r: %d examples, %s classes.", name, len(source), source.num_classes)
+  return source
