@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.seed = 0
   c.train.lr = 1e-4
   c.train.warmup_steps = 0
+  c.train.lr_schedule = "constant"  # constant | cosine (to 0 at num_steps), after warmup.
   c.train.weight_decay = 0.0
   c.train.b1 = 0.9
   c.train.b2 = 0.999
@@ -84,13 +85,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.name = "samples"
   c.sample.num_images = 100
   c.sample.labels = "balanced"  # balanced | random
-  c.sample.sampler = "auto"  # auto (euler for rectified flow, ddim otherwise) | ddpm | ddim | euler | heun
+  # auto (euler for rectified flow, ddim otherwise) | ddpm | ddim | euler | heun
+  c.sample.sampler = "auto"
   c.sample.num_steps = 50
   c.sample.guidance_scale = 1.0
   c.sample.eta = 0.0  # DDIM eta.
   c.sample.batch_size = 100  # Images per jitted sampling call.
   c.sample.seed = 0
   c.sample.use_ema = True
+  c.sample.clip_denoised = False  # Clip predicted x0 to [-1, 1] (pixel-space data only).
 
   c.eval = ml_collections.ConfigDict()
   c.eval.name = "eval"

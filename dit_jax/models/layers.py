@@ -111,7 +111,7 @@ class TimestepEmbedder(nn.Module):
     h = dense(self.width, (axes.FREQ, axes.EMBED), self.dtype, kernel_init=init, name="mlp_in")(h)
     h = nn.silu(h)
     return dense(
-      self.width, (axes.EMBED, axes.EMBED), self.dtype, kernel_init=init, name="mlp_out"
+      self.width, (axes.MLP, axes.EMBED), self.dtype, kernel_init=init, name="mlp_out"
     )(h)  # [B, D]
 
 

@@ -1,0 +1,35 @@
+"""A small class-conditional DiT on the built-in `digits` data, in pixel space, on a laptop CPU.
+
+  python -m dit_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart
+  python -m dit_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart --mode=evaluate
+
+Meant for: one CPU (2 cores suffice). Trains in under 10 minutes; its guided samples reach
+class_accuracy >= 0.95 (rectified flow, the default) and >= 0.90 with
+--config.diffusion.objective=eps or =v (figures in README.md).
+"""
+
+from dit_jax.config_defaults import base_config
+
+
+def get_config(arg: str | None = None):
+  del arg
+  c = base_config()
+  c.model.variant = "mini/4"
+  c.model.class_dropout = 0.1
+  c.diffusion.objective = "rectified_flow"
+  c.data.name = "digits"
+  c.data.image_size = 16
+  c.data.channels = 1
+  c.train.batch_size = 128
+  c.train.num_steps = 1000
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 100
+  c.train.lr_schedule = "cosine"
+  c.train.ema_decay = 0.995
+  c.train.log_every = 50
+  c.train.checkpoint_every = 500
+  c.sample.num_steps = 30
+  c.sample.guidance_scale = 2.0
+  c.sample.clip_denoised = True
+  c.eval.num_images = 1000
+  return c

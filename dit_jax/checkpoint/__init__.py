@@ -1,0 +1,113 @@
+"""One Orbax CheckpointManager per workdir: train state, data iterator position, and config.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Every process takes part in saves and
+restores; restores go straight into the shardings of an abstract target, whatever mesh wrote them.
+"""
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from dit_jax.errors import ConfigError
+
+
+def _restore_args(abstract: Any) -> Any:
+  return ocp.checkpoint_utils.construct_restore_args(abstract)
+
+
+class Checkpointer:
+  """Saves and restores `TrainState`s; saves are asynchronous."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only
+    )
+    handlers = {
+      "state": ocp.PyTreeCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+      "data": grain.checkpoint.CheckpointHandler(),
+    }
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(
+    self, step: int, state: Any, config: ml_collections.ConfigDict, data_iterator=None
+  ) -> None:
+    items = {
+      "state": ocp.args.PyTreeSave(state),
+      "config": ocp.args.JsonSave(json.loads(config.to_json())),
+    }
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore_train(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
+    """Restores the full state (and the iterator position, in place) into `abstract_state`."""
+    items = {
+      "state": ocp.args.PyTreeRestore(abstract_state, restore_args=_restore_args(abstract_state))
+    }
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    with _mismatch_errors(self, step):
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def restore_params(self, step: int, abstract_params: Any, *, ema: bool = True) -> Any:
+    """Restores only the (EMA) parameters, e.g. onto another mesh for sampling."""
+    key = "ema_params" if ema else "params"
+    target = {key: abstract_params}
+    args = ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True)
+    with _mismatch_errors(self, step):
+      restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
+    return restored["state"][key]
+
+  def saved_config(self, step: int) -> dict | None:
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+        "config"
+      ]
+    except Exception:  # An old or partial checkpoint without the config item.
+      return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+class _mismatch_errors:
+  """Turns Orbax's structure/shape errors into one ConfigError naming the two configs."""
+
+  def __init__(self, ckpt: Checkpointer, step: int):
+    self.ckpt, self.step = ckpt, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc is None or not isinstance(exc, ValueError | KeyError | TypeError):
+      return False
+    saved = self.ckpt.saved_config(self.step) or {}
+    model = saved.get("model", {})
+    raise ConfigError(
+      f"The checkpoint at {self.ckpt.directory}/{self.step} does not match this config's model "
+      f"(it was written with model={model.get('name')!r} variant={model.get('variant')!r} "
+      f"learn_sigma={model.get('learn_sigma')!r}, data image_size="
+      f"{saved.get('data', {}).get('image_size')!r}). Use the config that wrote it, or another "
+      f"--workdir. Orbax said: {str(exc)[:500]}"
+    ) from exc
+
+
+def log_restore(step: int, directory: str) -> None:
+  if jax.process_index() == 0:
+    logging.info("Restored checkpoint %d from %s.", step, directory)

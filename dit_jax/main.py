@@ -1,0 +1,45 @@
+"""The one entry point: python -m dit_jax.main --config=configs/<file>.py[:arg] --workdir=DIR.
+
+  --mode=train     train (resuming from the newest checkpoint in DIR), then sample a grid.
+  --mode=sample    restore the EMA parameters and write DIR/samples/<sample.name>.npz + PNG grid.
+  --mode=evaluate  restore, sample and score; writes DIR/eval/<eval.name>.json.
+Any config field can be set with --config.<field>=<value>; unknown fields are errors.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dit_jax.errors import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "What to run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  logging.info("Config:\n%s", config)
+  try:
+    if _MODE.value == "train":
+      from dit_jax.train import loop
+
+      loop.run(config, workdir)
+    elif _MODE.value == "sample":
+      from dit_jax.evaluation import runner
+
+      runner.sample(config, workdir)
+    else:
+      from dit_jax.evaluation import runner
+
+      print(json.dumps(runner.evaluate(config, workdir), indent=2))
+  except ConfigError as e:
+    sys.exit(f"Error: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

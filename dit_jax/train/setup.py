@@ -1,0 +1,113 @@
+"""Builds every part a config selects, validated up front; shared by training, sampling,
+evaluation and benchmarks so that they all run exactly the same model and step."""
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from dit_jax import diffusion as diffusion_lib
+from dit_jax import models, parallel
+from dit_jax.errors import ConfigError, check_choice
+from dit_jax.train import step as step_lib
+from dit_jax.train.state import TrainState, learning_rate, optimizer
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  diffusion: diffusion_lib.Diffusion
+  tx: optax.GradientTransformation
+  lr_fn: optax.Schedule
+  mesh: Mesh
+  rules: tuple
+  abstract_state: TrainState  # Shapes, unboxed, each leaf carrying its sharding.
+  state_shardings: TrainState
+
+  @property
+  def param_shardings(self) -> Any:
+    return self.state_shardings.params
+
+  @contextlib.contextmanager
+  def context(self):
+    """The mesh and logical-axis rules that tracing the model needs; wrap calls of jitted steps."""
+    with self.mesh, nn.logical_axis_rules(self.rules):
+      yield
+
+  def init_state(self) -> TrainState:
+    """Builds the train state directly in its shardings (no host-side copy)."""
+    init = step_lib.unboxed(step_lib.make_init_fn(self.model, self.tx, self.config.train.seed))
+    with self.context():
+      return jax.jit(init, out_shardings=self.state_shardings)()
+
+  def jit_train_step(self):
+    """The train step, jitted with explicit shardings; the input state is donated. Call it
+    within `self.context()`."""
+    fn = functools.partial(
+      step_lib.train_step,
+      model=self.model,
+      diffusion=self.diffusion,
+      tx=self.tx,
+      lr_fn=self.lr_fn,
+      ema_decay=self.config.train.ema_decay,
+    )
+    return jax.jit(
+      fn,
+      in_shardings=(self.state_shardings, parallel.batch_sharding(self.mesh)),
+      out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
+      donate_argnums=(0,),
+    )
+
+  def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of a global training batch, sharded over the data axes."""
+    b = self.config.train.batch_size if batch_size is None else batch_size
+    d = self.config.data
+    sharding = parallel.batch_sharding(self.mesh)
+    return {
+      "image": jax.ShapeDtypeStruct((b, d.image_size, d.image_size, d.channels), jnp.float32,
+                                    sharding=sharding),
+      "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding),
+    }
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the names and numbers in `config` that need no devices or data."""
+  t = config.train
+  for field in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    if t[field] <= 0:
+      raise ConfigError(f"config.train.{field}={t[field]} must be > 0.")
+  if not 0.0 <= t.ema_decay < 1.0:
+    raise ConfigError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1).")
+  check_choice(config.sample.labels, ("balanced", "random"), "sample.labels")
+  if config.sample.num_images <= 0 or config.sample.batch_size <= 0:
+    raise ConfigError("config.sample.num_images and config.sample.batch_size must be > 0.")
+  if config.model.num_classes <= 0:
+    raise ConfigError(f"config.model.num_classes={config.model.num_classes} must be > 0.")
+  diffusion_lib.resolve_sampler(config)
+
+
+def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
+  """Validates `config` and builds the model, diffusion, optimizer, mesh and state layout."""
+  validate(config)
+  model = models.build_model(config)
+  diff = diffusion_lib.build_diffusion(config)
+  tx = optimizer(config)
+  mesh = parallel.make_mesh(config, devices)
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  rules = parallel.axis_rules(config)
+  init = step_lib.make_init_fn(model, tx, config.train.seed)
+  with mesh, nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init)
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
+  )
+  return Experiment(config, model, diff, tx, learning_rate(config), mesh, rules, abstract, shardings)

@@ -1,0 +1,78 @@
+"""Where the model, the diffusion math and the optimizer meet: init and the jitted train step."""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dit_jax.diffusion import Diffusion
+from dit_jax.train.state import TrainState, init_state
+
+
+def dummy_inputs(model: nn.Module, batch: int = 1):
+  cfg = model.config
+  shape = (batch, cfg.input_size, cfg.input_size, cfg.in_channels)
+  return jnp.zeros(shape, jnp.float32), jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32)
+
+
+def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, seed: int):
+  """Returns init() -> TrainState with parameters still boxed with their logical axes.
+
+  Call it under `jax.eval_shape` to read the shapes and axes, and jit it (unboxed) to build the
+  state directly in its shardings.
+  """
+
+  def init() -> TrainState:
+    key = jax.random.key(seed)
+    params = model.init({"params": jax.random.fold_in(key, 0)}, *dummy_inputs(model))["params"]
+    return init_state(params, tx, jax.random.fold_in(key, 1))
+
+  return init
+
+
+def unboxed(fn):
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    return nn.meta.unbox(fn(*args, **kwargs))
+
+  return wrapper
+
+
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  model: nn.Module,
+  diffusion: Diffusion,
+  tx: optax.GradientTransformation,
+  lr_fn: optax.Schedule,
+  ema_decay: float,
+) -> tuple[TrainState, dict[str, Any]]:
+  """One optimizer update on a global batch {"image": [B, H, W, C], "label": [B]}."""
+  key_drop, key_loss = jax.random.split(state.step_key())
+  labels = batch["label"]
+
+  def loss_fn(params):
+    def denoise(z, t):
+      return model.apply(
+        {"params": params}, z, t, labels, train=True, rngs={"label_dropout": key_drop}
+      )
+
+    loss, terms = diffusion.training_loss(denoise, batch["image"], key_loss)
+    return jnp.mean(loss), terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+  metrics = {
+    "loss": loss,
+    "grad_norm": optax.global_norm(grads),
+    "lr": lr_fn(state.step),
+    **{k: jnp.mean(v) for k, v in terms.items() if k != "t"},
+  }
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+  return new_state, metrics

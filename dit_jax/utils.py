@@ -1,0 +1,70 @@
+"""Small host-side helpers: images to uint8, PNG grids, and metric writers (process 0 only)."""
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 [N, H, W, C], as the ADM evaluator reads them."""
+  return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+  """Tiles uint8 images [N, H, W, C] into one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] image."""
+  n, h, w, c = images.shape
+  ncols = ncols or math.ceil(math.sqrt(n))
+  nrows = math.ceil(n / ncols)
+  grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, ncols)
+    grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+  return grid
+
+
+def save_grid(path: str, images: np.ndarray, ncols: int | None = None, upscale: int = 1) -> None:
+  grid = image_grid(images, ncols)
+  if upscale > 1:
+    grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+
+
+class MetricWriter:
+  """Appends one JSON object per log step to `metrics.jsonl` and mirrors it to TensorBoard.
+
+  On processes other than 0 every method does nothing.
+  """
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if not self.active:
+      return
+    from tensorboardX import SummaryWriter  # Imported here: only process 0 writes.
+
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.active:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}, "time": time.time()}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    for k, v in metrics.items():
+      self._tb.add_scalar(k, float(v), int(step))
+
+  def write_image(self, step: int, tag: str, image: np.ndarray) -> None:
+    if self.active:
+      self._tb.add_image(tag, image, int(step), dataformats="HWC")
+
+  def close(self) -> None:
+    if self.active:
+      self._jsonl.close()
+      self._tb.close()
