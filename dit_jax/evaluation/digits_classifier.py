@@ -5,7 +5,7 @@ to [-1, 1]. Its predictions give `class_accuracy` and its `features` layer is th
 Fréchet distance. Inputs of any other size (8, 32, ...) are resized to 16x16 first, so one set of
 weights serves every `digits` config.
 
-Regenerate the shipped weights (about a minute on 2 CPU cores; deterministic given --seed):
+Regenerate the shipped weights (one to two minutes on 2 CPU cores; same --seed, same weights):
 
   python -m dit_jax.evaluation.digits_classifier \
       --out=dit_jax/evaluation/assets/digits_classifier.npz

@@ -26,8 +26,9 @@ def sample_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> np.
 def make_sampler(exp: Experiment, *, guidance_scale: float | None = None, num_steps: int | None = None):
   """Returns sample(params, labels [B], key) -> images [B, H, W, C], jitted over the mesh.
 
-  The starting noise of image i is drawn from fold_in(key, i), so samples depend on the seed and
-  the image index only, not on the batch size or the number of devices.
+  The starting noise of image i depends on the seed and i only, not on the batch size or the
+  number of devices (so deterministic samplers give the same image i on any topology); the
+  stochastic samplers' per-step noise is drawn per batch.
   """
   cfg = exp.config
   scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
@@ -40,9 +41,10 @@ def make_sampler(exp: Experiment, *, guidance_scale: float | None = None, num_st
       return exp.model.apply({"params": params}, z, t, y, train=False)
 
     denoise = guidance.guided(apply, labels, cfg.model.num_classes, scale, cfg.data.channels)
-    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices)
+    noise_key, solver_key = jax.random.split(key)
+    noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(indices)
     return exp.diffusion.sample(
-      denoise, noise, sampler=sampler, num_steps=steps, rng=jax.random.fold_in(key, -1),
+      denoise, noise, sampler=sampler, num_steps=steps, rng=solver_key,
       eta=cfg.sample.eta, clip_x0=cfg.sample.clip_denoised,
     )
 
