@@ -12,7 +12,7 @@ setup(
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",
-        "optax>=0.2.3",
+        "optax>=0.2.8",
         "orbax-checkpoint>=0.10",
         "grain>=0.2.10",
         "tensorflow-datasets>=4.9.7",
@@ -26,6 +26,6 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "ruff"],
+        "test": ["pytest", "ruff"],
     },
 )

@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.sample.num_steps = 30
-  c.sample.guidance_scale = 2.0
+  c.sample.guidance_scale = 3.0
   c.sample.clip_denoised = True
   c.eval.num_images = 1000
   return c

@@ -7,6 +7,7 @@ Any config field can be set with --config.<field>=<value>; unknown fields are er
 """
 
 import json
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -20,8 +21,16 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "Wha
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _LibraryInfoFilter(std_logging.Filter):
+  """Keeps dit_jax's own INFO lines; other libraries (Orbax, grain) only speak up from WARNING."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/dit_jax/" in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("Config:\n%s", config)
   try:

@@ -23,7 +23,10 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np
   grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
   for i, img in enumerate(images):
     r, col = divmod(i, ncols)
-    grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = img
+    grid[
+      pad + r * (h + pad) : pad + r * (h + pad) + h,
+      pad + col * (w + pad) : pad + col * (w + pad) + w,
+    ] = img
   return grid
 
 

@@ -34,7 +34,9 @@ def _reference_count(width, depth, patch, channels=4, size=32, classes=1000):
   parameter, so it is included), written out layer by layer from the paper's architecture."""
   d, out = width, 2 * channels
   tokens = (size // patch) ** 2
-  block = (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + (d * 6 * d + 6 * d)
+  block = (
+    (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + (d * 6 * d + 6 * d)
+  )
   embed = (patch * patch * channels * d + d) + (256 * d + d) + (d * d + d) + (classes + 1) * d
   final = (d * 2 * d + 2 * d) + (d * patch * patch * out + patch * patch * out)
   return embed + depth * block + final + tokens * d
@@ -111,8 +113,9 @@ def test_label_dropout_uses_the_null_class():
   model = build_model(config)
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
   t = jnp.full((4,), 7.0)
-  dropped = model.apply({"params": params}, x, t, jnp.arange(4), train=True,
-                        rngs={"label_dropout": jax.random.key(3)})
+  dropped = model.apply(
+    {"params": params}, x, t, jnp.arange(4), train=True, rngs={"label_dropout": jax.random.key(3)}
+  )
   null = model.apply({"params": params}, x, t, jnp.full((4,), config.model.num_classes))
   np.testing.assert_allclose(dropped, null, atol=1e-6)
 
@@ -151,8 +154,12 @@ def test_position_embedding_layout():
 
 @pytest.mark.parametrize(
   "field,value,match",
-  [("variant", "XXL/2", "model.variant"), ("conditioning", "film", "model.conditioning"),
-   ("name", "unet", "model.name"), ("dtype", "float8", "model.dtype")],
+  [
+    ("variant", "XXL/2", "model.variant"),
+    ("conditioning", "film", "model.conditioning"),
+    ("name", "unet", "model.name"),
+    ("dtype", "float8", "model.dtype"),
+  ],
 )
 def test_bad_model_config_names_the_field(field, value, match):
   config = _config()

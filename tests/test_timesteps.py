@@ -1,4 +1,4 @@
-"""Each training timestep sampler draws from its analytic density (SD3 §3.1), checked by KS / chi^2."""
+"""Each training timestep sampler draws from its analytic density (SD3 §3.1): KS / chi^2 tests."""
 
 import jax
 import numpy as np

@@ -49,9 +49,13 @@ def _final_params(workdir, step):
   exp = setup.build(tiny_config())
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mgr:
     restored = mgr.restore(
-      step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        exp.abstract_state,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(exp.abstract_state))),
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(
+          exp.abstract_state,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(exp.abstract_state),
+        )
+      ),
     )
   return restored["state"]
 
@@ -146,8 +150,12 @@ def _load_config_module(name):
 def _cli(*args, cwd=REPO):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(
-    [sys.executable, "-m", "dit_jax.main", *args], capture_output=True, text=True, cwd=cwd,
-    env=env, timeout=300,
+    [sys.executable, "-m", "dit_jax.main", *args],
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    env=env,
+    timeout=300,
   )
 
 
@@ -160,8 +168,12 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith("Error: config.diffusion.objective='x0'")
   proc = _cli("--config=configs/quickstart.py", wd, "--mode=sample")
   assert proc.returncode == 1 and "No checkpoint" in proc.stderr.strip().splitlines()[-1]
-  proc = _cli("--config=configs/quickstart.py", wd, "--config.data.name=folder",
-              f"--config.data.path={tmp_path}/missing")
+  proc = _cli(
+    "--config=configs/quickstart.py",
+    wd,
+    "--config.data.name=folder",
+    f"--config.data.path={tmp_path}/missing",
+  )
   assert proc.returncode == 1 and "config.data.path" in proc.stderr.strip().splitlines()[-1]
 
 

@@ -1,4 +1,4 @@
-"""The variational bound term that trains a learned variance (improved DDPM, Nichol & Dhariwal 2021).
+"""The variational bound term that trains a learned variance (improved DDPM, Nichol & Dhariwal).
 
 The network outputs, per pixel, v in [-1, 1] (roughly) that interpolates the log variance of
 p(x_{t-1} | x_t) between the two natural choices, log beta_t and log beta_tilde_t.

@@ -36,11 +36,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   exp = setup.build(config)
   params, step = restore_params(exp, workdir)
   start = time.perf_counter()
-  images, labels = sampling.generate(
-    exp, params, config.sample.num_images, seed=config.sample.seed
+  images, labels = sampling.generate(exp, params, config.sample.num_images, seed=config.sample.seed)
+  logging.info(
+    "Sampled %d images at step %d in %.1fs.", len(images), step, time.perf_counter() - start
   )
-  logging.info("Sampled %d images at step %d in %.1fs.", len(images), step,
-               time.perf_counter() - start)
   return sampling.write_samples(
     workdir, config.sample.name, images, labels, pixel=loop.is_pixel_data(config)
   )

@@ -23,7 +23,9 @@ def sample_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> np.
   return np.random.default_rng(seed).integers(0, k, num).astype(np.int32)
 
 
-def make_sampler(exp: Experiment, *, guidance_scale: float | None = None, num_steps: int | None = None):
+def make_sampler(
+  exp: Experiment, *, guidance_scale: float | None = None, num_steps: int | None = None
+):
   """Returns sample(params, labels [B], key) -> images [B, H, W, C], jitted over the mesh.
 
   The starting noise of image i depends on the seed and i only, not on the batch size or the
@@ -44,8 +46,13 @@ def make_sampler(exp: Experiment, *, guidance_scale: float | None = None, num_st
     noise_key, solver_key = jax.random.split(key)
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(indices)
     return exp.diffusion.sample(
-      denoise, noise, sampler=sampler, num_steps=steps, rng=solver_key,
-      eta=cfg.sample.eta, clip_x0=cfg.sample.clip_denoised,
+      denoise,
+      noise,
+      sampler=sampler,
+      num_steps=steps,
+      rng=solver_key,
+      eta=cfg.sample.eta,
+      clip_x0=cfg.sample.clip_denoised,
     )
 
   batch = parallel.batch_sharding(exp.mesh)
@@ -65,8 +72,14 @@ def make_sampler(exp: Experiment, *, guidance_scale: float | None = None, num_st
 
 
 def generate(
-  exp: Experiment, params, num_images: int, *, seed: int, guidance_scale: float | None = None,
-  labels: np.ndarray | None = None, progress: bool = True,
+  exp: Experiment,
+  params,
+  num_images: int,
+  *,
+  seed: int,
+  guidance_scale: float | None = None,
+  labels: np.ndarray | None = None,
+  progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Samples `num_images` images (float, [-1, 1] for pixel data) in batches of sample.batch_size."""
   cfg = exp.config
@@ -99,7 +112,9 @@ def write_samples(workdir: str, name: str, images: np.ndarray, labels: np.ndarra
     images_u8 = utils.to_uint8(images)
     np.savez(path, arr_0=images_u8, labels=labels)
     grid = images_u8[:100]
-    utils.save_grid(os.path.join(out_dir, f"{name}.png"), grid, upscale=max(1, 128 // images.shape[1]))
+    utils.save_grid(
+      os.path.join(out_dir, f"{name}.png"), grid, upscale=max(1, 128 // images.shape[1])
+    )
   else:
     # Latents need the VAE decoder to become images; keep them as floats.
     np.savez(path, latents=images.astype(np.float32), labels=labels)

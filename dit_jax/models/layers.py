@@ -110,9 +110,9 @@ class TimestepEmbedder(nn.Module):
     h = timestep_features(t, self.frequency_dim).astype(self.dtype)
     h = dense(self.width, (axes.FREQ, axes.EMBED), self.dtype, kernel_init=init, name="mlp_in")(h)
     h = nn.silu(h)
-    return dense(
-      self.width, (axes.MLP, axes.EMBED), self.dtype, kernel_init=init, name="mlp_out"
-    )(h)  # [B, D]
+    return dense(self.width, (axes.MLP, axes.EMBED), self.dtype, kernel_init=init, name="mlp_out")(
+      h
+    )  # [B, D]
 
 
 class LabelEmbedder(nn.Module):

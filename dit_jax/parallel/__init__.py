@@ -32,6 +32,10 @@ def axis_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, object], .
   return tuple(PRESETS[config.parallel.preset])
 
 
+def _named(sizes) -> dict[str, int]:
+  return dict(zip(MESH_AXES, sizes, strict=True))
+
+
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Sizes of (data, fsdp, tensor); one -1 entry takes the remaining devices."""
   sizes = [int(config.parallel.mesh[a]) for a in MESH_AXES]
@@ -40,13 +44,13 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   fixed = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes) or num_devices % fixed:
     raise ConfigError(
-      f"config.parallel.mesh={dict(zip(MESH_AXES, sizes))} does not fit {num_devices} devices: "
+      f"config.parallel.mesh={_named(sizes)} does not fit {num_devices} devices: "
       "the sizes must be positive (or -1) and their product must divide the device count."
     )
   sizes = [num_devices // fixed if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
     raise ConfigError(
-      f"config.parallel.mesh={dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
+      f"config.parallel.mesh={_named(sizes)} uses {math.prod(sizes)} devices but "
       f"{num_devices} are present; set one axis to -1 to use all of them."
     )
   return tuple(sizes)

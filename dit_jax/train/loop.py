@@ -22,7 +22,10 @@ def is_pixel_data(config: ml_collections.ConfigDict) -> bool:
 def _save_grid(exp, state, workdir, step, writer):
   cfg = exp.config
   images, _ = sampling.generate(
-    exp, state.ema_params, min(GRID_IMAGES, cfg.sample.num_images), seed=cfg.sample.seed,
+    exp,
+    state.ema_params,
+    min(GRID_IMAGES, cfg.sample.num_images),
+    seed=cfg.sample.seed,
     progress=False,
   )
   if jax.process_index() == 0 and is_pixel_data(cfg):
@@ -54,8 +57,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpoint.log_restore(latest, ckpt.directory)
   start = int(state.step)
   n_params = sum(x.size for x in jax.tree.leaves(exp.abstract_state.params))
-  logging.info("Model %s: %.2fM parameters; mesh %s.", config.model.variant, n_params / 1e6,
-               dict(exp.mesh.shape))
+  logging.info(
+    "Model %s: %.2fM parameters; mesh %s.",
+    config.model.variant,
+    n_params / 1e6,
+    dict(exp.mesh.shape),
+  )
 
   step_fn = exp.jit_train_step()
   writer = utils.MetricWriter(workdir)

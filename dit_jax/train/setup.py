@@ -38,7 +38,11 @@ class Experiment:
 
   @contextlib.contextmanager
   def context(self):
-    """The mesh and logical-axis rules that tracing the model needs; wrap calls of jitted steps."""
+    """The mesh and logical-axis rules that tracing the model needs; wrap calls of jitted steps.
+
+    This is the legacy `with mesh:` (deprecated in JAX 0.10): under `jax.set_mesh`, Flax 0.12's
+    DenseGeneral constrains its flattened kernel with the unflattened axis names and fails.
+    """
     with self.mesh, nn.logical_axis_rules(self.rules):
       yield
 
@@ -72,8 +76,9 @@ class Experiment:
     d = self.config.data
     sharding = parallel.batch_sharding(self.mesh)
     return {
-      "image": jax.ShapeDtypeStruct((b, d.image_size, d.image_size, d.channels), jnp.float32,
-                                    sharding=sharding),
+      "image": jax.ShapeDtypeStruct(
+        (b, d.image_size, d.image_size, d.channels), jnp.float32, sharding=sharding
+      ),
       "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding),
     }
 
@@ -110,4 +115,6 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
   abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
   )
-  return Experiment(config, model, diff, tx, learning_rate(config), mesh, rules, abstract, shardings)
+  return Experiment(
+    config, model, diff, tx, learning_rate(config), mesh, rules, abstract, shardings
+  )

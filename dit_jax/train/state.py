@@ -42,9 +42,7 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
   """AdamW with warmup and global-norm clipping (DiT: lr 1e-4, no weight decay)."""
   t = config.train
   parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-  parts.append(
-    optax.adamw(learning_rate(config), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay)
-  )
+  parts.append(optax.adamw(learning_rate(config), b1=t.b1, b2=t.b2, weight_decay=t.weight_decay))
   return optax.chain(*parts)
 
 

@@ -15,7 +15,11 @@ from dit_jax.train.state import TrainState, init_state
 def dummy_inputs(model: nn.Module, batch: int = 1):
   cfg = model.config
   shape = (batch, cfg.input_size, cfg.input_size, cfg.in_channels)
-  return jnp.zeros(shape, jnp.float32), jnp.zeros((batch,), jnp.float32), jnp.zeros((batch,), jnp.int32)
+  return (
+    jnp.zeros(shape, jnp.float32),
+    jnp.zeros((batch,), jnp.float32),
+    jnp.zeros((batch,), jnp.int32),
+  )
 
 
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, seed: int):
@@ -70,7 +74,7 @@ def train_step(
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
   metrics = {
     "loss": loss,
-    "grad_norm": optax.global_norm(grads),
+    "grad_norm": optax.tree.norm(grads),
     "lr": lr_fn(state.step),
     **{k: jnp.mean(v) for k, v in terms.items() if k != "t"},
   }
