@@ -1,11 +1,13 @@
 """A small class-conditional DiT on the built-in `digits` data, in pixel space, on a laptop CPU.
 
   python -m dit_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart
-  python -m dit_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart --mode=evaluate
+  python -m dit_jax.main --config=configs/quickstart.py --workdir=workdirs/quickstart \
+      --mode=evaluate
 
-Meant for: one CPU (2 cores suffice). Trains in under 10 minutes; its guided samples reach
-class_accuracy >= 0.95 (rectified flow, the default) and >= 0.90 with
---config.diffusion.objective=eps or =v (figures in README.md).
+Meant for: one CPU (2 cores suffice). DiT-mini/4 (width 128, depth 6) on 16x16 digits trains
+1,000 steps in about 6-7 minutes; with guidance 3.0 its samples reach class_accuracy 0.98
+(rectified flow, the default) and 1.00 with --config.diffusion.objective=v. With =eps it does
+not learn to use the label in this budget (class_accuracy ~0.10; see README.md).
 """
 
 from dit_jax.config_defaults import base_config

@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.class_dropout = 0.1  # Label dropout for classifier-free guidance.
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
   c.model.remat = "none"
+  c.model.scan_unroll = 1  # Blocks per scan iteration (depth = fully unrolled).
   # Overrides of the variant table (0 = take the variant's value).
   c.model.width = 0
   c.model.depth = 0

@@ -65,6 +65,7 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
     conditioning=m.conditioning,
     dtype=m.dtype,
     remat=m.remat,
+    scan_unroll=m.scan_unroll,
     mlp_ratio=m.mlp_ratio,
     **dims,
   )

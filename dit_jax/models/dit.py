@@ -120,6 +120,7 @@ class DiTConfig:
   conditioning: str = "adaln_zero"
   dtype: str = "float32"
   remat: str = "none"
+  scan_unroll: int = 1
 
   @property
   def out_channels(self) -> int:
@@ -172,6 +173,7 @@ class DiT(nn.Module):
       split_rngs={"params": True},
       in_axes=(nn.broadcast,),
       length=cfg.depth,
+      unroll=min(max(cfg.scan_unroll, 1), cfg.depth),
       metadata_params={nn.PARTITION_NAME: axes.LAYERS},
     )(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.conditioning, dtype, name="blocks")
     tokens, _ = blocks(tokens, cond)
