@@ -19,7 +19,6 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dit_jax import parallel
 from dit_jax.diffusion import guidance
 from dit_jax.train import setup
 
@@ -58,12 +57,12 @@ def _time(fn, args, steps: int, warmup: int, carry: bool) -> float:
 def _compile(config):
   """Builds `config` and compiles its train step and one guided sampling step."""
   exp = setup.build(config)
-  b = config.train.batch_size
-  shape = (b, config.data.image_size, config.data.image_size, config.data.channels)
   rng = np.random.default_rng(0)
-  sharding = parallel.batch_sharding(exp.mesh)
+  abstract = exp.abstract_batch()
+  b, *image_shape = abstract["image"].shape
+  sharding = abstract["image"].sharding
   batch = {
-    "image": jax.device_put(rng.standard_normal(shape, np.float32), sharding),
+    "image": jax.device_put(rng.standard_normal(abstract["image"].shape, np.float32), sharding),
     "label": jax.device_put(
       rng.integers(0, config.model.num_classes, b).astype(np.int32), sharding
     ),
@@ -77,7 +76,7 @@ def _compile(config):
       def apply(z_, t_, y_):
         return exp.model.apply({"params": params}, z_, t_, y_)
 
-      return guidance.guided(apply, labels, config.model.num_classes, scale, shape[-1])(z, t)
+      return guidance.guided(apply, labels, config.model.num_classes, scale, image_shape[-1])(z, t)
 
     params = exp.init_state().ema_params
     z, t = batch["image"], jax.device_put(jnp.full((b,), 500.0), sharding)

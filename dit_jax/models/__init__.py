@@ -1,7 +1,5 @@
 """Model registry: sizes come from a variant table, classes from `config.model.name`."""
 
-import re
-
 import ml_collections
 
 from dit_jax import config_defaults
@@ -70,8 +68,3 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
     **dims,
   )
   return DiT(cfg)
-
-
-def patch_size(variant: str) -> int:
-  match = re.fullmatch(r".+/(\d+)", variant)
-  return int(match.group(1)) if match else 0

@@ -1,0 +1,24 @@
+"""The benchmark's FLOP counts see every block (XLA counts a scanned loop body only once)."""
+
+from dit_jax import benchmark
+from dit_jax.config_defaults import base_config
+
+
+def _flops(depth: int) -> dict:
+  c = base_config()
+  c.model.variant, c.model.depth = "tiny/4", depth
+  c.train.batch_size = 8
+  c.sample.guidance_scale = 1.5
+  return benchmark.benchmark(c, steps=1, warmup=0)
+
+
+def test_flops_grow_with_depth_and_train_costs_about_three_forward_passes():
+  two, six = _flops(2), _flops(6)
+  for r in (two, six):
+    assert r["train"]["seconds"] > 0 and r["sample"]["images_per_sec"] > 0
+    # A guided sampling step is 2 forward passes, a train step about 3 (forward + backward); on a
+    # model this small the optimizer and loss add up to one more pass per image (4.1 measured).
+    ratio = r["train"]["flops"] / (r["sample"]["flops"] / 2)
+    assert 2.5 < ratio < 5.0, ratio
+  # Blocks dominate this model's FLOPs; 3x the blocks must cost well over 2x.
+  assert six["sample"]["flops"] > 2.0 * two["sample"]["flops"]
