@@ -91,6 +91,11 @@ def test_train_resume_sample_evaluate(tmp_path):
   np.testing.assert_array_equal(labels, np.arange(24) % 10)  # Balanced labels.
   assert os.path.exists(path.replace(".npz", ".png"))
 
+  other = tiny_config()
+  other.model.variant = "tiny/2"  # Another patch size: the patch projections differ in shape.
+  with pytest.raises(ConfigError, match="variant='tiny/4'"):
+    runner.sample(other, workdir)
+
   results = runner.evaluate(config, workdir)
   assert 0.0 <= results["class_accuracy"] <= 1.0 and np.isfinite(results["frechet_distance"])
   with open(os.path.join(workdir, "eval", "eval.json")) as f:

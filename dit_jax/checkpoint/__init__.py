@@ -4,6 +4,7 @@ Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Every process takes pa
 restores; restores go straight into the shardings of an abstract target, whatever mesh wrote them.
 """
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -85,22 +86,16 @@ class Checkpointer:
     self.manager.close()
 
 
-class _mismatch_errors:
-  """Turns Orbax's structure/shape errors into one ConfigError naming the two configs."""
-
-  def __init__(self, ckpt: Checkpointer, step: int):
-    self.ckpt, self.step = ckpt, step
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, exc_type, exc, tb):
-    if exc is None or not isinstance(exc, ValueError | KeyError | TypeError):
-      return False
-    saved = self.ckpt.saved_config(self.step) or {}
+@contextlib.contextmanager
+def _mismatch_errors(ckpt: Checkpointer, step: int):
+  """Turns Orbax's structure/shape errors into one ConfigError naming the saved config."""
+  try:
+    yield
+  except (ValueError, KeyError, TypeError) as exc:
+    saved = ckpt.saved_config(step) or {}
     model = saved.get("model", {})
     raise ConfigError(
-      f"The checkpoint at {self.ckpt.directory}/{self.step} does not match this config's model "
+      f"The checkpoint at {ckpt.directory}/{step} does not match this config's model "
       f"(it was written with model={model.get('name')!r} variant={model.get('variant')!r} "
       f"learn_sigma={model.get('learn_sigma')!r}, data image_size="
       f"{saved.get('data', {}).get('image_size')!r}). Use the config that wrote it, or another "

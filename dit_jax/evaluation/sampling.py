@@ -23,18 +23,16 @@ def sample_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> np.
   return np.random.default_rng(seed).integers(0, k, num).astype(np.int32)
 
 
-def make_sampler(
-  exp: Experiment, *, guidance_scale: float | None = None, num_steps: int | None = None
-):
-  """Returns sample(params, labels [B], key) -> images [B, H, W, C], jitted over the mesh.
+def make_sampler(exp: Experiment):
+  """Returns run(params, labels [B], indices [B], key) -> images [B, H, W, C] (host numpy),
+  sampled with `config.sample`'s sampler, steps and guidance in one jitted call over the mesh.
 
   The starting noise of image i depends on the seed and i only, not on the batch size or the
   number of devices (so deterministic samplers give the same image i on any topology); the
   stochastic samplers' per-step noise is drawn per batch.
   """
   cfg = exp.config
-  scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
-  steps = cfg.sample.num_steps if num_steps is None else num_steps
+  scale, steps = cfg.sample.guidance_scale, cfg.sample.num_steps
   sampler = diffusion_lib.resolve_sampler(cfg)
   shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
 
@@ -77,16 +75,14 @@ def generate(
   num_images: int,
   *,
   seed: int,
-  guidance_scale: float | None = None,
-  labels: np.ndarray | None = None,
   progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Samples `num_images` images (float, [-1, 1] for pixel data) in batches of sample.batch_size."""
   cfg = exp.config
-  labels = sample_labels(cfg, num_images, seed) if labels is None else labels
+  labels = sample_labels(cfg, num_images, seed)
   n_dev = parallel.data_parallel_size(exp.mesh)
   batch = -(-min(cfg.sample.batch_size, num_images) // n_dev) * n_dev  # A multiple of devices.
-  run = make_sampler(exp, guidance_scale=guidance_scale)
+  run = make_sampler(exp)
   key = jax.random.key(seed)
   out = []
   starts = range(0, num_images, batch)
