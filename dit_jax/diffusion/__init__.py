@@ -7,6 +7,7 @@ shift, loss weighting) and offers the two things training and evaluation need:
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -161,7 +162,7 @@ def build_diffusion(config: ml_collections.ConfigDict) -> Diffusion:
     schedule = vp_schedule(d.schedule, d.num_timesteps)
   if d.shift <= 0:
     raise ConfigError(f"config.diffusion.shift={d.shift} must be > 0 (1.0 = no shift).")
-  if d.timestep_sampler == "mode" and not -1.0 <= d.mode_scale <= 2.0 / (3.141592653589793 - 2):
+  if d.timestep_sampler == "mode" and not -1.0 <= d.mode_scale <= 2.0 / (math.pi - 2):
     raise ConfigError(
       f"config.diffusion.mode_scale={d.mode_scale} must lie in [-1, 2/(pi-2)] so that the mode "
       "sampler maps [0, 1] onto [0, 1] monotonically."

@@ -32,8 +32,7 @@ def time_grid(schedule: Schedule, num_steps: int, shift: float = 1.0) -> np.ndar
     raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
   if isinstance(schedule, VPSchedule):
     steps = min(num_steps, schedule.num_timesteps)
-    grid = np.round(np.linspace(schedule.num_timesteps - 1, 0, steps)).astype(np.int32)
-    return grid
+    return np.round(np.linspace(schedule.num_timesteps - 1, 0, steps)).astype(np.int32)
   unit = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
   return np.asarray(timesteps.shift_time(unit, shift), np.float32)
 
