@@ -13,3 +13,5 @@ VOCAB = "vocab"  # Rows of the class embedding table.
 PATCH = "patch"  # Flattened patch (p * p * C) at the input and output projections.
 FREQ = "freq"  # Sinusoidal timestep features.
 LAYERS = "layers"  # Stacked (scanned) blocks.
+
+LOGICAL_AXES = (BATCH, SEQ, EMBED, MLP, HEADS, KV, VOCAB, PATCH, FREQ, LAYERS)

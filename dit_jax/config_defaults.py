@@ -1,10 +1,12 @@
-"""The base config every `configs/*.py` starts from. Imports only ml_collections.
+"""The base config every `configs/*.py` starts from. Imports no JAX (only ml_collections).
 
 Every field a user may set lives here with its default, so that a locked config rejects typos.
 The README's "Config contract" documents the public names.
 """
 
 import ml_collections
+
+from dit_jax.axes import LOGICAL_AXES
 
 # Names accepted by the registries; the JAX-side registries validate against the same tuples.
 OBJECTIVES = ("eps", "v", "rectified_flow")
@@ -106,6 +108,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel.mesh.data = -1  # -1: all remaining devices.
   c.parallel.mesh.fsdp = 1
   c.parallel.mesh.tensor = 1
+  # Across slices (multi-slice TPU, data-center network): the product is the number of slices;
+  # the full mesh is mesh x dcn_mesh axis by axis. Keep tensor (and usually fsdp) within a slice.
+  c.parallel.dcn_mesh = ml_collections.ConfigDict()
+  c.parallel.dcn_mesh.data = 1
+  c.parallel.dcn_mesh.fsdp = 1
+  c.parallel.dcn_mesh.tensor = 1
+  # Per logical axis: "preset" keeps the preset's rule; "none" replicates; otherwise mesh axis
+  # names joined by "," (e.g. --config.parallel.rules.mlp=tensor, rules.batch=data,fsdp).
+  c.parallel.rules = ml_collections.ConfigDict({name: "preset" for name in LOGICAL_AXES})
   return c
 
 

@@ -10,6 +10,7 @@ import json
 import logging as std_logging
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -18,6 +19,14 @@ from dit_jax.errors import ConfigError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "What to run.")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "host:port of process 0 for a multi-process run on a cluster JAX cannot detect (GPU hosts, "
+  "local test processes); TPU pods, SLURM and Open MPI need no flags.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,8 +41,12 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   config, workdir = _CONFIG.value, _WORKDIR.value
-  logging.info("Config:\n%s", config)
   try:
+    from dit_jax.parallel import distributed
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if jax.process_index() == 0:
+      logging.info("Config:\n%s", config)
     if _MODE.value == "train":
       from dit_jax.train import loop
 
@@ -45,7 +58,9 @@ def main(argv):
     else:
       from dit_jax.evaluation import runner
 
-      print(json.dumps(runner.evaluate(config, workdir), indent=2))
+      scores = runner.evaluate(config, workdir)
+      if jax.process_index() == 0:
+        print(json.dumps(scores, indent=2))
   except ConfigError as e:
     sys.exit(f"Error: {e}")
 

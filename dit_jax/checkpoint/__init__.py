@@ -14,6 +14,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from dit_jax.errors import ConfigError
 
@@ -56,11 +57,33 @@ class Checkpointer:
     items = {
       "state": ocp.args.PyTreeRestore(abstract_state, restore_args=_restore_args(abstract_state))
     }
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     with _mismatch_errors(self, step):
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iterator is not None:
+      self._restore_data(step, data_iterator)
     return restored["state"]
+
+  def _restore_data(self, step: int, iterator) -> None:
+    """Sets the iterator to its saved position, also when another process count saved it.
+
+    Each process saves its iterator state as `data/process_<i>-of-<n>.json`. Every process reads
+    its block of the same global batches, so the states are equal and any of them will do for
+    any process count; states that differ (e.g. other grain worker layouts) must match exactly.
+    """
+    folder = epath.Path(self.directory) / str(step) / "data"
+    own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+      text = own.read_text()
+    else:
+      texts = {f.read_text() for f in folder.glob("process_*-of-*.json")}
+      if len(texts) != 1:
+        raise ConfigError(
+          f"Checkpoint {folder.parent} holds {len(texts)} different data iterator states for "
+          f"another process count, none for {jax.process_count()} process(es); resume it with "
+          "the process count and config.data.num_workers that wrote it."
+        )
+      text = texts.pop()
+    iterator.set_state(json.loads(text))
 
   def restore_params(self, step: int, abstract_params: Any, *, ema: bool = True) -> Any:
     """Restores only the (EMA) parameters, e.g. onto another mesh for sampling."""

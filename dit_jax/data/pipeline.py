@@ -49,7 +49,7 @@ def build_train_iterator(
   Args:
     config: the full config; reads `config.data`, `config.model.num_classes`, `config.train.seed`.
     batch_size: examples per batch on this process (the global batch over `process_count`).
-    process_index: this process's index; processes see disjoint elements of each epoch.
+    process_index: this process's index; it reads its contiguous block of each global batch.
     process_count: the number of processes reading the data.
     seed: shuffle and flip seed; defaults to `config.train.seed`.
 
@@ -73,7 +73,9 @@ def build_train_iterator(
   if config.data.random_flip:
     # Before sharding, so an element's flip depends on its global position, not the topology.
     dataset = dataset.random_map(_random_flip)
-  dataset = dataset[process_index::process_count].batch(batch_size, drop_remainder=True)
+  # Process p reads rows [p * batch_size, (p + 1) * batch_size) of every global batch, so the
+  # global batch (processes' rows in order) is the same for any process count.
+  dataset = dataset.batch(batch_size, drop_remainder=True)[process_index::process_count]
   iter_dataset = dataset.to_iter_dataset(
     grain.ReadOptions(num_threads=_NUM_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
   )

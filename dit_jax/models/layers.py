@@ -26,6 +26,41 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
+class DenseGeneral(nn.Module):
+  """x @ kernel over `axis`, with the kernel shaped [*contracted dims, *features] and named by
+  `kernel_axes` (the bias by the output names), so that each dimension can be sharded.
+
+  The initializer sees the flattened [fan_in, fan_out] matrix, as in a 2D dense layer.
+  """
+
+  features: tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  axis: tuple[int, ...] = (-1,)
+  dtype: Dtype = jnp.float32
+  kernel_init: Init = xavier
+  bias_init: Init = zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axis = tuple(sorted(a % x.ndim for a in self.axis))
+    in_shape = tuple(x.shape[a] for a in axis)
+    fan = (math.prod(in_shape), math.prod(self.features))
+    assert len(self.kernel_axes) == len(in_shape) + len(self.features), self.kernel_axes
+
+    def kernel_init(rng, shape, dtype=jnp.float32):
+      return self.kernel_init(rng, fan, dtype).reshape(shape)
+
+    kernel = self.param(
+      "kernel", logical(kernel_init, self.kernel_axes), in_shape + self.features, jnp.float32
+    )
+    bias = self.param(
+      "bias", logical(self.bias_init, self.kernel_axes[len(in_shape) :]), self.features, jnp.float32
+    )
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    dims = ((axis, tuple(range(len(axis)))), ((), ()))
+    return jax.lax.dot_general(x, kernel, dims) + bias
+
+
 def dense(
   features: int | Sequence[int],
   kernel_axes: Sequence[str | None],
@@ -35,16 +70,15 @@ def dense(
   kernel_init: Init = xavier,
   bias_init: Init = zeros,
   name: str | None = None,
-) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel and bias carry logical axes (bias: the output axes)."""
-  n_out = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(
-    features,
-    axis=axis,
+) -> DenseGeneral:
+  """A dense layer whose kernel and bias carry logical axes (bias: the output axes)."""
+  return DenseGeneral(
+    features=(features,) if isinstance(features, int) else tuple(features),
+    kernel_axes=tuple(kernel_axes),
+    axis=(axis,) if isinstance(axis, int) else tuple(axis),
     dtype=dtype,
-    param_dtype=jnp.float32,
-    kernel_init=logical(kernel_init, kernel_axes),
-    bias_init=logical(bias_init, kernel_axes[-n_out:]),
+    kernel_init=kernel_init,
+    bias_init=bias_init,
     name=name,
   )
 

@@ -6,6 +6,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dit_jax import axes
@@ -28,8 +29,24 @@ PRESETS = {
 
 
 def axis_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, object], ...]:
+  """The preset's logical-to-mesh rules with `config.parallel.rules` overrides applied."""
   check_choice(config.parallel.preset, PRESETS, "parallel.preset")
-  return tuple(PRESETS[config.parallel.preset])
+  rules = dict(PRESETS[config.parallel.preset])
+  for name, value in config.parallel.rules.items():
+    if value == "preset":
+      continue
+    if value == "none":
+      rules.pop(name, None)
+      continue
+    targets = tuple(a.strip() for a in value.split(","))
+    unknown = [a for a in targets if a not in MESH_AXES]
+    if unknown or len(set(targets)) != len(targets):
+      raise ConfigError(
+        f"config.parallel.rules.{name}={value!r}: expected 'preset', 'none' or distinct mesh "
+        f"axes from {MESH_AXES} joined by ','."
+      )
+    rules[name] = targets[0] if len(targets) == 1 else targets
+  return tuple(rules.items())
 
 
 def _named(sizes) -> dict[str, int]:
@@ -37,7 +54,8 @@ def _named(sizes) -> dict[str, int]:
 
 
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """Sizes of (data, fsdp, tensor); one -1 entry takes the remaining devices."""
+  """Per-slice sizes of (data, fsdp, tensor) for `num_devices` devices in each slice; one -1
+  entry takes the remaining devices."""
   sizes = [int(config.parallel.mesh[a]) for a in MESH_AXES]
   if sizes.count(-1) > 1:
     raise ConfigError(f"Only one of config.parallel.mesh.{{{','.join(MESH_AXES)}}} may be -1.")
@@ -56,10 +74,41 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   return tuple(sizes)
 
 
+def dcn_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  sizes = tuple(int(config.parallel.dcn_mesh[a]) for a in MESH_AXES)
+  if any(s < 1 for s in sizes):
+    raise ConfigError(f"config.parallel.dcn_mesh={_named(sizes)}: every size must be >= 1.")
+  return sizes
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  """The (data, fsdp, tensor) mesh over `devices` (default: all), laid out for the interconnect.
+
+  With `config.parallel.dcn_mesh` sizes > 1 the devices form slices (multi-slice TPU) and each
+  mesh axis is dcn x ici long; otherwise one slice of `config.parallel.mesh` shape.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  dcn = dcn_shape(config)
+  slices = math.prod(dcn)
+  if len(devices) % slices:
+    raise ConfigError(
+      f"config.parallel.dcn_mesh={_named(dcn)} asks for {slices} slices, which does not divide "
+      f"the {len(devices)} devices."
+    )
+  ici = mesh_shape(config, len(devices) // slices)
+  if slices == 1:
+    try:
+      array = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+    except (AssertionError, NotImplementedError, ValueError):
+      array = np.asarray(devices).reshape(ici)  # Topologies mesh_utils does not know.
+  else:
+    if not hasattr(devices[0], "slice_index"):
+      raise ConfigError(
+        f"config.parallel.dcn_mesh={_named(dcn)} needs multi-slice devices (TPU slices joined "
+        "by DCN); these devices have no slice index. Set every dcn_mesh size to 1."
+      )
+    array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  return Mesh(array, MESH_AXES)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

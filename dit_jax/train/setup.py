@@ -20,6 +20,12 @@ from dit_jax.train import step as step_lib
 from dit_jax.train.state import TrainState, learning_rate, optimizer
 
 
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
 @dataclasses.dataclass
 class Experiment:
   config: ml_collections.ConfigDict
@@ -40,10 +46,10 @@ class Experiment:
   def context(self):
     """The mesh and logical-axis rules that tracing the model needs; wrap calls of jitted steps.
 
-    This is the legacy `with mesh:` (deprecated in JAX 0.10): under `jax.set_mesh`, Flax 0.12's
-    DenseGeneral constrains its flattened kernel with the unflattened axis names and fails.
+    The mesh must be set with `jax.set_mesh`: Flax applies the models' activation constraints
+    only under an (abstract) mesh, and silently skips them otherwise.
     """
-    with self.mesh, nn.logical_axis_rules(self.rules):
+    with mesh_context(self.mesh, self.rules):
       yield
 
   def init_state(self) -> TrainState:
@@ -109,7 +115,7 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
   parallel.check_batch_size(config.train.batch_size, mesh)
   rules = parallel.axis_rules(config)
   init = step_lib.make_init_fn(model, tx, config.train.seed)
-  with mesh, nn.logical_axis_rules(rules):
+  with mesh_context(mesh, rules):
     boxed = jax.eval_shape(init)
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(

@@ -1,0 +1,150 @@
+"""Ahead-of-time compilation for TPU topologies: what `launch/aot_compile.py` runs.
+
+libtpu describes a slice's devices without a TPU, and the train step built by the training
+factories (`setup.build` + `jit_train_step`) is lowered with abstract inputs and compiled for them.
+"""
+
+import dataclasses
+import math
+import os
+import re
+
+# Compiling needs no TPU, so several compiles (or a test run) may load libtpu side by side.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  name: str  # libtpu's topology prefix.
+  hbm_bytes: int  # Per chip (one JAX device per chip: megacore on v4/v5p).
+  dims: int  # 2D or 3D torus.
+  cores_per_chip: int  # How the accelerator type counts: TensorCores (v4, v5p) or chips.
+  chip_config: str = "default"
+
+
+GENERATIONS = {
+  "v4": Generation("v4", 32 * GiB, 3, 2, "megacore"),
+  "v5p": Generation("v5p", 95 * GiB, 3, 2),
+  "v5e": Generation("v5e", 16 * GiB, 2, 1),
+  "v5litepod": Generation("v5e", 16 * GiB, 2, 1),
+  "v6e": Generation("v6e", 32 * GiB, 2, 1),
+}
+
+
+def _default_shape(chips: int, dims: int) -> tuple[int, ...]:
+  """The slice shape Cloud TPU uses for `chips` chips: double the smallest (last) axis."""
+  if chips & (chips - 1) or (dims == 3 and chips < 4):
+    raise ValueError(f"no standard {dims}D slice has {chips} chips")
+  shape = [2, 2, 1] if dims == 3 else [1, 1]
+  while math.prod(shape) < chips:
+    smallest = min(shape)
+    i = max(j for j, s in enumerate(shape) if s == smallest)
+    shape[i] *= 2
+  return tuple(shape)
+
+
+def parse_topology(text: str) -> tuple[Generation, tuple[int, ...]]:
+  """'v5p-32' or 'v5p:2x2x4' -> (generation, chip grid)."""
+  m = re.fullmatch(r"(v\d+[a-z]*)(?:-(\d+)|:(\d+(?:x\d+)+))", text.strip().lower())
+  gen = GENERATIONS.get(m.group(1)) if m else None
+  if gen is None:
+    raise ValueError(
+      f"--topology={text!r}: expected <generation>-<size> (v5p-32, v5e-16, v4-64) or "
+      f"<generation>:<AxB[xC]> with a generation from {sorted(GENERATIONS)}."
+    )
+  if m.group(3):
+    shape = tuple(int(s) for s in m.group(3).split("x"))
+  else:
+    size = int(m.group(2))
+    if size % gen.cores_per_chip:
+      raise ValueError(f"--topology={text!r}: {gen.name} sizes count TensorCores, 2 per chip.")
+    try:
+      shape = _default_shape(size // gen.cores_per_chip, gen.dims)
+    except ValueError as e:
+      raise ValueError(
+        f"--topology={text!r}: {e}; give an explicit {gen.name}:AxB... name."
+      ) from None
+  return gen, shape
+
+
+def _host_bounds(gen: Generation, shape: tuple[int, ...]) -> tuple[int, int, int]:
+  """Chips per host: 4 (2x2) on multi-host slices; single-host v5e/v6e slices hold up to 8."""
+  shape3 = tuple(shape) + (1,) * (3 - len(shape))
+  chips = math.prod(shape)
+  if chips < 4:
+    return shape3
+  if gen.dims == 2 and chips == 8:
+    return shape3
+  return (2, 2, 1)
+
+
+def topology_devices(gen: Generation, shape: tuple[int, ...], num_slices: int = 1):
+  from jax.experimental import topologies
+
+  topo = topologies.get_topology_desc(
+    platform="tpu",
+    topology_name=f"{gen.name}:{'x'.join(map(str, shape))}",
+    chip_config_name=gen.chip_config,
+    chips_per_host_bounds=_host_bounds(gen, shape),
+    num_slices=num_slices,
+  )
+  return topo.devices
+
+
+def build(config, devices):
+  """The experiment `config` describes over `devices` (the same factory training uses)."""
+  from dit_jax.train import setup
+
+  return setup.build(config, devices=devices)
+
+
+def compile_train_step(exp):
+  """The train step training would run, lowered with abstract inputs and compiled."""
+  with exp.context():
+    return exp.jit_train_step().lower(exp.abstract_state, exp.abstract_batch()).compile()
+
+
+def out_of_memory_bytes(error: Exception) -> int | None:
+  """The temporaries the TPU compiler asked for when it refused a program, or None."""
+  m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM", str(error))
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+
+
+@dataclasses.dataclass
+class Report:
+  arguments: int
+  outputs: int
+  aliased: int
+  temporaries: int
+  code: int
+  hbm: int
+  flops: float  # XLA's estimate for one device's program.
+
+  @property
+  def total(self) -> int:
+    """Peak per device: live inputs + outputs not aliased to (donated) inputs + scratch + code."""
+    return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+  @property
+  def fits(self) -> bool:
+    return self.total <= self.hbm
+
+
+def report(compiled, hbm: int) -> Report:
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):
+    cost = cost[0] if cost else {}
+  return Report(
+    arguments=mem.argument_size_in_bytes,
+    outputs=mem.output_size_in_bytes,
+    aliased=mem.alias_size_in_bytes,
+    temporaries=mem.temp_size_in_bytes,
+    code=mem.generated_code_size_in_bytes,
+    hbm=hbm,
+    flops=float((cost or {}).get("flops", float("nan"))),
+  )

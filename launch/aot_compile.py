@@ -1,0 +1,117 @@
+"""Does a config fit a TPU slice? Compiles its real train step for a TPU topology on any machine.
+
+  pip install -e ".[tpu]"     # libtpu: compiles for TPUs, no TPU needed
+  python -m launch.aot_compile --config=configs/dit_imagenet256.py:variant=XL/2 --topology=v5p-8
+  python -m launch.aot_compile --config=configs/dit_imagenet256.py:variant=XL/2 \
+      --topology=v5e-16 --config.parallel.preset=fsdp --config.parallel.mesh.data=1 \
+      --config.parallel.mesh.fsdp=-1
+
+The step is built by the same factory training uses (`setup.build` + `jit_train_step`: same
+model, shardings, donation) over the devices of libtpu's description of the topology, lowered
+with abstract inputs and compiled. Prints per-device memory (arguments, outputs, temporaries,
+total against the chip's HBM), XLA's FLOP estimate and a verdict; exits 0 if it fits, 1 if not.
+Topologies: accelerator types (v4-64, v5p-32: TensorCores; v5e-16, v6e-8: chips) or explicit
+`<generation>:<AxBxC>` names (v5p:2x2x4).
+"""
+
+import math
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from dit_jax import aot
+from dit_jax.aot import GiB
+from dit_jax.errors import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "e.g. v5p-8, v5e-16, v4-64, v5p:2x2x4.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (multi-slice).")
+_FLOPS = flags.DEFINE_bool(
+  "flops",
+  True,
+  "Also compile a twin with the block scan unrolled to read XLA's FLOP count (XLA counts a loop "
+  "body once); memory always comes from the program training runs.",
+)
+flags.mark_flags_as_required(["config", "topology"])
+
+
+def _print_config(gen, shape, exp, config):
+  n, b = exp.mesh.size, config.train.batch_size
+  shards = exp.mesh.shape["data"] * exp.mesh.shape["fsdp"]
+  params = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
+  print(
+    f"topology      {_TOPOLOGY.value}: {gen.name} {'x'.join(map(str, shape))}, {n} devices "
+    f"({_NUM_SLICES.value} slice(s)), {gen.hbm_bytes / GiB:.0f} GiB HBM each"
+  )
+  print(
+    f"model         {config.model.name} {config.model.variant}: {params / 1e6:.1f}M params; "
+    f"global batch {b} ({b // shards} per data shard)"
+  )
+  print(
+    f"mesh          {dict(exp.mesh.shape)}, preset {config.parallel.preset}, "
+    f"remat {config.model.remat}, compute {config.model.dtype}"
+  )
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  try:
+    gen, shape = aot.parse_topology(_TOPOLOGY.value)
+    devices = aot.topology_devices(gen, shape, _NUM_SLICES.value)
+    exp = aot.build(config, devices)
+  except (ValueError, ConfigError) as e:
+    sys.exit(f"Error: {e}")
+  except (ImportError, RuntimeError) as e:
+    sys.exit(f"Error: no TPU compiler ({e}). Install libtpu with: pip install -e '.[tpu]'")
+  _print_config(gen, shape, exp, config)
+  try:
+    compiled = aot.compile_train_step(exp)
+  except jax.errors.JaxRuntimeError as e:
+    needed = aot.out_of_memory_bytes(e)
+    if needed is None:
+      raise
+    # The TPU compiler refuses programs that cannot fit; it reports what they would need.
+    print(
+      f"memory        the compiler needs {needed / GiB:.2f} GiB of temporaries per device "
+      f"alone, {gen.hbm_bytes / GiB:.0f} GiB HBM"
+    )
+    print(
+      f"verdict       DOES NOT FIT: over by at least {(needed - gen.hbm_bytes) / GiB:.2f} GiB "
+      "per device (try preset fsdp, model.remat, a smaller batch per device, or more chips)"
+    )
+    sys.exit(1)
+  r = aot.report(compiled, gen.hbm_bytes)
+  print("per device:")
+  print(f"  arguments   {r.arguments / GiB:8.2f} GiB  (train state shard + batch shard)")
+  print(
+    f"  outputs     {r.outputs / GiB:8.2f} GiB  ({r.aliased / GiB:.2f} GiB reuse donated inputs)"
+  )
+  print(f"  temporaries {r.temporaries / GiB:8.2f} GiB  (activations, gradients, scratch)")
+  print(
+    f"  total       {r.total / GiB:8.2f} GiB  of {r.hbm / GiB:.0f} GiB HBM "
+    f"({100 * r.total / r.hbm:.0f}%)"
+  )
+  if _FLOPS.value:
+    twin = config.copy_and_resolve_references()
+    twin.model.scan_unroll = 10_000  # Clipped to the depth: fully unrolled.
+    flops = aot.report(aot.compile_train_step(aot.build(twin, devices)), gen.hbm_bytes).flops
+    print(
+      f"flops         {flops / 1e12:.2f} TFLOP per device per step, "
+      f"{flops * exp.mesh.size / config.train.batch_size / 1e9:.1f} GFLOP per image "
+      "(XLA's estimate, multiply-add = 2)"
+    )
+  if r.fits:
+    print(f"verdict       FITS, {(r.hbm - r.total) / GiB:.2f} GiB to spare per device")
+  else:
+    print(
+      f"verdict       DOES NOT FIT: over by {(r.total - r.hbm) / GiB:.2f} GiB per device "
+      "(try preset fsdp, model.remat, a smaller batch per device, or more chips)"
+    )
+  sys.exit(0 if r.fits else 1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,74 @@
+"""The ahead-of-time fit check: topology names, and a real compile for a TPU slice on this CPU."""
+
+import importlib.util
+import math
+
+import jax
+import pytest
+
+from dit_jax import aot
+from dit_jax.config_defaults import base_config
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+@pytest.mark.parametrize(
+  "name, generation, shape",
+  [
+    ("v5p-8", "v5p", (2, 2, 1)),
+    ("v5p-32", "v5p", (2, 2, 4)),
+    ("v4-64", "v4", (2, 4, 4)),
+    ("v5e-16", "v5e", (4, 4)),
+    ("v5litepod-8", "v5e", (2, 4)),
+    ("v6e-1", "v6e", (1, 1)),
+    ("v5p:4x4x8", "v5p", (4, 4, 8)),
+  ],
+)
+def test_topology_names(name, generation, shape):
+  gen, got = aot.parse_topology(name)
+  assert (gen.name, got) == (generation, shape)
+
+
+@pytest.mark.parametrize("name", ["v5p-6", "v5e-12", "v3-8", "tpu-8", "v5p"])
+def test_bad_topology_names_are_clear_errors(name):
+  with pytest.raises(ValueError, match=f"--topology={name!r}"):
+    aot.parse_topology(name)
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_compiles_the_train_step_for_a_v5e_slice_and_reports_memory():
+  c = base_config()
+  c.model.variant = "mini/4"
+  # TPU tiles pad a dimension to 128 lanes: keep every shard of the width a multiple of 128.
+  c.model.width, c.model.depth, c.model.heads = 512, 2, 4
+  c.data.image_size = 16
+  c.train.batch_size = 32
+  c.parallel.preset = "fsdp"
+  c.parallel.mesh.data, c.parallel.mesh.fsdp = 1, -1
+  gen, shape = aot.parse_topology("v5e-4")
+  devices = aot.topology_devices(gen, shape)
+  assert len(devices) == 4 and devices[0].platform == "tpu"
+  exp = aot.build(c, devices)
+  compiled = aot.compile_train_step(exp)
+  assert dict(exp.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 1}
+  r = aot.report(compiled, gen.hbm_bytes)
+  state_bytes = sum(
+    math.prod(x.shape) * x.dtype.itemsize
+    for x in jax.tree.leaves(exp.abstract_state)
+    if x.dtype != jax.dtypes.prng_key
+  )
+  # fsdp over 4 chips: each holds about a quarter of the state, plus its quarter of the batch.
+  assert 0.24 < r.arguments / state_bytes < 0.30, r
+  assert r.aliased >= 0.9 * r.arguments - 32 * 16 * 16 * 4  # The state is donated.
+  assert r.temporaries >= 0 and r.flops > 0 and r.fits
+  tight = aot.report(compiled, r.total - 1)
+  assert not tight.fits
+
+
+def test_reads_the_compilers_out_of_memory_message():
+  msg = (
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    "temporaries (32.83G) exceeds available HBM (15.75G)."
+  )
+  assert aot.out_of_memory_bytes(RuntimeError(msg)) == int(32.83 * 2**30)
+  assert aot.out_of_memory_bytes(RuntimeError("INTERNAL: something else")) is None
