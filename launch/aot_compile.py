@@ -55,6 +55,18 @@ def _print_config(gen, shape, exp, config):
   )
 
 
+def _hints(config) -> str:
+  """What could make `config` fit, leaving out what it already does."""
+  hints = []
+  if config.parallel.preset == "dp":
+    hints.append("--config.parallel.preset=fsdp")
+  if config.model.remat == "none":
+    hints.append("--config.model.remat=full (or dots)")
+  if config.model.dtype == "float32":
+    hints.append("--config.model.dtype=bfloat16")
+  return "try " + ", ".join(hints + ["a smaller global batch, or more chips"])
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
