@@ -81,7 +81,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.9999
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
-  c.train.keep_checkpoints = 3
+  c.train.keep_checkpoints = 3  # The newest K checkpoints are kept ...
+  c.train.keep_every = 0  # ... plus, if > 0, every checkpoint whose step is a multiple of this.
+  c.train.async_checkpoints = True  # Write checkpoints in the background while training goes on.
+  # A non-finite loss or gradient never reaches the state (its update is dropped); then
+  # "stop": stop at the next log step with a message (the last checkpoint is good), or
+  # "skip": go on and count it (metrics.jsonl: skipped_steps).
+  c.train.nonfinite = "stop"
   c.train.sample_every = 0  # Steps between PNG grids of samples (0 = only at the end).
 
   c.sample = ml_collections.ConfigDict()

@@ -7,6 +7,10 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the field and the accepted values."""
 
 
+class TrainingStopped(ConfigError):
+  """The run stopped on purpose (e.g. a non-finite loss); the message says why and what to do."""
+
+
 def check_choice(value: str, choices: Iterable[str], field: str) -> str:
   """Returns `value` if it is one of `choices`, else raises a ConfigError naming `field`."""
   choices = tuple(choices)

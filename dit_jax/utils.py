@@ -38,20 +38,35 @@ def save_grid(path: str, images: np.ndarray, ncols: int | None = None, upscale: 
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
+def _complete_line_before(line: str, step: int) -> bool:
+  try:
+    return json.loads(line)["step"] <= step
+  except (ValueError, KeyError):  # A line cut short when the process was killed.
+    return False
+
+
 class MetricWriter:
   """Appends one JSON object per log step to `metrics.jsonl` and mirrors it to TensorBoard.
 
-  On processes other than 0 every method does nothing.
+  On processes other than 0 every method does nothing. With `resume_step`, lines of later steps
+  (written after the checkpoint the run resumes from, and about to be written again) are dropped.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self.active = jax.process_index() == 0
     if not self.active:
       return
     from tensorboardX import SummaryWriter  # Imported here: only process 0 writes.
 
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        kept = [line for line in f if _complete_line_before(line, resume_step)]
+      with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+    self._jsonl = open(path, "a")  # noqa: SIM115
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:

@@ -10,6 +10,7 @@ Each process's output is prefixed with `[p<i>]`; if one fails, the others are st
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -62,6 +63,17 @@ def launch(main_args: list[str], num_processes: int, devices_per_process: int, p
     t.start()
     procs.append(p)
     threads.append(t)
+
+  # SIGTERM / Ctrl-C reach every process, as a maintenance event reaches every host of a slice:
+  # they save at a step they agree on and exit.
+  def forward(signum, frame):
+    del frame
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+
+  signal.signal(signal.SIGTERM, forward)
+  signal.signal(signal.SIGINT, forward)
   # A process that fails leaves the others blocked in collectives: stop them too.
   while any(p.poll() is None for p in procs):
     if any(p.poll() for p in procs):

@@ -4,8 +4,10 @@ train like 1 process x 8 devices, and each must restore the other's checkpoints.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -70,3 +72,39 @@ def test_two_processes_train_like_one_and_share_checkpoints(tmp_path):
   c, d = _losses(pod_from_host), _losses(host_from_pod)
   assert sorted(c) == sorted(d) == [1, 2, 3, 4, 5]
   np.testing.assert_allclose([c[s] for s in (4, 5)], [d[s] for s in (4, 5)], rtol=LOSS_RTOL)
+
+
+def test_sigterm_on_a_pod_stops_every_process_at_the_same_saved_step(tmp_path):
+  workdir = str(tmp_path / "pod")
+  cmd = [
+    sys.executable,
+    "-m",
+    "launch.local",
+    "--num_processes=2",
+    "--devices_per_process=4",
+    "--",
+    *TINY,
+    f"--workdir={workdir}",
+    "--config.train.num_steps=1000",
+    "--config.train.checkpoint_every=500",
+  ]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen(
+    cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+    assert proc.poll() is None and time.time() < deadline
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)  # The launcher passes it to both processes.
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  saved = {
+    line.split("]")[0]: int(line.split("saved checkpoint ")[1].split()[0])
+    for line in out.splitlines()
+    if "Preempted (preemption notice, all processes): saved checkpoint" in line
+  }
+  assert set(saved) == {"[p0", "[p1"} and len(set(saved.values())) == 1, out[-3000:]
+  step = saved["[p0"]
+  assert 3 <= step < 500 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))

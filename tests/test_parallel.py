@@ -96,7 +96,7 @@ def _is_key(x):
 LOSS_RTOL, PARAM_ATOL = 1e-6, 1e-5
 
 
-def _one_step(config, devices, state_from=None):
+def _one_step(config, devices):
   exp = setup.build(config, devices=devices)
   state = exp.init_state()
   with exp.context():
@@ -105,9 +105,14 @@ def _one_step(config, devices, state_from=None):
   return jax.device_get(state.params), float(metrics["loss"])
 
 
+@pytest.fixture(scope="module")
+def one_device_step():
+  return _one_step(config_for(), jax.devices()[:1])
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_one_train_step_matches_one_device(name):
-  ref_params, ref_loss = _one_step(config_for(), jax.devices()[:1])
+def test_one_train_step_matches_one_device(name, one_device_step):
+  ref_params, ref_loss = one_device_step
   params, loss = _one_step(config_for(*LAYOUTS[name]), jax.devices())
   np.testing.assert_allclose(loss, ref_loss, rtol=LOSS_RTOL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL), params, ref_params)

@@ -4,9 +4,9 @@ Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Every process takes pa
 restores; restores go straight into the shardings of an abstract target, whatever mesh wrote them.
 """
 
-import contextlib
 import json
 import os
+import time
 from typing import Any
 
 import grain
@@ -23,13 +23,33 @@ def _restore_args(abstract: Any) -> Any:
   return ocp.checkpoint_utils.construct_restore_args(abstract)
 
 
-class Checkpointer:
-  """Saves and restores `TrainState`s; saves are asynchronous."""
+class CheckpointError(ConfigError):
+  """No checkpoint in the workdir can be restored (and none was silently skipped)."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, read_only: bool = False):
+
+class Checkpointer:
+  """Saves and restores `TrainState`s; saves are asynchronous unless `async_save=False`."""
+
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    keep: int = 3,
+    keep_every: int = 0,
+    async_save: bool = True,
+    read_only: bool = False,
+    config: ml_collections.ConfigDict | None = None,
+  ):
+    """`config`: the run's config, named in error messages next to a checkpoint's own."""
+    self.config = config
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only
+      max_to_keep=keep,
+      keep_period=keep_every or None,
+      create=not read_only,
+      read_only=read_only,
+      save_interval_steps=0 if read_only else 1,
+      enable_async_checkpointing=async_save,
     )
     handlers = {
       "state": ocp.PyTreeCheckpointHandler(),
@@ -37,6 +57,9 @@ class Checkpointer:
       "data": grain.checkpoint.CheckpointHandler(),
     }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -54,14 +77,99 @@ class Checkpointer:
 
   def restore_train(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the full state (and the iterator position, in place) into `abstract_state`."""
+    self.check_structure(step, abstract_state)
     items = {
       "state": ocp.args.PyTreeRestore(abstract_state, restore_args=_restore_args(abstract_state))
     }
-    with _mismatch_errors(self, step):
-      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iterator is not None:
       self._restore_data(step, data_iterator)
     return restored["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iterator=None) -> tuple[int, Any] | None:
+    """Restores the newest checkpoint that restores; None if there is none at all.
+
+    A checkpoint that cannot be read (corrupt or partly written files) is skipped with a warning
+    and moved aside to `<step>.damaged-<time>` (never deleted), and the next older one is tried.
+    A checkpoint of another model raises at once. If checkpoints exist but none restores, this
+    raises rather than letting training start from scratch.
+    """
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        state = self.restore_train(step, abstract_state, data_iterator)
+      except ConfigError:
+        raise
+      except Exception as e:  # Unreadable: fall back to the previous checkpoint.
+        logging.warning("Checkpoint %d in %s cannot be restored: %s", step, self.directory, e)
+        damaged.append((step, e))
+        continue
+      if damaged:
+        self._set_aside([s for s, _ in damaged])
+        logging.warning(
+          "Resuming from checkpoint %d: the newer checkpoint(s) %s were damaged and moved aside.",
+          step,
+          [s for s, _ in damaged],
+        )
+      return step, state
+    if damaged:
+      step, e = damaged[0]
+      raise CheckpointError(
+        f"None of the {len(damaged)} checkpoint(s) in {self.directory} can be restored (newest, "
+        f"{step}: {type(e).__name__}: {str(e)[:300]}). Not starting from scratch over them: "
+        "repair them, or move the directory aside to start a new run."
+      )
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames damaged step directories so that new saves at those steps do not collide."""
+    if jax.process_index() == 0:
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step in steps:
+        path = epath.Path(self.directory) / str(step)
+        path.rename(path.parent / f"{step}.damaged-{stamp}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("dit_jax: damaged checkpoints moved aside")
+    self.manager.reload()
+
+  def restore_params(self, step: int, abstract_params: Any, *, ema: bool = True) -> Any:
+    """Restores only the (EMA) parameters, e.g. onto another mesh for sampling."""
+    key = "ema_params" if ema else "params"
+    self.check_structure(step, {key: abstract_params}, only=key)
+    target = {key: abstract_params}
+    args = ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True)
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
+    return restored["state"][key]
+
+  def check_structure(self, step: int, abstract: Any, only: str | None = None) -> None:
+    """Raises ConfigError naming the arrays whose names or shapes differ from the checkpoint's."""
+    saved_tree = self.manager.item_metadata(step)["state"]
+    saved_tree = getattr(saved_tree, "tree", saved_tree)
+    if only is not None:
+      saved_tree = {only: saved_tree[only]}
+    saved = _shapes(saved_tree)
+    wanted = _shapes(abstract)
+    problems = [
+      f"{k}: checkpoint {saved[k]}, model {wanted[k]}"
+      for k in wanted
+      if k in saved and saved[k] != wanted[k]
+    ]
+    problems += [f"{k}: missing from the checkpoint" for k in wanted if k not in saved]
+    if only is None:
+      problems += [f"{k}: in the checkpoint, not in the model" for k in saved if k not in wanted]
+    if not problems:
+      return
+    saved_cfg = self.saved_config(step) or {}
+    ours = ""
+    if self.config is not None:
+      ours = f"; this run has {_model_summary(json.loads(self.config.to_json()))}"
+    raise ConfigError(
+      f"The checkpoint {self.directory}/{step} is of another model: {len(problems)} array(s) "
+      f"differ, e.g. {'; '.join(problems[:5])}. It was written with {_model_summary(saved_cfg)}"
+      f"{ours}. Use the config that wrote it, or another --workdir."
+    )
 
   def _restore_data(self, step: int, iterator) -> None:
     """Sets the iterator to its saved position, also when another process count saved it.
@@ -85,15 +193,6 @@ class Checkpointer:
       text = texts.pop()
     iterator.set_state(json.loads(text))
 
-  def restore_params(self, step: int, abstract_params: Any, *, ema: bool = True) -> Any:
-    """Restores only the (EMA) parameters, e.g. onto another mesh for sampling."""
-    key = "ema_params" if ema else "params"
-    target = {key: abstract_params}
-    args = ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True)
-    with _mismatch_errors(self, step):
-      restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
-    return restored["state"][key]
-
   def saved_config(self, step: int) -> dict | None:
     try:
       return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
@@ -109,21 +208,27 @@ class Checkpointer:
     self.manager.close()
 
 
-@contextlib.contextmanager
-def _mismatch_errors(ckpt: Checkpointer, step: int):
-  """Turns Orbax's structure/shape errors into one ConfigError naming the saved config."""
-  try:
-    yield
-  except (ValueError, KeyError, TypeError) as exc:
-    saved = ckpt.saved_config(step) or {}
-    model = saved.get("model", {})
-    raise ConfigError(
-      f"The checkpoint at {ckpt.directory}/{step} does not match this config's model "
-      f"(it was written with model={model.get('name')!r} variant={model.get('variant')!r} "
-      f"learn_sigma={model.get('learn_sigma')!r}, data image_size="
-      f"{saved.get('data', {}).get('image_size')!r}). Use the config that wrote it, or another "
-      f"--workdir. Orbax said: {str(exc)[:500]}"
-    ) from exc
+def _key(entry) -> str:
+  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey (dataclass fields), SequenceKey.
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{"params/blocks/mlp/fc1/kernel": shape, ...} for dicts and dataclasses alike."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(map(_key, path)): tuple(getattr(x, "shape", ())) for path, x in flat}
+
+
+def _model_summary(config: dict) -> str:
+  model, data = config.get("model", {}), config.get("data", {})
+  return (
+    f"model.name={model.get('name')!r} model.variant={model.get('variant')!r} "
+    f"model.learn_sigma={model.get('learn_sigma')!r} model.num_classes="
+    f"{model.get('num_classes')!r} data.image_size={data.get('image_size')!r} "
+    f"data.channels={data.get('channels')!r}"
+  )
 
 
 def log_restore(step: int, directory: str) -> None:

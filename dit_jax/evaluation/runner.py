@@ -15,18 +15,29 @@ from dit_jax.train import loop, setup
 
 
 def restore_params(exp: setup.Experiment, workdir: str):
-  """The EMA (or raw, per config.sample.use_ema) parameters of the newest checkpoint."""
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  """The EMA (or raw, per config.sample.use_ema) parameters of the newest checkpoint that can be
+  read (a damaged newer one is skipped with a warning), restored onto this experiment's mesh."""
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True, config=exp.config)
   try:
-    step = ckpt.latest_step()
-    if step is None:
+    steps = ckpt.all_steps()
+    if not steps:
       raise ConfigError(
         f"No checkpoint in {ckpt.directory}; train first (--mode=train) or point --workdir at a "
         "training run."
       )
-    params = ckpt.restore_params(step, exp.abstract_state.params, ema=exp.config.sample.use_ema)
-    checkpoint.log_restore(step, ckpt.directory)
-    return params, step
+    for step in reversed(steps):
+      try:
+        params = ckpt.restore_params(step, exp.abstract_state.params, ema=exp.config.sample.use_ema)
+      except ConfigError:
+        raise
+      except Exception as e:  # Damaged: try the previous one.
+        logging.warning("Checkpoint %d in %s cannot be restored: %s", step, ckpt.directory, e)
+        continue
+      checkpoint.log_restore(step, ckpt.directory)
+      return params, step
+    raise checkpoint.CheckpointError(
+      f"None of the checkpoints {steps} in {ckpt.directory} can be restored."
+    )
   finally:
     ckpt.close()
 

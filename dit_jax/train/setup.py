@@ -95,6 +95,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     if t[field] <= 0:
       raise ConfigError(f"config.train.{field}={t[field]} must be > 0.")
+  check_choice(t.nonfinite, ("stop", "skip"), "train.nonfinite")
+  if t.keep_every < 0:
+    raise ConfigError(f"config.train.keep_every={t.keep_every} must be >= 0 (0 = off).")
   if not 0.0 <= t.ema_decay < 1.0:
     raise ConfigError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1).")
   check_choice(config.sample.labels, ("balanced", "random"), "sample.labels")

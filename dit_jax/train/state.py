@@ -18,6 +18,7 @@ class TrainState:
   opt_state: Any
   ema_params: Any
   rng: jax.Array  # uint32 key data; step keys are fold_in(rng, step).
+  skipped: jax.Array  # int32 scalar: steps whose update was dropped (non-finite loss/gradient).
 
   def step_key(self) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
@@ -53,4 +54,5 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed_key: jax.Arra
     opt_state=tx.init(params),
     ema_params=jax.tree.map(jnp.copy, params),
     rng=jax.random.key_data(seed_key),
+    skipped=jnp.zeros((), jnp.int32),
   )

@@ -69,14 +69,26 @@ def train_step(
     return jnp.mean(loss), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+  # A non-finite loss or gradient drops the whole update (parameters, optimizer moments, EMA), so
+  # the state never holds NaNs; the step counter, data and randomness move on.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+  new_state = state.replace(
+    step=state.step + 1,
+    params=keep(params, state.params),
+    opt_state=keep(opt_state, state.opt_state),
+    ema_params=keep(ema, state.ema_params),
+    skipped=state.skipped + (~finite).astype(jnp.int32),
+  )
   metrics = {
     "loss": loss,
-    "grad_norm": optax.tree.norm(grads),
+    "grad_norm": grad_norm,
     "lr": lr_fn(state.step),
+    "skipped_steps": new_state.skipped,
     **{k: jnp.mean(v) for k, v in terms.items() if k != "t"},
   }
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
   return new_state, metrics
