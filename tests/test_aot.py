@@ -4,6 +4,7 @@ import importlib.util
 import math
 
 import jax
+import numpy as np
 import pytest
 
 from dit_jax import aot
@@ -72,3 +73,20 @@ def test_reads_the_compilers_out_of_memory_message():
   )
   assert aot.out_of_memory_bytes(RuntimeError(msg)) == int(32.83 * 2**30)
   assert aot.out_of_memory_bytes(RuntimeError("INTERNAL: something else")) is None
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_multi_slice_mesh_puts_dcn_axes_across_slices():
+  c = base_config()
+  c.model.variant = "tiny/4"
+  c.data.image_size = 16
+  c.train.batch_size = 32
+  c.parallel.preset = "fsdp"
+  c.parallel.mesh.data, c.parallel.mesh.fsdp = 1, -1
+  c.parallel.dcn_mesh.data = 2  # Data parallel over 2 slices, FSDP within each.
+  gen, shape = aot.parse_topology("v5e-4")
+  exp = aot.build(c, aot.topology_devices(gen, shape, num_slices=2))
+  assert dict(exp.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  slices = np.vectorize(lambda d: d.slice_index)(exp.mesh.devices)
+  assert (slices[0] == 0).all() and (slices[1] == 1).all()  # Each fsdp group is one slice.
+  assert aot.report(aot.compile_train_step(exp), gen.hbm_bytes).fits
