@@ -171,6 +171,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   loop.run(tiny_config(num_steps=6), workdir)
   loop.run(tiny_config(num_steps=9), workdir)
   _corrupt(os.path.join(workdir, "checkpoints", "9"))
+  # Sampling reads the newest readable EMA parameters and leaves the damaged one in place.
+  assert runner.restore_params(setup.build(tiny_config()), workdir)[1] == 6
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "9"))
   loop.run(tiny_config(num_steps=9), workdir)  # Warns, resumes from 6, redoes 7-9.
   assert glob.glob(os.path.join(workdir, "checkpoints", "9.damaged-*"))  # Moved, not deleted.
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)

@@ -87,17 +87,31 @@ class Checkpointer:
     return restored["state"]
 
   def restore_latest(self, abstract_state: Any, data_iterator=None) -> tuple[int, Any] | None:
-    """Restores the newest checkpoint that restores; None if there is none at all.
+    """(step, state) of the newest checkpoint that restores, or None if there is none at all.
 
     A checkpoint that cannot be read (corrupt or partly written files) is skipped with a warning
     and moved aside to `<step>.damaged-<time>` (never deleted), and the next older one is tried.
     A checkpoint of another model raises at once. If checkpoints exist but none restores, this
     raises rather than letting training start from scratch.
     """
+    return self._newest(
+      lambda step: self.restore_train(step, abstract_state, data_iterator), set_aside=True
+    )
+
+  def restore_latest_params(
+    self, abstract_params: Any, *, ema: bool = True
+  ) -> tuple[int, Any] | None:
+    """(step, params) of the newest checkpoint whose parameters restore (damaged newer ones are
+    skipped with a warning and left in place), or None if there is no checkpoint."""
+    return self._newest(
+      lambda step: self.restore_params(step, abstract_params, ema=ema), set_aside=False
+    )
+
+  def _newest(self, restore, *, set_aside: bool):
     damaged = []
     for step in reversed(self.all_steps()):
       try:
-        state = self.restore_train(step, abstract_state, data_iterator)
+        value = restore(step)
       except ConfigError:
         raise
       except Exception as e:  # Unreadable: fall back to the previous checkpoint.
@@ -105,13 +119,11 @@ class Checkpointer:
         damaged.append((step, e))
         continue
       if damaged:
-        self._set_aside([s for s, _ in damaged])
-        logging.warning(
-          "Resuming from checkpoint %d: the newer checkpoint(s) %s were damaged and moved aside.",
-          step,
-          [s for s, _ in damaged],
-        )
-      return step, state
+        steps = [s for s, _ in damaged]
+        if set_aside:
+          self._set_aside(steps)
+        logging.warning("Using checkpoint %d: the newer checkpoint(s) %s are damaged.", step, steps)
+      return step, value
     if damaged:
       step, e = damaged[0]
       raise CheckpointError(

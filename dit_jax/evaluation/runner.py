@@ -19,27 +19,17 @@ def restore_params(exp: setup.Experiment, workdir: str):
   read (a damaged newer one is skipped with a warning), restored onto this experiment's mesh."""
   ckpt = checkpoint.Checkpointer(workdir, read_only=True, config=exp.config)
   try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise ConfigError(
-        f"No checkpoint in {ckpt.directory}; train first (--mode=train) or point --workdir at a "
-        "training run."
-      )
-    for step in reversed(steps):
-      try:
-        params = ckpt.restore_params(step, exp.abstract_state.params, ema=exp.config.sample.use_ema)
-      except ConfigError:
-        raise
-      except Exception as e:  # Damaged: try the previous one.
-        logging.warning("Checkpoint %d in %s cannot be restored: %s", step, ckpt.directory, e)
-        continue
-      checkpoint.log_restore(step, ckpt.directory)
-      return params, step
-    raise checkpoint.CheckpointError(
-      f"None of the checkpoints {steps} in {ckpt.directory} can be restored."
-    )
+    restored = ckpt.restore_latest_params(exp.abstract_state.params, ema=exp.config.sample.use_ema)
   finally:
     ckpt.close()
+  if restored is None:
+    raise ConfigError(
+      f"No checkpoint in {ckpt.directory}; train first (--mode=train) or point --workdir at a "
+      "training run."
+    )
+  step, params = restored
+  checkpoint.log_restore(step, ckpt.directory)
+  return params, step
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str | None:
