@@ -9,6 +9,8 @@ import math
 import os
 import re
 
+from dit_jax import utils
+
 # Compiling needs no TPU, so several compiles (or a test run) may load libtpu side by side.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
@@ -136,9 +138,6 @@ class Report:
 
 def report(compiled, hbm: int) -> Report:
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  if isinstance(cost, list | tuple):
-    cost = cost[0] if cost else {}
   return Report(
     arguments=mem.argument_size_in_bytes,
     outputs=mem.output_size_in_bytes,
@@ -146,5 +145,5 @@ def report(compiled, hbm: int) -> Report:
     temporaries=mem.temp_size_in_bytes,
     code=mem.generated_code_size_in_bytes,
     hbm=hbm,
-    flops=float((cost or {}).get("flops", float("nan"))),
+    flops=utils.xla_flops(compiled),
   )

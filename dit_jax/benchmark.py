@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from dit_jax import utils
 from dit_jax.diffusion import guidance
 from dit_jax.train import setup
 
@@ -26,13 +27,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_c
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed repetitions (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed repetitions after compilation.")
 flags.mark_flags_as_required(["config"])
-
-
-def _flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, list | tuple):  # Older JAX: one dict per program.
-    cost = cost[0]
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 def _time(fn, args, steps: int, warmup: int, carry: bool) -> float:
@@ -86,9 +80,8 @@ def _compile(config):
 
 def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, dict[str, float]]:
   """Returns {"train": {...}, "sample": {...}} with seconds, images/s, FLOPs per image, FLOP/s."""
-  unrolled = config.copy_and_resolve_references()
-  unrolled.model.scan_unroll = 10_000  # Clipped to the depth.
-  flops = {name: _flops(compiled) for name, (compiled, _) in _compile(unrolled)[1].items()}
+  twin = utils.fully_unrolled(config)
+  flops = {name: utils.xla_flops(compiled) for name, (compiled, _) in _compile(twin)[1].items()}
   exp, programs = _compile(config)
   results = {}
   with exp.context():

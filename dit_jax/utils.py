@@ -86,3 +86,21 @@ class MetricWriter:
     if self.active:
       self._jsonl.close()
       self._tb.close()
+
+
+def xla_flops(compiled) -> float:
+  """XLA's FLOP estimate for a compiled program (multiply-add = 2); NaN if it gives none.
+
+  XLA counts a loop body once: read it from a program built with `fully_unrolled(config)`.
+  """
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):  # Older JAX: one dict per program.
+    cost = cost[0] if cost else {}
+  return float((cost or {}).get("flops", float("nan")))
+
+
+def fully_unrolled(config):
+  """A copy of `config` whose block scan is fully unrolled, for FLOP counting."""
+  twin = config.copy_and_resolve_references()
+  twin.model.scan_unroll = 10_000  # Clipped to the depth.
+  return twin

@@ -21,7 +21,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from dit_jax import aot
+from dit_jax import aot, utils
 from dit_jax.aot import GiB
 from dit_jax.errors import ConfigError
 
@@ -107,9 +107,8 @@ def main(argv):
     f"({100 * r.total / r.hbm:.0f}%)"
   )
   if _FLOPS.value:
-    twin = config.copy_and_resolve_references()
-    twin.model.scan_unroll = 10_000  # Clipped to the depth: fully unrolled.
-    flops = aot.report(aot.compile_train_step(aot.build(twin, devices)), gen.hbm_bytes).flops
+    twin = aot.build(utils.fully_unrolled(config), devices)
+    flops = utils.xla_flops(aot.compile_train_step(twin))
     print(
       f"flops         {flops / 1e12:.2f} TFLOP per device per step, "
       f"{flops * exp.mesh.size / config.train.batch_size / 1e9:.1f} GFLOP per image "
