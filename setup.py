@@ -24,9 +24,13 @@ setup(
     "Pillow",
     "tqdm",
     "tensorboardX",
+    "safetensors",  # reads diffusers checkpoints (dit_jax.models.convert)
   ],
   extras_require={
-    "test": ["pytest", "ruff"],
+    # Parity tests against diffusers (PyTorch on CPU) and the text-encoder tool's tests.
+    "test": ["pytest", "ruff", "torch==2.13.0", "diffusers", "transformers"],
+    # dit_jax.tools.encode_text: Hugging Face text encoders (CLIP, T5) from local paths.
+    "text": ["torch", "transformers"],
     # Cloud TPU VMs, and the ahead-of-time fit check (launch/aot_compile.py) on any machine:
     # the libtpu that matches the installed jax.
     "tpu": ["jax[tpu]"],

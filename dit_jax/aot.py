@@ -96,9 +96,18 @@ def topology_devices(gen: Generation, shape: tuple[int, ...], num_slices: int = 
 
 
 def build(config, devices):
-  """The experiment `config` describes over `devices` (the same factory training uses)."""
+  """The experiment `config` describes over `devices` (the same factory training uses).
+
+  Only shapes matter here, so a text model's data is replaced by synthetic text of the sizes the
+  config states (model.context_len, context_dim, pooled_dim); no dataset needs to be on disk.
+  """
+  from dit_jax import data
   from dit_jax.train import setup
 
+  if data.wants_text(config) and config.data.name != "synthetic":
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.data.name = "synthetic"
   return setup.build(config, devices=devices)
 
 

@@ -12,6 +12,7 @@ KV = "kv"  # Per-head width.
 VOCAB = "vocab"  # Rows of the class embedding table.
 PATCH = "patch"  # Flattened patch (p * p * C) at the input and output projections.
 FREQ = "freq"  # Sinusoidal timestep features.
+TEXT = "text"  # Channels of the text conditioning given to the model (context and pooled vector).
 LAYERS = "layers"  # Stacked (scanned) blocks.
 
-LOGICAL_AXES = (BATCH, SEQ, EMBED, MLP, HEADS, KV, VOCAB, PATCH, FREQ, LAYERS)
+LOGICAL_AXES = (BATCH, SEQ, EMBED, MLP, HEADS, KV, VOCAB, PATCH, FREQ, TEXT, LAYERS)

@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dit_jax import utils
+from dit_jax import conditioning, utils
 from dit_jax.diffusion import guidance
 from dit_jax.train import setup
 
@@ -55,27 +55,30 @@ def _compile(config):
   abstract = exp.abstract_batch()
   b, *image_shape = abstract["image"].shape
   sharding = abstract["image"].sharding
-  batch = {
-    "image": jax.device_put(rng.standard_normal(abstract["image"].shape, np.float32), sharding),
-    "label": jax.device_put(
-      rng.integers(0, config.model.num_classes, b).astype(np.int32), sharding
-    ),
-  }
+
+  def fill(s: jax.ShapeDtypeStruct) -> np.ndarray:
+    if jnp.issubdtype(s.dtype, jnp.integer):
+      return rng.integers(0, config.model.num_classes, s.shape).astype(s.dtype)
+    return rng.standard_normal(s.shape, np.float32)
+
+  batch = {k: jax.device_put(fill(s), s.sharding) for k, s in abstract.items()}
+  _, cond = conditioning.split_batch(batch)
   with exp.context():
     state = exp.init_state()
     train = exp.jit_train_step().lower(state, batch).compile()
     scale = config.sample.guidance_scale
 
-    def sample_step(params, z, t, labels):
-      def apply(z_, t_, y_):
-        return exp.model.apply({"params": params}, z_, t_, y_)
+    def sample_step(params, z, t, cond):
+      def apply(z_, t_, c_):
+        return exp.model.apply({"params": params}, z_, t_, c_)
 
-      return guidance.guided(apply, labels, config.model.num_classes, scale, image_shape[-1])(z, t)
+      null = exp.conditioner.null(cond)
+      return guidance.guided(apply, cond, null, scale, image_shape[-1])(z, t)
 
     params = exp.init_state().ema_params
     z, t = batch["image"], jax.device_put(jnp.full((b,), 500.0), sharding)
-    sample = jax.jit(sample_step).lower(params, z, t, batch["label"]).compile()
-  return exp, {"train": (train, (state, batch)), "sample": (sample, (params, z, t, batch["label"]))}
+    sample = jax.jit(sample_step).lower(params, z, t, cond).compile()
+  return exp, {"train": (train, (state, batch)), "sample": (sample, (params, z, t, cond))}
 
 
 def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, dict[str, float]]:

@@ -38,6 +38,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.depth = 0
   c.model.heads = 0
   c.model.mlp_ratio = 4.0
+  # MMDiT (model.name="mmdit", variant "d<depth>": width 64*depth, depth heads, patch 2).
+  c.model.text_dropout = 0.1  # Per text encoder, independently (SD3 used 0.464).
+  c.model.qk_norm = True  # RMS-normalize queries and keys per head (SD3.5; SD3-medium: False).
+  c.model.pos_embed_max_size = 0  # Side of the position table in patches (0: the image's grid).
+  c.model.pos_embed_base_size = 0  # Grid side its positions are spaced for (0: = max size).
+  # Text sizes; 0 takes them from the data (required > 0 only for synthetic text).
+  c.model.context_len = 0
+  c.model.context_dim = 0
+  c.model.pooled_dim = 0
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.objective = "rectified_flow"
@@ -94,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.name = "samples"
   c.sample.num_images = 100
   c.sample.labels = "balanced"  # balanced | random
+  # Text models: a file of prompts, one per line (shapes data), or a directory written by
+  # dit_jax.tools.encode_text; "" = the data's held-out captions (shapes) or its own captions.
+  c.sample.prompts = ""
   # auto (euler for rectified flow, ddim otherwise) | ddpm | ddim | euler | heun
   c.sample.sampler = "auto"
   c.sample.num_steps = 50

@@ -138,18 +138,20 @@ def test_ddpm_learned_variance_at_minus_one_equals_fixed():
 
 
 def test_guidance_scale_one_is_conditional_and_scale_extrapolates():
-  def apply(z, t, labels):
-    return z * (1.0 + labels[:, None, None, None].astype(z.dtype)) + t[:, None, None, None]
+  def apply(z, t, c):  # A pytree of conditioning, as text models take.
+    scale = 1.0 + c["label"][:, None, None, None].astype(z.dtype) + c["pooled"][:, :1, None, None]
+    return z * scale + t[:, None, None, None]
 
   z = jax.random.normal(jax.random.key(0), (4, 3, 3, 2))
   t = jnp.arange(4.0)
-  labels = jnp.array([0, 1, 2, 3])
+  labels = {"label": jnp.array([0, 1, 2, 3]), "pooled": jnp.ones((4, 3))}
+  null = {"label": jnp.full((4,), 10), "pooled": jnp.zeros((4, 3))}
   cond = apply(z, t, labels)
   # Scale 1 takes the plain conditional path; the batched path agrees with it too.
-  np.testing.assert_array_equal(guidance.guided(apply, labels, 10, 1.0, 2)(z, t), cond)
+  np.testing.assert_array_equal(guidance.guided(apply, labels, null, 1.0, 2)(z, t), cond)
   np.testing.assert_array_equal(guidance.classifier_free_guidance(cond, cond * 0.3, 1.0), cond)
-  uncond = apply(z, t, jnp.full_like(labels, 10))
-  g = guidance.guided(apply, labels, 10, 4.0, 1)(z, t)
+  uncond = apply(z, t, null)
+  g = guidance.guided(apply, labels, null, 4.0, 1)(z, t)
   np.testing.assert_allclose(g[..., :1], (uncond + 4.0 * (cond - uncond))[..., :1], rtol=1e-5)
   np.testing.assert_array_equal(g[..., 1:], cond[..., 1:])  # Unguided (variance) channels.
 
@@ -207,8 +209,10 @@ def test_min_snr_weighting_agrees_across_objectives():
 
 def test_flow_time_grid_and_shift():
   grid = time_grid(FlowSchedule(), 4, shift=3.0)
-  unit = np.array([1.0, 0.75, 0.5, 0.25])
+  t_min = 3 * 0.001 / (1 + 2 * 0.001)  # The smallest training time, shifted.
+  unit = np.linspace(1.0, t_min, 4)
   np.testing.assert_allclose(grid, 3 * unit / (1 + 2 * unit), rtol=1e-6)
+  assert grid[0] == 1.0 and np.all(np.diff(grid) < 0)
   vp = time_grid(vp_schedule("linear"), 10)
   assert vp[0] == 999 and vp[-1] == 0 and np.all(np.diff(vp) < 0)
 

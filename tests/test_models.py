@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dit_jax.conditioning import LabelConditioner
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
 from dit_jax.models import VARIANTS, build_model, layers
@@ -25,7 +26,8 @@ def _config(variant="tiny/2", size=16, channels=1, **model):
 
 def _param_count(config) -> int:
   model = build_model(config)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model)))
+  cond = LabelConditioner(config.model.num_classes, 0.1)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model, cond)))
   return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(shapes["params"])))
 
 
@@ -65,15 +67,19 @@ def test_all_twelve_paper_variants_build():
     assert count + pos_embed == _reference_count(dims["width"], dims["depth"], dims["patch"]), v
 
 
-def _init_and_apply(config, x=None, train=False, rngs=None, params=None):
+def _labels(*labels):
+  return {"label": jnp.array(labels)}
+
+
+def _init_and_apply(config, x=None, params=None):
   model = build_model(config)
-  x_, t, y = dummy_inputs(model, 4)
-  x = jax.random.normal(jax.random.key(1), x_.shape) if x is None else x
+  shape = (4, config.data.image_size, config.data.image_size, config.data.channels)
+  x = jax.random.normal(jax.random.key(1), shape) if x is None else x
   t = jnp.array([0.0, 10.0, 500.0, 999.0])
-  y = jnp.array([0, 1, 2, 3])
+  y = _labels(0, 1, 2, 3)
   if params is None:
     params = nn.meta.unbox(model.init(jax.random.key(0), x, t, y)["params"])
-  return params, model.apply({"params": params}, x, t, y, train=train, rngs=rngs)
+  return params, model.apply({"params": params}, x, t, y)
 
 
 def test_adaln_zero_starts_as_zero_output_with_learned_sigma_channels():
@@ -98,26 +104,24 @@ def test_output_depends_on_label_and_time_after_training_perturbation():
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
   model = build_model(config)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
-  base = model.apply({"params": params}, x, jnp.array([5.0, 5.0]), jnp.array([1, 1]))
-  other_y = model.apply({"params": params}, x, jnp.array([5.0, 5.0]), jnp.array([1, 2]))
-  other_t = model.apply({"params": params}, x, jnp.array([5.0, 900.0]), jnp.array([1, 1]))
+  base = model.apply({"params": params}, x, jnp.array([5.0, 5.0]), _labels(1, 1))
+  other_y = model.apply({"params": params}, x, jnp.array([5.0, 5.0]), _labels(1, 2))
+  other_t = model.apply({"params": params}, x, jnp.array([5.0, 900.0]), _labels(1, 1))
   np.testing.assert_allclose(base[0], other_y[0], atol=1e-6)
   assert float(jnp.abs(base[1] - other_y[1]).max()) > 1e-3
   assert float(jnp.abs(base[1] - other_t[1]).max()) > 1e-3
 
 
 def test_label_dropout_uses_the_null_class():
-  config = _config(class_dropout=1.0)
-  params, dropped = _init_and_apply(config, train=True, rngs={"label_dropout": jax.random.key(0)})
-  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape), params)
-  model = build_model(config)
-  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
-  t = jnp.full((4,), 7.0)
-  dropped = model.apply(
-    {"params": params}, x, t, jnp.arange(4), train=True, rngs={"label_dropout": jax.random.key(3)}
+  cond = LabelConditioner(num_classes=10, dropout=0.3)
+  labels = {"label": jnp.arange(4000) % 10}
+  dropped = cond.drop(labels, jax.random.key(0))["label"]
+  is_null = np.asarray(dropped == 10)
+  np.testing.assert_array_equal(
+    np.asarray(dropped)[~is_null], np.asarray(labels["label"])[~is_null]
   )
-  null = model.apply({"params": params}, x, t, jnp.full((4,), config.model.num_classes))
-  np.testing.assert_allclose(dropped, null, atol=1e-6)
+  assert abs(is_null.mean() - 0.3) < 0.03, is_null.mean()
+  np.testing.assert_array_equal(cond.null(labels)["label"], 10)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
@@ -136,7 +140,7 @@ def test_remat_changes_nothing_numerically():
 
   def loss(p, remat):
     m = build_model(_config(conditioning="adaln", remat=remat))
-    return jnp.sum(m.apply({"params": p}, x, jnp.array([1.0, 2.0]), jnp.array([0, 1])) ** 2)
+    return jnp.sum(m.apply({"params": p}, x, jnp.array([1.0, 2.0]), _labels(0, 1)) ** 2)
 
   g_none = jax.grad(loss)(params, "none")
   g_full = jax.grad(loss)(params, "full")

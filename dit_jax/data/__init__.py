@@ -1,7 +1,14 @@
 """Training data: random-access sources chosen by `config.data.name`, and the grain pipeline."""
 
 from dit_jax.data.pipeline import build_train_iterator, real_images
-from dit_jax.data.sources import SOURCE_NAMES, DataError, Source, build_source
+from dit_jax.data.sources import (
+  SOURCE_NAMES,
+  DataError,
+  Source,
+  build_source,
+  text_spec,
+  wants_text,
+)
 
 __all__ = [
   "SOURCE_NAMES",
@@ -10,4 +17,6 @@ __all__ = [
   "build_source",
   "build_train_iterator",
   "real_images",
+  "text_spec",
+  "wants_text",
 ]

@@ -1,18 +1,26 @@
 """Random-access data sources, chosen by `config.data.name`.
 
 Every source follows grain's `RandomAccessDataSource` protocol (`__len__`, `__getitem__`), exposes
-`num_classes`, and returns elements `{"image": np.float32 [H, W, C], "label": np.int32 []}`. Pixel
-images are scaled to [-1, 1]; latents are returned as stored, times `config.data.latent_scale`.
+`num_classes`, and returns elements `{"image": np.float32 [H, W, C], "label": np.int32 []}`, or,
+for text-conditioned data, `{"image", "context": np.float32 [L, Dc], "pooled": np.float32 [Dp]}`
+(see `dit_jax.data.text`). Pixel images are scaled to [-1, 1]; latents are returned as stored,
+times `config.data.latent_scale`.
 
 Names:
   digits       the 1,797 8x8 handwritten digits that scikit-learn ships, resized to image_size.
-  synthetic    `config.data.synthetic_size` standard-normal images, deterministic per index.
+  synthetic    `config.data.synthetic_size` standard-normal images, deterministic per index,
+               with random labels, or random text embeddings of the sizes config.model.context_len,
+               context_dim and pooled_dim for a text-conditioned model (mmdit).
+  shapes       the built-in captioned dataset of the text-to-image quickstart ("a red circle at
+               the top left"), rendered on the fly; config.data.split is "train" or "held_out".
   tfds:<name>  a prepared TensorFlow Datasets dataset, read with `tfds.data_source`.
   folder       `config.data.path/<class>/<image>`: sorted sub-folder names are labels 0..K-1.
   latents      pre-encoded latents in the directory `config.data.path`:
                  latents.npy  float16 or float32 [N, H, W, C], the encoder's output (unscaled);
-                 labels.npy   integer [N], class ids in 0..K-1.
-               Both are plain `np.save` files; latents.npy is memory-mapped, not loaded.
+                 labels.npy   integer [N], class ids in 0..K-1, and/or
+                 the text embeddings written by `python -m dit_jax.tools.encode_text`
+                 (context.npy, pooled.npy, text_encoders.json, null_text.npz; dit_jax.data.text).
+               All are plain `np.save` files, memory-mapped, not loaded.
 
 Pixel sources other than digits center-crop to a square, then downsample as ADM does: halve with a
 box filter while the image is at least twice the target, then one bicubic step.
@@ -26,9 +34,10 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from dit_jax.data import text
 from dit_jax.errors import ConfigError
 
-SOURCE_NAMES = ("digits", "synthetic", "tfds:<name>", "folder", "latents")
+SOURCE_NAMES = ("digits", "synthetic", "shapes", "tfds:<name>", "folder", "latents")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _DIGITS_SIZES = (8, 16, 32)
 
@@ -110,13 +119,22 @@ class DigitsSource:
 
 
 class SyntheticSource:
-  """Standard-normal images with uniform labels; element i depends only on (seed, i)."""
+  """Standard-normal images with uniform labels, or with standard-normal text embeddings if
+  `text_spec` is given; element i depends only on (seed, i)."""
 
-  def __init__(self, size: int, shape: tuple[int, int, int], num_classes: int, seed: int):
+  def __init__(
+    self,
+    size: int,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    seed: int,
+    text_spec: text.TextSpec | None = None,
+  ):
     self._size = size
     self._shape = shape
     self._seed = seed
-    self.num_classes = num_classes
+    self.num_classes = None if text_spec else num_classes
+    self.text_spec = text_spec
 
   def __len__(self) -> int:
     return self._size
@@ -126,7 +144,14 @@ class SyntheticSource:
       raise IndexError(f"Index {index} out of range for {self._size} synthetic examples.")
     rng = np.random.default_rng([self._seed, index])
     image = rng.standard_normal(self._shape, dtype=np.float32)
-    return _element(image, rng.integers(max(self.num_classes, 1)))
+    if self.text_spec is None:
+      return _element(image, rng.integers(max(self.num_classes, 1)))
+    s = self.text_spec
+    return {
+      "image": image,
+      "context": rng.standard_normal((s.context_len, s.context_dim), dtype=np.float32),
+      "pooled": rng.standard_normal((s.pooled_dim,), dtype=np.float32),
+    }
 
 
 class TfdsSource:
@@ -224,29 +249,31 @@ class FolderSource:
 
 
 class LatentsSource:
-  """Pre-encoded latents (`latents.npy`, `labels.npy`), memory-mapped and scaled on read."""
+  """Pre-encoded latents with labels and/or text embeddings, memory-mapped, scaled on read."""
 
-  def __init__(self, path: str, image_size: int, channels: int, scale: float):
+  def __init__(self, path: str, image_size: int, channels: int, scale: float, want_text: bool):
+    self._path = path
     self._latents_path = os.path.join(path, "latents.npy")
     labels_path = os.path.join(path, "labels.npy")
-    missing = [p for p in (self._latents_path, labels_path) if not os.path.isfile(p)]
+    self.text_spec = text.TextSpec.load(path) if want_text else None
+    cond_files = (
+      [os.path.join(path, f) for f in (text.CONTEXT_FILE, text.POOLED_FILE)]
+      if want_text
+      else [labels_path]
+    )
+    missing = [p for p in (self._latents_path, *cond_files) if not os.path.isfile(p)]
     if missing:
       raise DataError(
         f"config.data.path={path!r} does not hold pre-encoded latents: missing {missing}. "
-        "Expected latents.npy [N, H, W, C] and labels.npy [N] written with np.save."
+        "Expected latents.npy [N, H, W, C] and labels.npy [N] written with np.save"
+        + (", and text embeddings from dit_jax.tools.encode_text." if want_text else ".")
       )
-    self._latents = np.load(self._latents_path, mmap_mode="r")
-    labels = np.load(labels_path, mmap_mode="r")
+    self._open()
     shape, dtype = self._latents.shape, self._latents.dtype
-    if len(shape) != 4 or dtype not in (np.float16, np.float32):
+    if len(shape) != 4 or dtype not in (np.float16, np.float32) or not shape[0]:
       raise DataError(
         f"{self._latents_path!r} holds {dtype} {list(shape)}; expected float16 or float32 "
-        "[N, H, W, C]."
-      )
-    if labels.shape != shape[:1] or not np.issubdtype(labels.dtype, np.integer) or not shape[0]:
-      raise DataError(
-        f"{labels_path!r} holds {labels.dtype} {list(labels.shape)}; expected a non-empty "
-        f"integer array [{shape[0]}] matching {self._latents_path!r}."
+        "[N, H, W, C] with N > 0."
       )
     if shape[1:] != (image_size, image_size, channels):
       raise DataError(
@@ -254,24 +281,114 @@ class LatentsSource:
         f"config.data.image_size={image_size} and config.data.channels={channels} expect "
         f"{[image_size, image_size, channels]}; set those two fields to match the files."
       )
-    self._labels = np.asarray(labels, np.int32)
     self._scale = np.float32(scale)
+    if want_text:
+      s = self.text_spec
+      expect = {
+        self._context_path: (shape[0], s.context_len, s.context_dim),
+        self._pooled_path: (shape[0], s.pooled_dim),
+      }
+      for file, array in ((self._context_path, self._context), (self._pooled_path, self._pooled)):
+        if array.shape != expect[file]:
+          raise DataError(
+            f"{file!r} holds {list(array.shape)}; expected {list(expect[file])} to match "
+            f"{self._latents_path!r} and {text.SPEC_FILE}. Re-run dit_jax.tools.encode_text."
+          )
+      self._labels = None
+      self.num_classes = None
+      return
+    labels = np.load(labels_path, mmap_mode="r")
+    if labels.shape != shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+      raise DataError(
+        f"{labels_path!r} holds {labels.dtype} {list(labels.shape)}; expected an integer array "
+        f"[{shape[0]}] matching {self._latents_path!r}."
+      )
+    self._labels = np.asarray(labels, np.int32)
     self.num_classes = int(self._labels.max()) + 1
+
+  @property
+  def _context_path(self) -> str:
+    return os.path.join(self._path, text.CONTEXT_FILE)
+
+  @property
+  def _pooled_path(self) -> str:
+    return os.path.join(self._path, text.POOLED_FILE)
+
+  def _open(self) -> None:
+    self._latents = np.load(self._latents_path, mmap_mode="r")
+    if self.text_spec is not None:
+      self._context = np.load(self._context_path, mmap_mode="r")
+      self._pooled = np.load(self._pooled_path, mmap_mode="r")
 
   def __getstate__(self) -> dict[str, Any]:
     # Pickling a memmap copies the whole array into every grain worker; reopen it there instead.
-    return {**self.__dict__, "_latents": None}
+    return {**self.__dict__, "_latents": None, "_context": None, "_pooled": None}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
     self.__dict__.update(state)
-    self._latents = np.load(self._latents_path, mmap_mode="r")
+    self._open()
 
   def __len__(self) -> int:
-    return len(self._labels)
+    return len(self._latents)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     latent = np.asarray(self._latents[index], np.float32) * self._scale
-    return _element(latent, self._labels[index])
+    if self.text_spec is None:
+      return _element(latent, self._labels[index])
+    return {
+      "image": latent,
+      "context": np.asarray(self._context[index], np.float32),
+      "pooled": np.asarray(self._pooled[index], np.float32),
+    }
+
+
+def wants_text(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model is conditioned on text (MMDiT) rather than class labels (DiT)."""
+  return config.model.name == "mmdit"
+
+
+def text_spec(config: ml_collections.ConfigDict) -> text.TextSpec | None:
+  """The text layout of the data a text-conditioned model trains on (None for DiT).
+
+  The sizes in config.model (context_len, context_dim, pooled_dim; 0 = take the data's) must
+  match the data's.
+
+  Raises:
+    DataError: if the data has no text or its sizes differ from the config's.
+  """
+  if not wants_text(config):
+    return None
+  m, name = config.model, config.data.name
+  if name == "synthetic":
+    sizes = {f: int(m[f]) for f in ("context_len", "context_dim", "pooled_dim")}
+    if min(sizes.values()) <= 0:
+      raise DataError(
+        f"Synthetic text for config.model.name='mmdit' needs config.model.context_len, "
+        f"context_dim and pooled_dim > 0 (got {sizes})."
+      )
+    return text.single_encoder_spec(**sizes)
+  if name == "shapes":
+    from dit_jax.data import shapes
+
+    spec = shapes.text_spec()
+  elif name == "latents":
+    spec = text.TextSpec.load(config.data.path)
+  else:
+    raise DataError(
+      f"config.data.name={name!r} has no captions, but config.model.name='mmdit' is conditioned "
+      "on text; use 'shapes', 'synthetic', or 'latents' with text embeddings."
+    )
+  for field, value in (
+    ("context_len", spec.context_len),
+    ("context_dim", spec.context_dim),
+    ("pooled_dim", spec.pooled_dim),
+  ):
+    if m[field] and m[field] != value:
+      raise DataError(
+        f"config.model.{field}={m[field]} but the text of config.data.name={name!r} has "
+        f"{value}; set --config.model.{field}={value} (or 0 to take the data's)."
+      )
+  return spec
 
 
 def build_source(config: ml_collections.ConfigDict, num_classes: int | None = None) -> Source:
@@ -295,6 +412,8 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
       f"config.data.image_size={data.image_size} and config.data.channels={data.channels} must "
       "both be positive."
     )
+  if wants_text(config) and name not in ("synthetic", "shapes", "latents"):
+    text_spec(config)  # Raises: this data has no text.
   if name == "digits":
     if data.image_size not in _DIGITS_SIZES:
       raise DataError(
@@ -311,7 +430,23 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
       raise DataError(f"config.data.synthetic_size={data.synthetic_size} must be positive.")
     classes = config.model.num_classes if num_classes is None else num_classes
     shape = (data.image_size, data.image_size, data.channels)
-    source = SyntheticSource(data.synthetic_size, shape, classes, config.train.seed)
+    source = SyntheticSource(
+      data.synthetic_size, shape, classes, config.train.seed, text_spec(config)
+    )
+  elif name == "shapes":
+    from dit_jax.data import shapes
+
+    if data.channels != 3:
+      raise DataError(f"config.data.channels={data.channels}, but shapes are RGB; set it to 3.")
+    if not wants_text(config):
+      raise DataError(
+        "config.data.name='shapes' is captioned, without class labels; train it with "
+        "config.model.name='mmdit'."
+      )
+    text_spec(config)  # Checks the model's text sizes against the data's.
+    source = shapes.ShapesSource(
+      data.split, data.image_size, size=data.synthetic_size, seed=config.train.seed
+    )
   elif name.startswith("tfds:") and len(name) > len("tfds:"):
     _check_pixel_channels(config)
     source = TfdsSource(config)
@@ -319,7 +454,11 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
     _check_pixel_channels(config)
     source = FolderSource(data.path, data.image_size, data.channels)
   elif name == "latents":
-    source = LatentsSource(data.path, data.image_size, data.channels, data.latent_scale)
+    source = LatentsSource(
+      data.path, data.image_size, data.channels, data.latent_scale, wants_text(config)
+    )
+    if wants_text(config):
+      text_spec(config)
   else:
     raise DataError(f"config.data.name={name!r} is unknown; use one of {SOURCE_NAMES}.")
   if num_classes and source.num_classes is not None and source.num_classes > num_classes:

@@ -22,18 +22,23 @@ SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 Predict = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array | None]]
 
 
+FLOW_TRAIN_STEPS = 1000  # Flow time t is fed to the model as 1000 t (SD3's "timestep").
+
+
 def time_grid(schedule: Schedule, num_steps: int, shift: float = 1.0) -> np.ndarray:
   """Descending grid of `num_steps` times at which the model is evaluated.
 
-  VP: distinct integers from T - 1 down to 0, evenly spaced. Flow: linspace(1, 0, N + 1)[:-1],
-  time-shifted; the solver's final target is t = 0.
+  VP: distinct integers from T - 1 down to 0, evenly spaced. Flow: the grid of diffusers'
+  FlowMatchEulerDiscreteScheduler (SD3): evenly spaced from 1 down to the smallest training time
+  shift(1 / 1000), then time-shifted; the solver's final target is t = 0.
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
   if isinstance(schedule, VPSchedule):
     steps = min(num_steps, schedule.num_timesteps)
     return np.round(np.linspace(schedule.num_timesteps - 1, 0, steps)).astype(np.int32)
-  unit = np.linspace(1.0, 0.0, num_steps + 1)[:-1]
+  t_min = float(timesteps.shift_time(np.float64(1.0 / FLOW_TRAIN_STEPS), shift))
+  unit = np.linspace(1.0, t_min, num_steps)
   return np.asarray(timesteps.shift_time(unit, shift), np.float32)
 
 

@@ -37,44 +37,55 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str | None:
   exp = setup.build(config)
   params, step = restore_params(exp, workdir)
   start = time.perf_counter()
-  images, labels = sampling.generate(exp, params, config.sample.num_images, seed=config.sample.seed)
+  images, meta = sampling.generate(exp, params, config.sample.num_images, seed=config.sample.seed)
   logging.info(
     "Sampled %d images at step %d in %.1fs.", len(images), step, time.perf_counter() - start
   )
   return sampling.write_samples(
-    workdir, config.sample.name, images, labels, pixel=loop.is_pixel_data(config)
+    workdir, config.sample.name, images, meta, pixel=loop.is_pixel_data(config)
   )
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Scores conditional samples; for `digits`: class accuracy and a Fréchet distance."""
-  if config.data.name != "digits":
-    raise ConfigError(
-      f"--mode=evaluate has built-in metrics for config.data.name='digits' only (got "
-      f"{config.data.name!r}); for other data, run --mode=sample and score the .npz with the "
-      "ADM evaluator."
-    )
-  from dit_jax.evaluation import digits_classifier, metrics
+  """Scores conditional samples with the built-in metrics of the data:
 
+  - digits: class accuracy (a classifier trained on the real digits) and a Fréchet distance in
+    its feature space;
+  - shapes: the fraction of images whose colour, shape and position (read back by
+    `shapes_checker`) all match their prompt, by default the captions held out of training.
+  """
+  if config.data.name not in ("digits", "shapes"):
+    raise ConfigError(
+      f"--mode=evaluate has built-in metrics for config.data.name='digits' and 'shapes' only "
+      f"(got {config.data.name!r}); for other data, run --mode=sample and score the .npz with "
+      "the ADM evaluator."
+    )
   exp = setup.build(config)
   params, step = restore_params(exp, workdir)
-  classifier = digits_classifier.load_classifier()
   start = time.perf_counter()
-  images, labels = sampling.generate(exp, params, config.eval.num_images, seed=config.sample.seed)
-  sample_seconds = time.perf_counter() - start
-  real, _ = data.real_images(config)
-  mu_r, sig_r = metrics.feature_statistics(classifier.features(real))
-  mu_g, sig_g = metrics.feature_statistics(classifier.features(images))
-  results = {
-    "step": step,
-    "num_images": len(images),
-    "class_accuracy": float(metrics.accuracy(classifier.predict(images), labels)),
-    "frechet_distance": float(metrics.frechet_distance(mu_g, sig_g, mu_r, sig_r)),
-    "guidance_scale": config.sample.guidance_scale,
-    "sampler": config.sample.sampler,
-    "num_steps": config.sample.num_steps,
-    "sample_seconds": sample_seconds,
-  }
+  images, meta = sampling.generate(exp, params, config.eval.num_images, seed=config.sample.seed)
+  results = {"step": step, "num_images": len(images)}
+  results["sample_seconds"] = time.perf_counter() - start
+  if config.data.name == "digits":
+    from dit_jax.evaluation import digits_classifier, metrics
+
+    classifier = digits_classifier.load_classifier()
+    real, _ = data.real_images(config)
+    mu_r, sig_r = metrics.feature_statistics(classifier.features(real))
+    mu_g, sig_g = metrics.feature_statistics(classifier.features(images))
+    results["class_accuracy"] = float(metrics.accuracy(classifier.predict(images), meta["labels"]))
+    results["frechet_distance"] = float(metrics.frechet_distance(mu_g, sig_g, mu_r, sig_r))
+  else:
+    from dit_jax.evaluation import shapes_checker
+
+    scores = shapes_checker.score(images, [str(c) for c in meta["captions"]])
+    results.update({k: float(v) for k, v in scores.items()})
+    results["prompts"] = config.sample.prompts or "held-out captions"
+  results.update(
+    guidance_scale=config.sample.guidance_scale,
+    sampler=config.sample.sampler,
+    num_steps=config.sample.num_steps,
+  )
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)

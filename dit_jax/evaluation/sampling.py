@@ -1,4 +1,5 @@
-"""Class-conditional sampling with guidance: the whole solver loop in one jitted call."""
+"""Conditional sampling with guidance (class labels or text): the whole solver loop in one
+jitted call."""
 
 import os
 
@@ -9,9 +10,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from dit_jax import data, parallel, utils
 from dit_jax import diffusion as diffusion_lib
-from dit_jax import parallel, utils
+from dit_jax.data import text
 from dit_jax.diffusion import guidance
+from dit_jax.errors import ConfigError
 from dit_jax.train.setup import Experiment
 
 
@@ -23,8 +26,66 @@ def sample_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> np.
   return np.random.default_rng(seed).integers(0, k, num).astype(np.int32)
 
 
+def _read_prompts(path: str) -> list[str]:
+  try:
+    with open(path) as f:
+      prompts = [line.strip() for line in f if line.strip()]
+  except OSError as e:
+    raise ConfigError(f"config.sample.prompts={path!r} cannot be read ({e}).") from e
+  if not prompts:
+    raise ConfigError(f"config.sample.prompts={path!r} holds no prompts (one per line).")
+  return prompts
+
+
+def text_conditions(config: ml_collections.ConfigDict, num: int) -> tuple[dict, list[str]]:
+  """Text conditioning for `num` images: prompts cycled in order, and their captions.
+
+  `config.sample.prompts` is a directory written by dit_jax.tools.encode_text (context.npy,
+  pooled.npy, captions.txt), or a text file of prompts that the built-in encoder of the `shapes`
+  data can encode; empty: the held-out captions of `shapes`, or the data's own captions.
+  """
+  path, name = config.sample.prompts, config.data.name
+  if path and os.path.isdir(path) or not path and name == "latents":
+    directory = path or config.data.path
+    context = np.load(os.path.join(directory, text.CONTEXT_FILE), mmap_mode="r")
+    pooled = np.load(os.path.join(directory, text.POOLED_FILE), mmap_mode="r")
+    captions_path = os.path.join(directory, text.CAPTIONS_FILE)
+    captions = None
+    if os.path.isfile(captions_path):
+      with open(captions_path) as f:  # Line i is the caption of row i; it may be empty.
+        captions = f.read().split("\n")[: len(pooled)]
+    idx = np.arange(num) % len(pooled)
+    cond = {"context": np.asarray(context[idx], np.float32), "pooled": np.asarray(pooled[idx])}
+    names = [captions[i] if captions and i < len(captions) else f"prompt {i}" for i in idx]
+    return {k: v.astype(np.float32) for k, v in cond.items()}, names
+  if name != "shapes":
+    raise ConfigError(
+      f"config.sample.prompts={path!r}: text prompts can be encoded in-process only for the "
+      "built-in 'shapes' data; for other data encode them with `python -m "
+      "dit_jax.tools.encode_text --captions=FILE --out=DIR` and set config.sample.prompts=DIR."
+    )
+  from dit_jax.data import shapes
+
+  prompts = _read_prompts(path) if path else shapes.held_out_captions()
+  captions = [prompts[i % len(prompts)] for i in range(num)]
+  context, pooled = shapes.encode_captions(captions)
+  return {"context": context, "pooled": pooled}, captions
+
+
+def conditions(
+  config: ml_collections.ConfigDict, num: int, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """The conditioning of `num` samples, and what to store beside them in the .npz
+  (labels [num] for class-conditional models, captions [num] for text models)."""
+  if data.wants_text(config):
+    cond, captions = text_conditions(config, num)
+    return cond, {"captions": np.asarray(captions)}
+  labels = sample_labels(config, num, seed)
+  return {"label": labels}, {"labels": labels}
+
+
 def make_sampler(exp: Experiment):
-  """Returns run(params, labels [B], indices [B], key) -> images [B, H, W, C] (host numpy),
+  """Returns run(params, cond, indices [B], key) -> images [B, H, W, C] (host numpy),
   sampled with `config.sample`'s sampler, steps and guidance in one jitted call over the mesh.
 
   The starting noise of image i depends on the seed and i only, not on the batch size or the
@@ -36,11 +97,12 @@ def make_sampler(exp: Experiment):
   sampler = diffusion_lib.resolve_sampler(cfg)
   shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
 
-  def sample(params, labels, indices, key):
-    def apply(z, t, y):
-      return exp.model.apply({"params": params}, z, t, y, train=False)
+  def sample(params, cond, indices, key):
+    def apply(z, t, c):
+      return exp.model.apply({"params": params}, z, t, c)
 
-    denoise = guidance.guided(apply, labels, cfg.model.num_classes, scale, cfg.data.channels)
+    null = exp.conditioner.null(cond)
+    denoise = guidance.guided(apply, cond, null, scale, cfg.data.channels)
     noise_key, solver_key = jax.random.split(key)
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(indices)
     return exp.diffusion.sample(
@@ -58,12 +120,12 @@ def make_sampler(exp: Experiment):
     sample, in_shardings=(exp.param_shardings, batch, batch, None), out_shardings=batch
   )
 
-  def run(params, labels: np.ndarray, indices: np.ndarray, key: jax.Array) -> np.ndarray:
+  def run(params, cond: dict, indices: np.ndarray, key: jax.Array) -> np.ndarray:
     with exp.context():
-      labels, indices = (
-        jax.device_put(jnp.asarray(a), parallel.batch_sharding(exp.mesh)) for a in (labels, indices)
+      cond, indices = jax.device_put(
+        jax.tree.map(jnp.asarray, (cond, indices)), parallel.batch_sharding(exp.mesh)
       )
-      out = jitted(params, labels, indices, key)
+      out = jitted(params, cond, indices, key)
     return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
   return run
@@ -76,10 +138,11 @@ def generate(
   *,
   seed: int,
   progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Samples `num_images` images (float, [-1, 1] for pixel data) in batches of sample.batch_size."""
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """Samples `num_images` images (float, [-1, 1] for pixel data) in batches of sample.batch_size;
+  returns them and their labels or captions (see `conditions`)."""
   cfg = exp.config
-  labels = sample_labels(cfg, num_images, seed)
+  cond, meta = conditions(cfg, num_images, seed)
   n_dev = parallel.data_parallel_size(exp.mesh)
   batch = -(-min(cfg.sample.batch_size, num_images) // n_dev) * n_dev  # A multiple of devices.
   run = make_sampler(exp)
@@ -92,13 +155,17 @@ def generate(
     starts = tqdm(starts, desc="sampling", unit="batch")
   for start in starts:
     idx = np.arange(start, start + batch)
-    lab = np.resize(labels[start : start + batch], batch)  # Pads the last batch.
-    out.append(run(params, lab, idx, key)[: num_images - start])
-  return np.concatenate(out)[:num_images], labels
+    rows = idx % num_images  # Wraps around to pad the last batch.
+    part = {k: v[rows] for k, v in cond.items()}
+    out.append(run(params, part, idx, key)[: num_images - start])
+  return np.concatenate(out)[:num_images], meta
 
 
-def write_samples(workdir: str, name: str, images: np.ndarray, labels: np.ndarray, pixel: bool):
-  """Writes samples/<name>.npz (arr_0 uint8 NHWC + labels, ADM evaluator layout) and a PNG grid."""
+def write_samples(
+  workdir: str, name: str, images: np.ndarray, meta: dict[str, np.ndarray], pixel: bool
+):
+  """Writes samples/<name>.npz (arr_0 uint8 NHWC, ADM evaluator layout, plus `labels` or
+  `captions`) and a PNG grid."""
   if jax.process_index() != 0:
     return None
   out_dir = os.path.join(workdir, "samples")
@@ -106,13 +173,13 @@ def write_samples(workdir: str, name: str, images: np.ndarray, labels: np.ndarra
   path = os.path.join(out_dir, f"{name}.npz")
   if pixel:
     images_u8 = utils.to_uint8(images)
-    np.savez(path, arr_0=images_u8, labels=labels)
+    np.savez(path, arr_0=images_u8, **meta)
     grid = images_u8[:100]
     utils.save_grid(
       os.path.join(out_dir, f"{name}.png"), grid, upscale=max(1, 128 // images.shape[1])
     )
   else:
     # Latents need the VAE decoder to become images; keep them as floats.
-    np.savez(path, latents=images.astype(np.float32), labels=labels)
+    np.savez(path, latents=images.astype(np.float32), **meta)
   logging.info("Wrote %d samples to %s", len(images), path)
   return path

@@ -3,8 +3,10 @@
 import ml_collections
 
 from dit_jax import config_defaults
+from dit_jax.data.text import TextSpec
 from dit_jax.errors import ConfigError, check_choice
 from dit_jax.models.dit import DiT, DiTConfig
+from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 
 # DiT Table 1, plus two small sizes for CPU runs and tests ("mini", "tiny").
 SIZES = {
@@ -17,21 +19,35 @@ SIZES = {
 }
 PATCHES = (2, 4, 8)
 VARIANTS = {f"{size}/{p}": dict(SIZES[size], patch=p) for size in SIZES for p in PATCHES}
-MODELS = ("dit",)
+# MMDiT (SD3 paper): depth d, width 64 d, d heads of 64, patch 2; d=24 is SD3-medium (2B).
+MMDIT_VARIANTS = {f"d{d}": dict(width=64 * d, depth=d, heads=d, patch=2) for d in range(2, 41)}
+MODELS = ("dit", "mmdit")
 
 
 def variant_dims(model: ml_collections.ConfigDict) -> dict:
   """Width, depth, heads and patch of `model.variant`, with the config's non-zero overrides."""
-  check_choice(model.variant, VARIANTS, "model.variant")
-  dims = dict(VARIANTS[model.variant])
+  table = MMDIT_VARIANTS if model.name == "mmdit" else VARIANTS
+  if model.variant not in table:
+    raise ConfigError(
+      f"config.model.variant={model.variant!r} is not a {model.name} size; choose one of "
+      + (
+        "'d2' ... 'd40' (depth d; 'd24' = SD3-medium)."
+        if model.name == "mmdit"
+        else f"{list(table)}."
+      )
+    )
+  dims = dict(table[model.variant])
   for key in ("width", "depth", "heads"):
     if model[key]:
       dims[key] = int(model[key])
   return dims
 
 
-def build_model(config: ml_collections.ConfigDict) -> DiT:
-  """Returns the Flax module selected by `config.model` for images of `config.data`."""
+def build_model(
+  config: ml_collections.ConfigDict, text_spec: TextSpec | None = None
+) -> DiT | MMDiT:
+  """Returns the Flax module selected by `config.model` for images of `config.data` (and, for
+  MMDiT, the text layout `text_spec` of the data)."""
   m = config.model
   check_choice(m.name, MODELS, "model.name")
   check_choice(m.conditioning, config_defaults.CONDITIONINGS, "model.conditioning")
@@ -49,6 +65,31 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
       f"model width {dims['width']} must be divisible by 4 and by heads={dims['heads']} "
       "(config.model.width / config.model.heads)."
     )
+  if m.name == "mmdit":
+    if m.learn_sigma:
+      raise ConfigError("config.model.learn_sigma=True is not supported for mmdit; set it False.")
+    assert text_spec is not None, "MMDiT needs the data's text layout"
+    if m.pos_embed_max_size and m.pos_embed_max_size < size // dims["patch"]:
+      raise ConfigError(
+        f"config.model.pos_embed_max_size={m.pos_embed_max_size} is smaller than the image grid "
+        f"of {size // dims['patch']} patches; raise it (or 0 for the grid)."
+      )
+    return MMDiT(
+      MMDiTConfig(
+        input_size=size,
+        in_channels=channels,
+        context_dim=text_spec.context_dim,
+        pooled_dim=text_spec.pooled_dim,
+        mlp_ratio=m.mlp_ratio,
+        qk_norm=m.qk_norm,
+        pos_embed_max_size=m.pos_embed_max_size,
+        pos_embed_base_size=m.pos_embed_base_size,
+        dtype=m.dtype,
+        remat=m.remat,
+        scan_unroll=m.scan_unroll,
+        **dims,
+      )
+    )
   if m.learn_sigma and config.diffusion.objective == "rectified_flow":
     raise ConfigError(
       "config.model.learn_sigma=True needs a VP objective (config.diffusion.objective=eps or v): "
@@ -58,7 +99,6 @@ def build_model(config: ml_collections.ConfigDict) -> DiT:
     input_size=size,
     in_channels=channels,
     num_classes=m.num_classes,
-    class_dropout=m.class_dropout,
     learn_sigma=m.learn_sigma,
     conditioning=m.conditioning,
     dtype=m.dtype,

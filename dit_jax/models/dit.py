@@ -115,7 +115,6 @@ class DiTConfig:
   heads: int
   mlp_ratio: float = 4.0
   num_classes: int = 1000
-  class_dropout: float = 0.1
   learn_sigma: bool = True
   conditioning: str = "adaln_zero"
   dtype: str = "float32"
@@ -133,11 +132,11 @@ class DiT(nn.Module):
   config: DiTConfig
 
   @nn.compact
-  def __call__(
-    self, x: jax.Array, t: jax.Array, labels: jax.Array, *, train: bool = False
-  ) -> jax.Array:
-    """Returns the prediction [B, H, W, out_channels] for inputs x at model times t [B]."""
+  def __call__(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array]) -> jax.Array:
+    """Returns the prediction [B, H, W, out_channels] for inputs x at model times t [B] and
+    class labels cond["label"] [B] (the null class, num_classes, for unconditional)."""
     cfg = self.config
+    labels = cond["label"]
     dtype = jnp.dtype(cfg.dtype)
     b, h, w, c = x.shape
     p = cfg.patch
@@ -152,9 +151,7 @@ class DiT(nn.Module):
     tokens = constrain(tokens + jnp.asarray(pos, dtype)[None], _ACT)  # [B, L, D]
 
     t_emb = layers.TimestepEmbedder(cfg.width, dtype, name="t_embedder")(t)  # [B, D]
-    y_emb = layers.LabelEmbedder(
-      cfg.num_classes, cfg.width, cfg.class_dropout, dtype, name="y_embedder"
-    )(labels, train)  # [B, D]
+    y_emb = layers.LabelEmbedder(cfg.num_classes, cfg.width, dtype, name="y_embedder")(labels)
     if cfg.conditioning in ("adaln_zero", "adaln"):
       cond = t_emb + y_emb  # [B, D]
     else:

@@ -109,14 +109,15 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
-def sincos_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+def sincos_2d(dim: int, grid_h: int, grid_w: int, spacing: float = 1.0) -> np.ndarray:
   """Fixed 2D position embedding [grid_h * grid_w, dim], tokens in row-major order.
 
   The first half of the features encodes the column, the second half the row, which is the
-  layout of the released DiT checkpoints.
+  layout of the released DiT and SD3 checkpoints. Token (i, j) sits at position
+  (i * spacing, j * spacing).
   """
   assert dim % 4 == 0, f"width {dim} must be divisible by 4 for the 2D sin-cos embedding"
-  rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+  rows, cols = np.meshgrid(np.arange(grid_h) * spacing, np.arange(grid_w) * spacing, indexing="ij")
   return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
 
 
@@ -150,21 +151,15 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-  """Class embedding table with one extra row, the null class used for guidance.
-
-  During training each label is replaced by the null class with probability `dropout`.
-  """
+  """Class embedding table with one extra row, the null class used for guidance (labels are
+  dropped to it in training by `dit_jax.conditioning`)."""
 
   num_classes: int
   width: int
-  dropout: float
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, labels: jax.Array, train: bool) -> jax.Array:
-    if train and self.dropout > 0:
-      drop = jax.random.bernoulli(self.make_rng("label_dropout"), self.dropout, labels.shape)
-      labels = jnp.where(drop, self.num_classes, labels)
+  def __call__(self, labels: jax.Array) -> jax.Array:
     table = self.param(
       "embedding",
       logical(nn.initializers.normal(0.02), (axes.VOCAB, axes.EMBED)),
@@ -211,3 +206,19 @@ class Mlp(nn.Module):
     h = dense(self.hidden, (axes.EMBED, axes.MLP), self.dtype, name="fc1")(x)
     h = constrain(nn.gelu(h, approximate=True), (axes.BATCH, axes.SEQ, axes.MLP))
     return dense(width, (axes.MLP, axes.EMBED), self.dtype, name="fc2")(h)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square normalization over the last axis with a learned scale (computed in f32)."""
+
+  names: tuple[str | None, ...] = (axes.KV,)
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param(
+      "scale", logical(nn.initializers.ones_init(), self.names), (x.shape[-1],), jnp.float32
+    )
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+    return (x32 * scale).astype(x.dtype)

@@ -13,8 +13,9 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from dit_jax import data, models, parallel
 from dit_jax import diffusion as diffusion_lib
-from dit_jax import models, parallel
+from dit_jax.conditioning import Conditioner, build_conditioner
 from dit_jax.errors import ConfigError, check_choice
 from dit_jax.train import step as step_lib
 from dit_jax.train.state import TrainState, learning_rate, optimizer
@@ -30,6 +31,7 @@ def mesh_context(mesh: Mesh, rules):
 class Experiment:
   config: ml_collections.ConfigDict
   model: nn.Module
+  conditioner: Conditioner
   diffusion: diffusion_lib.Diffusion
   tx: optax.GradientTransformation
   lr_fn: optax.Schedule
@@ -54,7 +56,9 @@ class Experiment:
 
   def init_state(self) -> TrainState:
     """Builds the train state directly in its shardings (no host-side copy)."""
-    init = step_lib.unboxed(step_lib.make_init_fn(self.model, self.tx, self.config.train.seed))
+    init = step_lib.unboxed(
+      step_lib.make_init_fn(self.model, self.conditioner, self.tx, self.config.train.seed)
+    )
     with self.context():
       return jax.jit(init, out_shardings=self.state_shardings)()
 
@@ -64,6 +68,7 @@ class Experiment:
     fn = functools.partial(
       step_lib.train_step,
       model=self.model,
+      conditioner=self.conditioner,
       diffusion=self.diffusion,
       tx=self.tx,
       lr_fn=self.lr_fn,
@@ -81,12 +86,14 @@ class Experiment:
     b = self.config.train.batch_size if batch_size is None else batch_size
     d = self.config.data
     sharding = parallel.batch_sharding(self.mesh)
-    return {
-      "image": jax.ShapeDtypeStruct(
-        (b, d.image_size, d.image_size, d.channels), jnp.float32, sharding=sharding
-      ),
-      "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding),
+    cond = {
+      k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+      for k, s in self.conditioner.shapes(b).items()
     }
+    image = jax.ShapeDtypeStruct(
+      (b, d.image_size, d.image_size, d.channels), jnp.float32, sharding=sharding
+    )
+    return {"image": image, **cond}
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -111,13 +118,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
   """Validates `config` and builds the model, diffusion, optimizer, mesh and state layout."""
   validate(config)
-  model = models.build_model(config)
+  text_spec = data.text_spec(config)
+  conditioner = build_conditioner(config, text_spec)
+  model = models.build_model(config, text_spec)
   diff = diffusion_lib.build_diffusion(config)
   tx = optimizer(config)
   mesh = parallel.make_mesh(config, devices)
   parallel.check_batch_size(config.train.batch_size, mesh)
   rules = parallel.axis_rules(config)
-  init = step_lib.make_init_fn(model, tx, config.train.seed)
+  init = step_lib.make_init_fn(model, conditioner, tx, config.train.seed)
   with mesh_context(mesh, rules):
     boxed = jax.eval_shape(init)
   shardings = parallel.logical_shardings(boxed, mesh, rules)
@@ -125,5 +134,5 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.meta.unbox(boxed), shardings
   )
   return Experiment(
-    config, model, diff, tx, learning_rate(config), mesh, rules, abstract, shardings
+    config, model, conditioner, diff, tx, learning_rate(config), mesh, rules, abstract, shardings
   )

@@ -8,21 +8,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dit_jax.conditioning import Conditioner, split_batch
 from dit_jax.diffusion import Diffusion
 from dit_jax.train.state import TrainState, init_state
 
 
-def dummy_inputs(model: nn.Module, batch: int = 1):
+def dummy_inputs(model: nn.Module, conditioner: Conditioner, batch: int = 1):
+  """Zero inputs (images [B, H, W, C], times [B], conditioning) of the model's shapes."""
   cfg = model.config
   shape = (batch, cfg.input_size, cfg.input_size, cfg.in_channels)
-  return (
-    jnp.zeros(shape, jnp.float32),
-    jnp.zeros((batch,), jnp.float32),
-    jnp.zeros((batch,), jnp.int32),
-  )
+  cond = {k: jnp.zeros(s.shape, s.dtype) for k, s in conditioner.shapes(batch).items()}
+  return jnp.zeros(shape, jnp.float32), jnp.zeros((batch,), jnp.float32), cond
 
 
-def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, seed: int):
+def make_init_fn(
+  model: nn.Module, conditioner: Conditioner, tx: optax.GradientTransformation, seed: int
+):
   """Returns init() -> TrainState with parameters still boxed with their logical axes.
 
   Call it under `jax.eval_shape` to read the shapes and axes, and jit it (unboxed) to build the
@@ -31,7 +32,8 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, seed: int):
 
   def init() -> TrainState:
     key = jax.random.key(seed)
-    params = model.init({"params": jax.random.fold_in(key, 0)}, *dummy_inputs(model))["params"]
+    inputs = dummy_inputs(model, conditioner)
+    params = model.init({"params": jax.random.fold_in(key, 0)}, *inputs)["params"]
     return init_state(params, tx, jax.random.fold_in(key, 1))
 
   return init
@@ -50,22 +52,22 @@ def train_step(
   batch: dict[str, jax.Array],
   *,
   model: nn.Module,
+  conditioner: Conditioner,
   diffusion: Diffusion,
   tx: optax.GradientTransformation,
   lr_fn: optax.Schedule,
   ema_decay: float,
 ) -> tuple[TrainState, dict[str, Any]]:
-  """One optimizer update on a global batch {"image": [B, H, W, C], "label": [B]}."""
+  """One optimizer update on a global batch {"image": [B, H, W, C], **conditioning}."""
   key_drop, key_loss = jax.random.split(state.step_key())
-  labels = batch["label"]
+  images, cond = split_batch(batch)
+  cond = conditioner.drop(cond, key_drop)  # Trains the unconditional model too (guidance).
 
   def loss_fn(params):
     def denoise(z, t):
-      return model.apply(
-        {"params": params}, z, t, labels, train=True, rngs={"label_dropout": key_drop}
-      )
+      return model.apply({"params": params}, z, t, cond)
 
-    loss, terms = diffusion.training_loss(denoise, batch["image"], key_loss)
+    loss, terms = diffusion.training_loss(denoise, images, key_loss)
     return jnp.mean(loss), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

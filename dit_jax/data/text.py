@@ -1,0 +1,143 @@
+"""Text conditioning stored with a dataset: precomputed embeddings and how they were laid out.
+
+A text-conditioned dataset carries, per example, a token sequence `context` [L, Dc] and a pooled
+vector `pooled` [Dp]. Several text encoders may fill them (SD3: CLIP-L and CLIP-G side by side in
+the first 77 rows, T5 in the rows after); a `TextSpec` records which rows and channels each
+encoder wrote, so that training can drop each encoder's part independently, and the encoding of
+the empty caption, which stands in for a dropped encoder and is the unconditional input of
+classifier-free guidance.
+
+On disk (written by `python -m dit_jax.tools.encode_text`, read by the `latents` source):
+  text_encoders.json   the spec without the arrays (see `TextSpec.save`)
+  null_text.npz        context [L, Dc] and pooled [Dp]: the empty caption's encoding
+  context.npy          float16 or float32 [N, L, Dc]
+  pooled.npy           float16 or float32 [N, Dp]
+  captions.txt         the N captions, one per line (for reference and evaluation)
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from dit_jax.errors import ConfigError
+
+SPEC_FILE = "text_encoders.json"
+NULL_FILE = "null_text.npz"
+CONTEXT_FILE = "context.npy"
+POOLED_FILE = "pooled.npy"
+CAPTIONS_FILE = "captions.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSlot:
+  """Where one text encoder's output sits: rows `seq` and channels `context_channels` of the
+  context, channels `pooled_channels` of the pooled vector (an empty range if it has none)."""
+
+  name: str
+  seq: tuple[int, int]
+  context_channels: tuple[int, int]
+  pooled_channels: tuple[int, int] = (0, 0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TextSpec:
+  """Shapes, per-encoder layout and the empty caption's encoding of a text-conditioned dataset."""
+
+  context_len: int
+  context_dim: int
+  pooled_dim: int
+  encoders: tuple[EncoderSlot, ...]
+  null_context: np.ndarray  # [context_len, context_dim] float32
+  null_pooled: np.ndarray  # [pooled_dim] float32
+
+  def __post_init__(self):
+    if self.null_context.shape != (self.context_len, self.context_dim):
+      raise ConfigError(
+        f"The null context has shape {list(self.null_context.shape)}; the text spec says "
+        f"[{self.context_len}, {self.context_dim}]."
+      )
+    if self.null_pooled.shape != (self.pooled_dim,):
+      raise ConfigError(
+        f"The null pooled vector has shape {list(self.null_pooled.shape)}; the text spec says "
+        f"[{self.pooled_dim}]."
+      )
+    for slot in self.encoders:
+      ranges = (
+        (slot.seq, self.context_len),
+        (slot.context_channels, self.context_dim),
+        (slot.pooled_channels, self.pooled_dim),
+      )
+      for (lo, hi), size in ranges:
+        if not 0 <= lo <= hi <= size:
+          raise ConfigError(
+            f"Text encoder {slot.name!r} has a range {(lo, hi)} outside [0, {size}]."
+          )
+
+  def save(self, directory: str) -> None:
+    """Writes text_encoders.json and null_text.npz into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    meta = {
+      "context_len": self.context_len,
+      "context_dim": self.context_dim,
+      "pooled_dim": self.pooled_dim,
+      "encoders": [dataclasses.asdict(slot) for slot in self.encoders],
+    }
+    with open(os.path.join(directory, SPEC_FILE), "w") as f:
+      json.dump(meta, f, indent=2)
+    np.savez(
+      os.path.join(directory, NULL_FILE),
+      context=self.null_context.astype(np.float32),
+      pooled=self.null_pooled.astype(np.float32),
+    )
+
+  @classmethod
+  def load(cls, directory: str) -> "TextSpec":
+    """Reads a spec written by `save`; a clear error if the files are missing or malformed."""
+    spec_path, null_path = (os.path.join(directory, f) for f in (SPEC_FILE, NULL_FILE))
+    missing = [p for p in (spec_path, null_path) if not os.path.isfile(p)]
+    if missing:
+      raise ConfigError(
+        f"{directory!r} holds no text embeddings: missing {missing}. Write them with "
+        "`python -m dit_jax.tools.encode_text --captions=... --out=DIR`."
+      )
+    try:
+      with open(spec_path) as f:
+        meta = json.load(f)
+      with np.load(null_path) as null:
+        null_context, null_pooled = null["context"], null["pooled"]
+      encoders = tuple(
+        EncoderSlot(
+          name=str(e["name"]),
+          seq=tuple(e["seq"]),
+          context_channels=tuple(e["context_channels"]),
+          pooled_channels=tuple(e["pooled_channels"]),
+        )
+        for e in meta["encoders"]
+      )
+      return cls(
+        context_len=int(meta["context_len"]),
+        context_dim=int(meta["context_dim"]),
+        pooled_dim=int(meta["pooled_dim"]),
+        encoders=encoders,
+        null_context=np.asarray(null_context, np.float32),
+        null_pooled=np.asarray(null_pooled, np.float32),
+      )
+    except (KeyError, TypeError, ValueError, OSError) as e:
+      raise ConfigError(
+        f"The text embeddings in {directory!r} are malformed ({type(e).__name__}: {e}); "
+        "rewrite them with `python -m dit_jax.tools.encode_text`."
+      ) from e
+
+
+def single_encoder_spec(context_len: int, context_dim: int, pooled_dim: int) -> TextSpec:
+  """A spec with one encoder filling everything and an all-zero empty caption (synthetic data)."""
+  return TextSpec(
+    context_len=context_len,
+    context_dim=context_dim,
+    pooled_dim=pooled_dim,
+    encoders=(EncoderSlot("text", (0, context_len), (0, context_dim), (0, pooled_dim)),),
+    null_context=np.zeros((context_len, context_dim), np.float32),
+    null_pooled=np.zeros((pooled_dim,), np.float32),
+  )
