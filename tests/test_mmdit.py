@@ -70,8 +70,12 @@ def test_starts_as_zero_output_and_depends_on_text_after_perturbation():
 
 
 def test_qk_norm_is_switchable():
-  with_norm = _perturbed_params(_config(qk_norm=True))[1]
-  without = _perturbed_params(_config(qk_norm=False))[1]
+  def param_shapes(config):
+    model = _model(config)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), *_inputs(config)))["params"]
+
+  with_norm = param_shapes(_config(qk_norm=True))
+  without = param_shapes(_config(qk_norm=False))
   assert "img_q_norm" in with_norm["blocks"]["attn"]
   assert "img_q_norm" not in without["blocks"]["attn"]
 
