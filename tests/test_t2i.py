@@ -113,3 +113,9 @@ def test_latents_with_encoded_text_train_and_sample(tmp_path):
   with np.load(runner.sample(config, workdir)) as f:
     assert f["latents"].shape == (10, 8, 8, 4) and np.isfinite(f["latents"]).all()
     assert list(f["captions"])[:3] == ["a new prompt", "another", "a new prompt"]
+  # Prompts encoded with other text sizes than the training data's: one clear error.
+  clip_only = encode_text.load_encoders({"clip_l": paths["clip_l"]}, clip_max_length=8)
+  encode_text.write(["x"], clip_only, str(tmp_path / "other"), dtype="float32")
+  config.sample.prompts = str(tmp_path / "other")
+  with pytest.raises(ConfigError, match="encode the prompts with the encoders"):
+    runner.sample(config, workdir)

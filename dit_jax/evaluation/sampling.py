@@ -45,8 +45,17 @@ def text_conditions(config: ml_collections.ConfigDict, num: int) -> tuple[dict, 
   data can encode; empty: the held-out captions of `shapes`, or the data's own captions.
   """
   path, name = config.sample.prompts, config.data.name
-  if path and os.path.isdir(path) or not path and name == "latents":
+  if (path and os.path.isdir(path)) or (not path and name == "latents"):
     directory = path or config.data.path
+    spec, want = text.TextSpec.load(directory), data.text_spec(config)
+    got_sizes = (spec.context_len, spec.context_dim, spec.pooled_dim)
+    want_sizes = (want.context_len, want.context_dim, want.pooled_dim)
+    if got_sizes != want_sizes:
+      raise ConfigError(
+        f"config.sample.prompts={directory!r} holds text of sizes (context_len, context_dim, "
+        f"pooled_dim)={got_sizes}, but the model takes {want_sizes}; encode the prompts with "
+        "the encoders and max lengths used for the training data."
+      )
     context = np.load(os.path.join(directory, text.CONTEXT_FILE), mmap_mode="r")
     pooled = np.load(os.path.join(directory, text.POOLED_FILE), mmap_mode="r")
     captions_path = os.path.join(directory, text.CAPTIONS_FILE)
