@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Text models: a file of prompts, one per line (shapes data), or a directory written by
   # dit_jax.tools.encode_text; "" = the data's held-out captions (shapes) or its own captions.
   c.sample.prompts = ""
+  c.sample.prompt_text = ""  # Or prompts written in the config, separated by "|" (shapes data).
   # auto (euler for rectified flow, ddim otherwise) | ddpm | ddim | euler | heun
   c.sample.sampler = "auto"
   c.sample.num_steps = 50

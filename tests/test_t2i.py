@@ -60,6 +60,13 @@ def test_shapes_train_sample_evaluate(tmp_path):
   prompts.write_text("a purple circle at the top left\n")
   with pytest.raises(ConfigError, match="purple"):
     runner.sample(config, workdir)
+  config.sample.prompts = ""
+  config.sample.prompt_text = "a green circle at the bottom left | a yellow square at the top right"
+  with np.load(runner.sample(config, workdir)) as f:
+    assert list(f["captions"])[:2] == [
+      "a green circle at the bottom left",
+      "a yellow square at the top right",
+    ]
 
 
 def test_wrong_model_or_sizes_for_text_data_are_clear_errors():

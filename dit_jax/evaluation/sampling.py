@@ -42,10 +42,15 @@ def text_conditions(config: ml_collections.ConfigDict, num: int) -> tuple[dict, 
 
   `config.sample.prompts` is a directory written by dit_jax.tools.encode_text (context.npy,
   pooled.npy, captions.txt), or a text file of prompts that the built-in encoder of the `shapes`
-  data can encode; empty: the held-out captions of `shapes`, or the data's own captions.
+  data can encode; `config.sample.prompt_text` gives such prompts in the config ("|"-separated);
+  neither: the held-out captions of `shapes`, or the data's own captions.
   """
-  path, name = config.sample.prompts, config.data.name
-  if (path and os.path.isdir(path)) or (not path and name == "latents"):
+  path, name, inline = config.sample.prompts, config.data.name, config.sample.prompt_text
+  if path and inline:
+    raise ConfigError(
+      "Set config.sample.prompts (a file or directory) or config.sample.prompt_text, not both."
+    )
+  if (path and os.path.isdir(path)) or (not path and not inline and name == "latents"):
     directory = path or config.data.path
     spec, want = text.TextSpec.load(directory), data.text_spec(config)
     got_sizes = (spec.context_len, spec.context_dim, spec.pooled_dim)
@@ -69,13 +74,18 @@ def text_conditions(config: ml_collections.ConfigDict, num: int) -> tuple[dict, 
     return {k: v.astype(np.float32) for k, v in cond.items()}, names
   if name != "shapes":
     raise ConfigError(
-      f"config.sample.prompts={path!r}: text prompts can be encoded in-process only for the "
-      "built-in 'shapes' data; for other data encode them with `python -m "
+      f"Prompts {path or inline!r} (config.sample.prompts / prompt_text) can be encoded "
+      "in-process only for the built-in 'shapes' data; for other data encode them with `python -m "
       "dit_jax.tools.encode_text --captions=FILE --out=DIR` and set config.sample.prompts=DIR."
     )
   from dit_jax.data import shapes
 
-  prompts = _read_prompts(path) if path else shapes.held_out_captions()
+  if path:
+    prompts = _read_prompts(path)
+  elif inline:
+    prompts = [p.strip() for p in inline.split("|") if p.strip()]
+  else:
+    prompts = shapes.held_out_captions()
   captions = [prompts[i % len(prompts)] for i in range(num)]
   context, pooled = shapes.encode_captions(captions)
   return {"context": context, "pooled": pooled}, captions
