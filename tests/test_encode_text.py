@@ -228,4 +228,4 @@ def test_errors_name_the_problem(paths, tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("")
   with pytest.raises(ConfigError, match="is empty"):
-    encode_text.read_captions(str(empty))
+    text.read_captions(str(empty))

@@ -131,6 +131,18 @@ class TextSpec:
       ) from e
 
 
+def read_captions(path: str) -> list[str]:
+  """Line i of `path`, stripped, is caption i; an empty line is the empty caption."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      captions = [line.strip() for line in f]
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"The captions file {path!r} cannot be read ({e}).") from e
+  if not captions:
+    raise ConfigError(f"The captions file {path!r} is empty; write one caption per line.")
+  return captions
+
+
 def single_encoder_spec(context_len: int, context_dim: int, pooled_dim: int) -> TextSpec:
   """A spec with one encoder filling everything and an all-zero empty caption (synthetic data)."""
   return TextSpec(

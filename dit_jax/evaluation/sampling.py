@@ -27,11 +27,8 @@ def sample_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> np.
 
 
 def _read_prompts(path: str) -> list[str]:
-  try:
-    with open(path) as f:
-      prompts = [line.strip() for line in f if line.strip()]
-  except OSError as e:
-    raise ConfigError(f"config.sample.prompts={path!r} cannot be read ({e}).") from e
+  """The non-empty lines of a prompts file (config.sample.prompts)."""
+  prompts = [p for p in text.read_captions(path) if p]
   if not prompts:
     raise ConfigError(f"config.sample.prompts={path!r} holds no prompts (one per line).")
   return prompts
@@ -64,10 +61,7 @@ def text_conditions(config: ml_collections.ConfigDict, num: int) -> tuple[dict, 
     context = np.load(os.path.join(directory, text.CONTEXT_FILE), mmap_mode="r")
     pooled = np.load(os.path.join(directory, text.POOLED_FILE), mmap_mode="r")
     captions_path = os.path.join(directory, text.CAPTIONS_FILE)
-    captions = None
-    if os.path.isfile(captions_path):
-      with open(captions_path) as f:  # Line i is the caption of row i; it may be empty.
-        captions = f.read().split("\n")[: len(pooled)]
+    captions = text.read_captions(captions_path) if os.path.isfile(captions_path) else None
     idx = np.arange(num) % len(pooled)
     cond = {"context": np.asarray(context[idx], np.float32), "pooled": np.asarray(pooled[idx])}
     names = [captions[i] if captions and i < len(captions) else f"prompt {i}" for i in idx]

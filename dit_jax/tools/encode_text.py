@@ -288,18 +288,6 @@ def count_truncated(captions: Sequence[str], encoders: dict[str, TextEncoder]) -
   return counts
 
 
-def read_captions(path: str) -> list[str]:
-  """Line i of `path`, stripped, is caption i; an empty line is the empty caption."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      captions = [line.strip() for line in f]
-  except (OSError, UnicodeDecodeError) as e:
-    raise ConfigError(f"--captions={path!r} cannot be read ({e}).") from e
-  if not captions:
-    raise ConfigError(f"--captions={path!r} is empty; write one caption per line.")
-  return captions
-
-
 def write(
   captions: Sequence[str],
   encoders: dict[str, TextEncoder],
@@ -385,7 +373,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
-    captions = read_captions(f.captions)
+    captions = text.read_captions(f.captions)
     encoders = load_encoders(
       {"clip_l": f.clip_l, "clip_g": f.clip_g, "t5": f.t5},
       f.clip_max_length,
