@@ -251,11 +251,19 @@ class FolderSource:
 class LatentsSource:
   """Pre-encoded latents with labels and/or text embeddings, memory-mapped, scaled on read."""
 
-  def __init__(self, path: str, image_size: int, channels: int, scale: float, want_text: bool):
+  def __init__(
+    self,
+    path: str,
+    image_size: int,
+    channels: int,
+    scale: float,
+    text_spec: text.TextSpec | None = None,
+  ):
     self._path = path
     self._latents_path = os.path.join(path, "latents.npy")
     labels_path = os.path.join(path, "labels.npy")
-    self.text_spec = text.TextSpec.load(path) if want_text else None
+    self.text_spec = text_spec
+    want_text = text_spec is not None
     cond_files = (
       [os.path.join(path, f) for f in (text.CONTEXT_FILE, text.POOLED_FILE)]
       if want_text
@@ -412,8 +420,8 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
       f"config.data.image_size={data.image_size} and config.data.channels={data.channels} must "
       "both be positive."
     )
-  if wants_text(config) and name not in ("synthetic", "shapes", "latents"):
-    text_spec(config)  # Raises: this data has no text.
+  # None for class-conditional models; raises if the data has no text or other text sizes.
+  spec = text_spec(config)
   if name == "digits":
     if data.image_size not in _DIGITS_SIZES:
       raise DataError(
@@ -430,9 +438,7 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
       raise DataError(f"config.data.synthetic_size={data.synthetic_size} must be positive.")
     classes = config.model.num_classes if num_classes is None else num_classes
     shape = (data.image_size, data.image_size, data.channels)
-    source = SyntheticSource(
-      data.synthetic_size, shape, classes, config.train.seed, text_spec(config)
-    )
+    source = SyntheticSource(data.synthetic_size, shape, classes, config.train.seed, spec)
   elif name == "shapes":
     from dit_jax.data import shapes
 
@@ -443,7 +449,6 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
         "config.data.name='shapes' is captioned, without class labels; train it with "
         "config.model.name='mmdit'."
       )
-    text_spec(config)  # Checks the model's text sizes against the data's.
     source = shapes.ShapesSource(
       data.split, data.image_size, size=data.synthetic_size, seed=config.train.seed
     )
@@ -454,11 +459,7 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
     _check_pixel_channels(config)
     source = FolderSource(data.path, data.image_size, data.channels)
   elif name == "latents":
-    source = LatentsSource(
-      data.path, data.image_size, data.channels, data.latent_scale, wants_text(config)
-    )
-    if wants_text(config):
-      text_spec(config)
+    source = LatentsSource(data.path, data.image_size, data.channels, data.latent_scale, spec)
   else:
     raise DataError(f"config.data.name={name!r} is unknown; use one of {SOURCE_NAMES}.")
   if num_classes and source.num_classes is not None and source.num_classes > num_classes:
