@@ -14,7 +14,8 @@ TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "mode", "cosmap")
 SAMPLERS = ("ddpm", "ddim", "euler", "heun")
 CONDITIONINGS = ("adaln_zero", "adaln", "cross_attention", "in_context")
 VP_SCHEDULES = ("linear", "cosine")
-LOSS_WEIGHTINGS = ("none", "min_snr")
+LOSS_WEIGHTINGS = ("none", "min_snr", "auto")
+PRECONDITIONINGS = ("none", "edm")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -60,8 +61,15 @@ def base_config() -> ml_collections.ConfigDict:
   # multiplied by sqrt(H*W) / shift_base_resolution (the resolution-dependent shift, SD3 §5.3.2).
   c.diffusion.shift = 1.0
   c.diffusion.shift_base_resolution = 0
+  # none | min_snr | auto (min_snr for eps, whose plain MSE spends most of its weight on the
+  # nearly clean images; none for v and rectified flow).
   c.diffusion.loss_weighting = "none"
   c.diffusion.min_snr_gamma = 5.0
+  # "edm": the network's input and output are scaled as in Karras et al. 2022 (EDM) around the
+  # best linear denoiser of data with std sigma_data; the loss is still the objective's MSE.
+  # "none" (default) is the plain network of the DiT paper (needed for its released weights).
+  c.diffusion.preconditioning = "none"
+  c.diffusion.sigma_data = 0.5
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"  # digits | synthetic | tfds:<name> | folder | latents

@@ -207,6 +207,52 @@ def test_min_snr_weighting_agrees_across_objectives():
   np.testing.assert_allclose(losses["eps"], losses["v"], rtol=1e-4)
 
 
+@pytest.mark.parametrize("objective", ["eps", "v", "rectified_flow"])
+def test_edm_preconditioning_of_a_zero_network_is_the_gaussian_denoiser(objective):
+  """With EDM preconditioning a network that outputs 0 is already the exact denoiser of
+  N(0, sigma_data^2) data, whatever the objective; sampling with it reproduces that data."""
+  diff = _diffusion(objective, preconditioning="edm", sigma_data=STD)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  z = jax.random.normal(k1, (8, 2, 2, 1))
+  t = diff.sample_t(k2, 8)
+  alpha, sigma = diff.alpha_sigma(t)
+  zero_net = lambda z, model_t: jnp.zeros_like(z)  # noqa: E731
+  out, var_out = diff.network_output(zero_net, z, t, alpha, sigma)
+  x0 = alpha * STD**2 * z / (alpha**2 * STD**2 + sigma**2)
+  expect = objectives.target(objective, x0, (z - alpha * x0) / sigma, alpha, sigma)
+  assert var_out is None
+  np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-5)
+  if objective != "eps":
+    return
+  noise = jax.random.normal(jax.random.key(1), (64, 2, 2, 1))
+  sample = diff.sample(zero_net, noise, sampler="heun", num_steps=100, rng=jax.random.key(2))
+  alpha0, sigma0 = diff.schedule.alpha_sigma(jnp.asarray(999))
+  np.testing.assert_allclose(sample, STD * noise / jnp.hypot(alpha0 * STD, sigma0), atol=2e-3)
+
+
+@pytest.mark.parametrize("objective", ["eps", "v", "rectified_flow"])
+def test_edm_output_reaches_every_target_and_is_finite_at_the_ends(objective):
+  """Some network output gives exactly the true target (the parametrization loses nothing), at
+  every time including rectified flow's t = 0 and t = 1, where a naive form divides by zero."""
+  sd = 0.7
+  diff = _diffusion(objective)
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  x0 = jax.random.normal(k1, (6, 2, 2, 1))
+  eps = jax.random.normal(k2, x0.shape)
+  t = diff.sample_t(k3, 6)
+  if objective == "rectified_flow":
+    t = t.at[:2].set(jnp.array([0.0, 1.0]))
+  alpha, sigma = diff.alpha_sigma(t)
+  z = alpha * x0 + sigma * eps
+  n = jnp.sqrt(sigma**2 + (alpha * sd) ** 2)
+  f_true = jnp.where(sigma > 0, (x0 - sd**2 * alpha * z / n**2) * n / (sd * sigma), 0.0)
+  out = objectives.edm_output(objective, f_true, z, alpha, sigma, sd)
+  expect = objectives.target(objective, x0, eps, alpha, sigma)
+  ok = sigma > 0  # At sigma = 0 (flow t = 0) x0 = z whatever f is; check only finiteness there.
+  np.testing.assert_allclose(np.where(ok, out, expect), expect, atol=1e-4)
+  assert np.all(np.isfinite(objectives.edm_output(objective, x0, z, alpha, sigma, sd)))
+
+
 def test_flow_time_grid_and_shift():
   grid = time_grid(FlowSchedule(), 4, shift=3.0)
   t_min = 3 * 0.001 / (1 + 2 * 0.001)  # The smallest training time, shifted.
@@ -217,6 +263,15 @@ def test_flow_time_grid_and_shift():
   assert vp[0] == 999 and vp[-1] == 0 and np.all(np.diff(vp) < 0)
 
 
+@pytest.mark.parametrize(
+  "objective,expect", [("eps", "min_snr"), ("v", "none"), ("rectified_flow", "none")]
+)
+def test_auto_loss_weighting_is_min_snr_for_eps_only(objective, expect):
+  c = base_config()
+  c.diffusion.objective, c.diffusion.loss_weighting = objective, "auto"
+  assert build_diffusion(c).loss_weighting == expect
+
+
 def test_build_diffusion_errors_name_the_field():
   c = base_config()
   c.diffusion.objective = "x0"
@@ -225,4 +280,12 @@ def test_build_diffusion_errors_name_the_field():
   c = base_config()
   c.diffusion.timestep_sampler = "beta"
   with pytest.raises(ConfigError, match="diffusion.timestep_sampler"):
+    build_diffusion(c)
+  c = base_config()
+  c.diffusion.preconditioning = "karras"
+  with pytest.raises(ConfigError, match="diffusion.preconditioning"):
+    build_diffusion(c)
+  c = base_config()
+  c.diffusion.sigma_data = 0.0
+  with pytest.raises(ConfigError, match="diffusion.sigma_data"):
     build_diffusion(c)

@@ -47,6 +47,8 @@ class Diffusion:
   learn_sigma: bool = False
   loss_weighting: str = "none"
   min_snr_gamma: float = 5.0
+  preconditioning: str = "none"
+  sigma_data: float = 0.5
 
   def sample_t(self, rng: jax.Array, batch: int) -> jax.Array:
     """Training times [B]: int32 in [0, T) for VP, float32 in [0, 1] for rectified flow."""
@@ -72,6 +74,21 @@ class Diffusion:
     c = out.shape[-1] // 2
     return out[..., :c], out[..., c:]
 
+  def network_output(
+    self, denoise: Denoise, z: jax.Array, t: jax.Array, alpha: jax.Array, sigma: jax.Array
+  ) -> tuple[jax.Array, jax.Array | None]:
+    """The objective's output at (z, t), and the variance output when sigma is learned.
+
+    Without preconditioning this is the network's output itself; with "edm" the network sees
+    z scaled to unit variance and its output is mapped by `objectives.edm_output`.
+    """
+    if self.preconditioning == "none":
+      return self.split_output(denoise(z, self.schedule.model_time(t)))
+    scale = objectives.edm_input_scale(alpha, sigma, self.sigma_data)
+    f, var_out = self.split_output(denoise(z * scale, self.schedule.model_time(t)))
+    out = objectives.edm_output(self.objective, f, z, alpha, sigma, self.sigma_data)
+    return out, var_out
+
   def training_loss(
     self, denoise: Denoise, x0: jax.Array, rng: jax.Array
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -82,7 +99,7 @@ class Diffusion:
     eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
     alpha, sigma = self.alpha_sigma(t)
     z = alpha * x0 + sigma * eps
-    out, var_out = self.split_output(denoise(z, self.schedule.model_time(t)))
+    out, var_out = self.network_output(denoise, z, t, alpha, sigma)
     assert out.shape == x0.shape, (out.shape, x0.shape)
     goal = objectives.target(self.objective, x0, eps, alpha, sigma)
     weight = objectives.loss_weight(
@@ -103,7 +120,7 @@ class Diffusion:
 
     def predict(z, t):
       alpha, sigma = self.alpha_sigma(t)
-      out, var_out = self.split_output(denoise(z, self.schedule.model_time(t)))
+      out, var_out = self.network_output(denoise, z, t, alpha, sigma)
       x0, eps = objectives.to_x0_eps(self.objective, out, z, alpha, sigma)
       if clip_x0:
         x0 = jnp.clip(x0, -1.0, 1.0)
@@ -147,12 +164,26 @@ def resolve_sampler(config: ml_collections.ConfigDict) -> str:
   return name
 
 
+def resolve_loss_weighting(name: str, objective: str) -> str:
+  """The weighting `diffusion.loss_weighting` names; "auto" is min-SNR for eps and the plain MSE
+  for v and rectified flow, whose own weighting already stresses the noisier half."""
+  if name == "auto":
+    return "min_snr" if objective == "eps" else "none"
+  return name
+
+
 def build_diffusion(config: ml_collections.ConfigDict) -> Diffusion:
   """The diffusion process `config.diffusion` describes, for images of `config.data`."""
   d = config.diffusion
   check_choice(d.objective, config_defaults.OBJECTIVES, "diffusion.objective")
   check_choice(d.timestep_sampler, config_defaults.TIMESTEP_SAMPLERS, "diffusion.timestep_sampler")
   check_choice(d.loss_weighting, config_defaults.LOSS_WEIGHTINGS, "diffusion.loss_weighting")
+  check_choice(d.preconditioning, config_defaults.PRECONDITIONINGS, "diffusion.preconditioning")
+  if d.sigma_data <= 0:
+    raise ConfigError(
+      f"config.diffusion.sigma_data={d.sigma_data} must be > 0 (the data's standard deviation; "
+      "0.5 suits images in [-1, 1])."
+    )
   if d.objective == "rectified_flow":
     schedule = FlowSchedule()
   else:
@@ -176,6 +207,8 @@ def build_diffusion(config: ml_collections.ConfigDict) -> Diffusion:
     mode_scale=d.mode_scale,
     shift=timesteps.resolution_shift(d.shift, config.data.image_size, d.shift_base_resolution),
     learn_sigma=config.model.learn_sigma,
-    loss_weighting=d.loss_weighting,
+    loss_weighting=resolve_loss_weighting(d.loss_weighting, d.objective),
     min_snr_gamma=d.min_snr_gamma,
+    preconditioning=d.preconditioning,
+    sigma_data=d.sigma_data,
   )

@@ -38,6 +38,38 @@ def to_x0_eps(
   raise ValueError(f"Unknown objective {objective!r}; choose one of {OBJECTIVES}.")
 
 
+def edm_input_scale(alpha: jax.Array, sigma: jax.Array, sigma_data: float) -> jax.Array:
+  """EDM's c_in (Karras et al. 2022) for z = alpha x0 + sigma eps: the factor that gives the
+  network a unit-variance input when x0 has standard deviation `sigma_data`."""
+  return jax.lax.rsqrt(sigma**2 + (alpha * sigma_data) ** 2)
+
+
+def edm_output(
+  objective: str,
+  f: jax.Array,
+  z: jax.Array,
+  alpha: jax.Array,
+  sigma: jax.Array,
+  sigma_data: float,
+) -> jax.Array:
+  """The objective's output implied by a raw network output `f` under EDM preconditioning.
+
+  The network predicts a unit-scale correction to the best linear guess of x0 (exact for data
+  with mean 0 and standard deviation `sigma_data`); in EDM's variables y = z / alpha and noise
+  level s = sigma / alpha, x0_hat = c_skip(s) y + c_out(s) f with c_skip = sd^2 / (s^2 + sd^2) and
+  c_out = s sd / sqrt(s^2 + sd^2). Written with n^2 = sigma^2 + alpha^2 sd^2 so that it stays
+  finite at alpha = 0 and sigma = 0. With f = 0 it is the exact denoiser of N(0, sd^2) data, so an
+  untrained network already outputs the right trivial answer at every noise level: an
+  eps-network then need not learn to copy its input at high noise to within alpha / sigma.
+  """
+  sd = sigma_data
+  n2 = sigma**2 + (alpha * sd) ** 2
+  n = jnp.sqrt(n2)
+  x0 = (sd**2 * alpha * z + sigma * sd * n * f) / n2
+  eps = (sigma * z - alpha * sd * n * f) / n2
+  return target(objective, x0, eps, alpha, sigma)
+
+
 def eps_from_x0(z: jax.Array, x0: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
   return (z - alpha * x0) / sigma
 
