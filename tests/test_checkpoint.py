@@ -249,6 +249,14 @@ def test_checkpoint_of_another_model_names_the_arrays_and_both_configs(tmp_path)
   assert "final/linear/kernel: checkpoint (64, 16), model (64, 32)" in msg, msg
   assert "written with model.name='dit' model.variant='tiny/4' model.learn_sigma=False" in msg
   assert "this run has model.name='dit' model.variant='tiny/4' model.learn_sigma=True" in msg
+  # Same arrays, another meaning of the output: sampling it would silently give noise.
+  misread = tiny_config(num_steps=3)
+  misread.diffusion.objective, misread.diffusion.preconditioning = "v", "edm"
+  with pytest.raises(ConfigError) as e:
+    runner.restore_params(setup.build(misread), str(tmp_path))
+  msg = str(e.value)
+  assert "diffusion.objective='rectified_flow' in the checkpoint, 'v' in this run" in msg, msg
+  assert "diffusion.preconditioning='none' in the checkpoint, 'edm' in this run" in msg, msg
   assert checkpoint.Checkpointer(str(tmp_path), read_only=True).all_steps() == [3]
 
 

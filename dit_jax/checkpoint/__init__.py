@@ -78,6 +78,7 @@ class Checkpointer:
   def restore_train(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the full state (and the iterator position, in place) into `abstract_state`."""
     self.check_structure(step, abstract_state)
+    self.check_prediction(step)
     items = {
       "state": ocp.args.PyTreeRestore(abstract_state, restore_args=_restore_args(abstract_state))
     }
@@ -150,6 +151,7 @@ class Checkpointer:
     """Restores only the (EMA) parameters, e.g. onto another mesh for sampling."""
     key = "ema_params" if ema else "params"
     self.check_structure(step, {key: abstract_params}, only=key)
+    self.check_prediction(step)
     target = {key: abstract_params}
     args = ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True)
     restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
@@ -182,6 +184,27 @@ class Checkpointer:
       f"differ, e.g. {'; '.join(problems[:5])}. It was written with {_model_summary(saved_cfg)}"
       f"{ours}. Use the config that wrote it, or another --workdir."
     )
+
+  def check_prediction(self, step: int) -> None:
+    """Raises ConfigError if the checkpoint's network was trained to predict another quantity
+    (objective, preconditioning, VP schedule) than this run's config would read its output as:
+    the arrays fit, but every sample would be wrong."""
+    saved_cfg = self.saved_config(step) if self.config is not None else None
+    if saved_cfg is None:
+      return
+    theirs = _prediction(saved_cfg)
+    ours = _prediction(json.loads(self.config.to_json()))
+    differ = [
+      f"diffusion.{k}={theirs.get(k)!r} in the checkpoint, {ours.get(k)!r} in this run"
+      for k in sorted(set(theirs) | set(ours))
+      if theirs.get(k) != ours.get(k)
+    ]
+    if differ:
+      raise ConfigError(
+        f"The checkpoint {self.directory}/{step} was trained to predict another quantity: "
+        f"{'; '.join(differ)}. Its outputs would be misread; set these fields as they were in "
+        "training (the checkpoint's config is saved beside it), or use another --workdir."
+      )
 
   def _restore_data(self, step: int, iterator) -> None:
     """Sets the iterator to its saved position, also when another process count saved it.
@@ -231,6 +254,19 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{"params/blocks/mlp/fc1/kernel": shape, ...} for dicts and dataclasses alike."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(map(_key, path)): tuple(getattr(x, "shape", ())) for path, x in flat}
+
+
+def _prediction(config: dict) -> dict:
+  """The diffusion fields that fix what a network's output means (a checkpoint written before
+  `preconditioning` existed had none)."""
+  d = config.get("diffusion", {})
+  out = {"objective": d.get("objective"), "preconditioning": d.get("preconditioning", "none")}
+  if out["preconditioning"] != "none":
+    out["sigma_data"] = d.get("sigma_data")
+  if out["objective"] != "rectified_flow":
+    out["schedule"] = d.get("schedule")
+    out["num_timesteps"] = d.get("num_timesteps")
+  return out
 
 
 def _model_summary(config: dict) -> str:
