@@ -194,10 +194,12 @@ class Checkpointer:
       return
     theirs = _prediction(saved_cfg)
     ours = _prediction(json.loads(self.config.to_json()))
+    # Only fields that apply to both (sigma_data means nothing without preconditioning).
+    shared = sorted(set(theirs) & set(ours))
     differ = [
-      f"diffusion.{k}={theirs.get(k)!r} in the checkpoint, {ours.get(k)!r} in this run"
-      for k in sorted(set(theirs) | set(ours))
-      if theirs.get(k) != ours.get(k)
+      f"diffusion.{k}={theirs[k]!r} in the checkpoint, {ours[k]!r} in this run"
+      for k in shared
+      if theirs[k] != ours[k]
     ]
     if differ:
       raise ConfigError(
