@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   # "skip": go on and count it (metrics.jsonl: skipped_steps).
   c.train.nonfinite = "stop"
   c.train.sample_every = 0  # Steps between PNG grids of samples (0 = only at the end).
+  # Start a new run (step 0, fresh optimizer and data order) from the parameters and EMA of the
+  # newest checkpoint in this workdir (another run, or dit_jax.tools.import_dit / import_sd3).
+  c.train.init_from = ""
 
   c.sample = ml_collections.ConfigDict()
   c.sample.name = "samples"
@@ -124,10 +127,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.seed = 0
   c.sample.use_ema = True
   c.sample.clip_denoised = False  # Clip predicted x0 to [-1, 1] (pixel-space data only).
+  # Output channels that classifier-free guidance steers (0 = all); the official DiT guides only
+  # the first 3 of the 4 latent channels, so 3 reproduces its samples.
+  c.sample.guided_channels = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.name = "eval"
   c.eval.num_images = 1000
+
+  # The autoencoder between pixels and latents (latent models only).
+  c.vae = ml_collections.ConfigDict()
+  # A diffusers-format AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors,
+  # e.g. sd-vae-ft-ema or SD3's vae/); "" = sampling a latent model writes latents, not images.
+  c.vae.path = ""
+  c.vae.dtype = "float32"  # float32 | bfloat16 compute.
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.preset = "dp"

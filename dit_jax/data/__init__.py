@@ -6,6 +6,7 @@ from dit_jax.data.sources import (
   DataError,
   Source,
   build_source,
+  is_pixel_data,
   text_spec,
   wants_text,
 )
@@ -16,6 +17,7 @@ __all__ = [
   "Source",
   "build_source",
   "build_train_iterator",
+  "is_pixel_data",
   "real_images",
   "text_spec",
   "wants_text",

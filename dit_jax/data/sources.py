@@ -350,6 +350,11 @@ class LatentsSource:
     }
 
 
+def is_pixel_data(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model's samples are images (pixels in [-1, 1]) rather than latents."""
+  return config.data.name != "latents" and config.data.channels in (1, 3)
+
+
 def wants_text(config: ml_collections.ConfigDict) -> bool:
   """Whether the model is conditioned on text (MMDiT) rather than class labels (DiT)."""
   return config.model.name == "mmdit"

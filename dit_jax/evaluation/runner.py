@@ -11,7 +11,7 @@ from absl import logging
 from dit_jax import checkpoint, data
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import sampling
-from dit_jax.train import loop, setup
+from dit_jax.train import setup
 
 
 def restore_params(exp: setup.Experiment, workdir: str):
@@ -42,7 +42,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str | None:
     "Sampled %d images at step %d in %.1fs.", len(images), step, time.perf_counter() - start
   )
   return sampling.write_samples(
-    workdir, config.sample.name, images, meta, pixel=loop.is_pixel_data(config)
+    workdir, config.sample.name, images, meta, pixel=data.is_pixel_data(config)
   )
 
 

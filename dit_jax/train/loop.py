@@ -17,10 +17,6 @@ from dit_jax.train import setup
 GRID_IMAGES = 100
 
 
-def is_pixel_data(config: ml_collections.ConfigDict) -> bool:
-  return config.data.name != "latents" and config.data.channels in (1, 3)
-
-
 def _save_grid(exp, state, workdir, step, writer):
   cfg = exp.config
   images, _ = sampling.generate(
@@ -30,7 +26,7 @@ def _save_grid(exp, state, workdir, step, writer):
     seed=cfg.sample.seed,
     progress=False,
   )
-  if jax.process_index() == 0 and is_pixel_data(cfg):
+  if jax.process_index() == 0 and data.is_pixel_data(cfg):
     u8 = utils.to_uint8(images)
     upscale = max(1, 128 // cfg.data.image_size)
     utils.save_grid(os.path.join(workdir, "images", f"step_{step:07d}.png"), u8, upscale=upscale)
