@@ -1,5 +1,7 @@
 """The benchmark's FLOP counts see every block (XLA counts a scanned loop body only once)."""
 
+import pytest
+
 from dit_jax import benchmark
 from dit_jax.config_defaults import base_config
 
@@ -12,6 +14,7 @@ def _flops(depth: int) -> dict:
   return benchmark.benchmark(c, steps=1, warmup=0)
 
 
+@pytest.mark.slow
 def test_flops_grow_with_depth_and_train_costs_about_three_forward_passes():
   two, six = _flops(2), _flops(6)
   for r in (two, six):

@@ -111,6 +111,7 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_resumes_bitwise(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   proc = _main(workdir)
@@ -121,6 +122,7 @@ def test_sigkill_between_checkpoints_resumes_bitwise(uninterrupted, tmp_path):
   _assert_same_run(workdir, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigkill_during_an_async_save_resumes_bitwise(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   code, out = _finish(_main(workdir, driver=True, KILL_AT_SAVE="6"))
@@ -132,6 +134,7 @@ def test_sigkill_during_an_async_save_resumes_bitwise(uninterrupted, tmp_path):
   _assert_same_run(workdir, uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   proc = _main(workdir)
@@ -167,6 +170,7 @@ def _corrupt(step_dir):
         f.write(b"\0garbage")
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   straight, workdir = str(tmp_path / "straight"), str(tmp_path / "run")
   loop.run(tiny_config(num_steps=9), straight)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The same global batches and math, but cross-process reductions may run in another order.
@@ -54,6 +55,7 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_share_checkpoints(tmp_path):
   pod, host = str(tmp_path / "pod"), str(tmp_path / "host")
   log = _launch(pod, 2, 4, steps=3)
@@ -74,6 +76,7 @@ def test_two_processes_train_like_one_and_share_checkpoints(tmp_path):
   np.testing.assert_allclose([c[s] for s in (4, 5)], [d[s] for s in (4, 5)], rtol=LOSS_RTOL)
 
 
+@pytest.mark.slow
 def test_sigterm_on_a_pod_stops_every_process_at_the_same_saved_step(tmp_path):
   workdir = str(tmp_path / "pod")
   cmd = [
