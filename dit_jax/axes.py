@@ -16,3 +16,8 @@ TEXT = "text"  # Channels of the text conditioning given to the model (context a
 LAYERS = "layers"  # Stacked (scanned) blocks.
 
 LOGICAL_AXES = (BATCH, SEQ, EMBED, MLP, HEADS, KV, VOCAB, PATCH, FREQ, TEXT, LAYERS)
+
+# Input and output channels of the autoencoder's convolutions, norms and attention projections.
+# `dit_jax.vae.VAE` runs it data-parallel with replicated params, so they have no config rules.
+CONV_IN = "conv_in"
+CONV_OUT = "conv_out"

@@ -8,9 +8,16 @@ step alone. FLOPs come from XLA's cost analysis, which counts a multiply-add as 
 paper counts it as 1, so the "paper GFLOPs" column is XLA's figure halved (DiT-XL/2: 118.6).
 XLA's cost analysis counts a loop body once, so the FLOPs are read from a twin of each program
 with the block scan fully unrolled; the times are those of the program training runs.
+
+  python -m dit_jax.benchmark --vae=sd --vae_batch_size=8 --vae_image_size=256
+
+times the autoencoder instead: encoding images and decoding latents with the real architecture
+of Stable Diffusion's VAE ("sd", f8, 4 latent channels) or SD3's ("sd3", 16 channels) and random
+weights, the batch split over all devices.
 """
 
 import statistics
+import sys
 import time
 
 import jax
@@ -19,14 +26,24 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dit_jax import conditioning, utils
+from dit_jax import conditioning, parallel, utils
+from dit_jax.config_defaults import base_config
 from dit_jax.diffusion import guidance
+from dit_jax.errors import ConfigError
+from dit_jax.models import autoencoder
+from dit_jax.models.autoencoder import AutoencoderKL
 from dit_jax.train import setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed repetitions (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed repetitions after compilation.")
-flags.mark_flags_as_required(["config"])
+_VAE = flags.DEFINE_enum(
+  "vae", None, list(autoencoder.PRESETS), "Time this autoencoder (random weights), not --config."
+)
+_VAE_BATCH = flags.DEFINE_integer("vae_batch_size", 8, "Images per encode / decode call.")
+_VAE_SIZE = flags.DEFINE_integer("vae_image_size", 256, "Side of the (square) images.")
+_VAE_DTYPE = flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.mark_flags_as_mutual_exclusive(["config", "vae"], required=True)
 
 
 def _time(fn, args, steps: int, warmup: int, carry: bool) -> float:
@@ -100,8 +117,82 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, dict[str, f
   return results
 
 
+def benchmark_vae(
+  name: str = "sd",
+  batch_size: int = 8,
+  image_size: int = 256,
+  dtype: str = "float32",
+  steps: int = 10,
+  warmup: int = 2,
+) -> dict[str, dict[str, float]]:
+  """Returns {"encode": {...}, "decode": {...}} with seconds per batch, images/s, FLOPs per image
+  and FLOP/s of the autoencoder preset `name` with random weights on all devices."""
+  config = autoencoder.PRESETS[name]
+  mesh = parallel.make_mesh(base_config())
+  n = parallel.data_parallel_size(mesh)
+  f = config.downsample_factor
+  if batch_size <= 0 or batch_size % n or image_size <= 0 or image_size % f:
+    raise ConfigError(
+      f"--vae_batch_size={batch_size} must be a positive multiple of the {n} devices and "
+      f"--vae_image_size={image_size} a positive multiple of {f}."
+    )
+  module = AutoencoderKL(config, dtype)
+  replicated, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  params = jax.device_put(autoencoder.random_params(config), replicated)
+  rng = np.random.default_rng(0)
+  h = image_size // f
+  images = rng.uniform(-1, 1, (batch_size, image_size, image_size, config.in_channels))
+  latents = rng.standard_normal((batch_size, h, h, config.latent_channels))
+  inputs = {
+    "encode": (AutoencoderKL.encode, jax.device_put(images.astype(np.float32), batch)),
+    "decode": (AutoencoderKL.decode, jax.device_put(latents.astype(np.float32), batch)),
+  }
+  results = {}
+  for kind, (method, x) in inputs.items():
+    fn = jax.jit(
+      lambda p, x, method=method: module.apply({"params": p}, x, method=method),
+      in_shardings=(replicated, batch),
+      out_shardings=batch,
+    )
+    compiled = fn.lower(params, x).compile()
+    seconds = _time(compiled, (params, x), steps, warmup, carry=False)
+    flops = utils.xla_flops(compiled)
+    results[kind] = {
+      "seconds": seconds,
+      "flops": flops,
+      "images_per_sec": batch_size / seconds,
+      "gflops_per_image": flops / batch_size / 1e9,
+      "tflops_per_sec": flops / seconds / 1e12,
+    }
+  return results
+
+
+def _main_vae():
+  name, b, size, dtype = _VAE.value, _VAE_BATCH.value, _VAE_SIZE.value, _VAE_DTYPE.value
+  config = autoencoder.PRESETS[name]
+  h = size // config.downsample_factor
+  results = benchmark_vae(name, b, size, dtype, _STEPS.value, _WARMUP.value)
+  print(
+    f"autoencoder {name!r} (random weights), batch {b}, {size}x{size}x{config.in_channels} <-> "
+    f"{h}x{h}x{config.latent_channels}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
+    f"dtype {dtype}"
+  )
+  print(f"{'':10}{'s/batch':>10}{'images/s':>11}{'GFLOP/img':>11}{'TFLOP/s':>9}")
+  for kind, r in results.items():
+    print(
+      f"{kind:10}{r['seconds']:>10.4f}{r['images_per_sec']:>11.2f}"
+      f"{r['gflops_per_image']:>11.1f}{r['tflops_per_sec']:>9.3f}"
+    )
+
+
 def main(argv):
   del argv
+  if _VAE.value:
+    try:
+      _main_vae()
+    except ConfigError as e:
+      sys.exit(f"Error: {e}")
+    return
   config = _CONFIG.value
   results = benchmark(config, _STEPS.value, _WARMUP.value)
   print(
