@@ -233,9 +233,10 @@ def _write_image(path, pixels):
 
 
 def test_folder_source(tmp_path):
-  # A 30x10 image whose central 10x10 square is white: the center crop must keep only that.
-  band = np.zeros((10, 30, 3), np.uint8)
-  band[:, 10:20] = 255
+  # A 24x8 image whose central 8x8 square is white: the center crop must keep only that (its
+  # short side is the target's, so ADM's crop resizes nothing).
+  band = np.zeros((8, 24, 3), np.uint8)
+  band[:, 8:16] = 255
   _write_image(tmp_path / "cats" / "band.png", band)
   _write_image(tmp_path / "cats" / "big.PNG", np.full((64, 48, 3), 255, np.uint8))
   _write_image(tmp_path / "dogs" / "red.jpg", np.tile([255, 0, 0], (12, 12, 1)))
@@ -313,3 +314,70 @@ def test_latents_errors(tmp_path):
 def test_unknown_name_lists_valid_names():
   with pytest.raises(data.DataError, match=r"config.data.name='imagenet'.*digits.*latents"):
     data.build_source(_config(name="imagenet"))
+
+
+def _noiseless_ids(batch):
+  """Element ids of `id_latents` images that carry small noise (the columns add 0.15 on average)."""
+  return np.round(batch["image"].mean(axis=(1, 2, 3)) - 0.15).astype(int)
+
+
+def test_latents_std_draws_afresh_each_epoch_and_resumes(id_latents, tmp_path):
+  np.save(tmp_path / "latents_std.npy", np.full((_NUM_IDS, 4, 4, 1), 0.01, np.float32))
+  source = data.build_source(id_latents)
+  assert source.has_std and not source.has_flip
+  view = source.training_view()
+  # grain workers get a pickled view: the memmaps (1,536 bytes each) are reopened, not copied.
+  assert len(pickle.dumps(view)) < 4 * 4 * _NUM_IDS * 4
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(view))[3]["latent_std"], np.float32(0.01))
+  # Evaluation reads the posterior means.
+  images, _ = data.real_images(id_latents)
+  np.testing.assert_array_equal(images, np.load(tmp_path / "latents.npy"))
+
+  epochs = _take(data.build_train_iterator(id_latents, batch_size=4, seed=2), 2 * _NUM_IDS // 4)
+  samples = {}
+  for batch in epochs:
+    for i, image in zip(_noiseless_ids(batch), batch["image"], strict=True):
+      samples.setdefault(int(i), []).append(image)
+  assert sorted(samples) == list(range(_NUM_IDS))
+  means = np.load(tmp_path / "latents.npy")
+  noise = np.stack([s - means[i] for i, pair in samples.items() for s in pair])
+  assert 0.008 < noise.std() < 0.012 and abs(noise.mean()) < 0.002
+  assert all(len(pair) == 2 and not np.array_equal(*pair) for pair in samples.values())
+
+  iterator = data.build_train_iterator(id_latents, batch_size=4, seed=2)
+  first = _take(iterator, 3)
+  state = iterator.get_state()
+  rest = _take(iterator, 3)
+  resumed = data.build_train_iterator(id_latents, batch_size=4, seed=2)
+  resumed.set_state(state)
+  for a, b in zip(first + rest, epochs[:6], strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+  for a, b in zip(_take(resumed, 3), rest, strict=True):
+    np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_flipped_latents_are_picked_half_the_time(id_latents, tmp_path):
+  # The "flipped image's latent" is the negated latent: its picks show in the sign. It has no
+  # noise (std 0) while the plain latent has some, so each pick carries its own std.
+  means = np.load(tmp_path / "latents.npy")
+  np.save(tmp_path / "latents_flip.npy", -means)
+  np.save(tmp_path / "latents_std.npy", np.full(means.shape, 0.01, np.float32))
+  np.save(tmp_path / "latents_flip_std.npy", np.zeros(means.shape, np.float32))
+  id_latents.data.random_flip = True
+  batches = _take(data.build_train_iterator(id_latents, batch_size=8), 12)
+  images = np.concatenate([b["image"] for b in batches])
+  picked = images.mean(axis=(1, 2, 3)) < 0
+  assert 0.3 < picked.mean() < 0.7
+  ids = np.round(-images[picked].mean(axis=(1, 2, 3)) - 0.15).astype(int)
+  np.testing.assert_array_equal(images[picked], -means[ids])  # Exact: the flip's std is 0.
+  plain = images[~picked]
+  assert (plain[:, 0, 0, 0] < plain[:, 0, -1, 0]).all()  # Never flipped as a tensor.
+  assert not np.isin(plain, means).all()  # Drawn from the posterior.
+
+  id_latents.data.random_flip = False
+  batches = _take(data.build_train_iterator(id_latents, batch_size=8), 12)
+  assert all((b["image"] > -0.5).all() for b in batches)
+
+  (tmp_path / "latents_flip_std.npy").unlink()
+  with pytest.raises(data.DataError, match="no latents_flip_std.npy.*--flip --std"):
+    data.build_source(id_latents)

@@ -3,8 +3,14 @@
 The order of elements is a function of the seed alone: one global stream (shuffled anew each epoch,
 flipped per position) is dealt out to processes round-robin, so the union of the processes' batches
 at a step does not depend on how many processes there are.
+
+Latents from `dit_jax.tools.encode_latents` may carry the posterior std and the latents of the
+flipped images: each read of an element then draws z = mean + std * N(0, 1) and, with
+config.data.random_flip, takes the flipped image's latent with probability 1/2, with randomness
+that is a function of the seed and the position in the stream (so a resumed iterator repeats it).
 """
 
+import functools
 from concurrent import futures
 
 import grain
@@ -12,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from dit_jax.data.sources import DataError, build_source
+from dit_jax.data.sources import DataError, LatentsSource, build_source
 
 # Each thread builds whole batches; a few in flight keep the accelerator fed without holding many
 # large batches in memory.
@@ -24,6 +30,21 @@ def _random_flip(element: dict[str, np.ndarray], rng: np.random.Generator) -> di
   if rng.random() < 0.5:
     return {**element, "image": element["image"][:, ::-1]}
   return element
+
+
+def _draw_latent(
+  element: dict[str, np.ndarray], rng: np.random.Generator, flip: bool
+) -> dict[str, np.ndarray]:
+  """Picks the flipped image's latent with probability 1/2 if `flip` and it is there, then draws
+  from the posterior N(mean, std^2) if the std is there; drops the variants from the element."""
+  element = dict(element)
+  mean, std = element.pop("image"), element.pop("latent_std", None)
+  flipped, flipped_std = element.pop("latent_flip", None), element.pop("latent_flip_std", None)
+  if flip and flipped is not None and rng.random() < 0.5:
+    mean, std = flipped, flipped_std
+  if std is not None:
+    mean = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+  return {**element, "image": mean}
 
 
 def _ensure_flags_parsed() -> None:
@@ -69,9 +90,24 @@ def build_train_iterator(
       "config.train.batch_size or use more data."
     )
   seed = config.train.seed if seed is None else seed
-  dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-  if config.data.random_flip:
-    # Before sharding, so an element's flip depends on its global position, not the topology.
+  flip = config.data.random_flip
+  latent = isinstance(source, LatentsSource)
+  draws = latent and (source.has_std or (flip and source.has_flip))
+  if latent and flip and not source.has_flip:
+    logging.log_first_n(
+      logging.WARNING,
+      "config.data.random_flip flips the latent tensors of %r, which is not the latent of the "
+      "flipped image; encode the flipped images too with dit_jax.tools.encode_latents --flip.",
+      1,
+      config.data.path,
+    )
+  dataset = grain.MapDataset.source(source.training_view() if draws else source)
+  dataset = dataset.seed(seed).shuffle().repeat(None)
+  # Random maps come before sharding, so an element's flip and posterior draw depend on its
+  # position in the global stream, not on the topology; each epoch draws afresh.
+  if draws:
+    dataset = dataset.random_map(functools.partial(_draw_latent, flip=flip))
+  if flip and not (latent and source.has_flip):
     dataset = dataset.random_map(_random_flip)
   # Process p reads rows [p * batch_size, (p + 1) * batch_size) of every global batch, so the
   # global batch (processes' rows in order) is the same for any process count.

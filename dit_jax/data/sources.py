@@ -16,14 +16,18 @@ Names:
   tfds:<name>  a prepared TensorFlow Datasets dataset, read with `tfds.data_source`.
   folder       `config.data.path/<class>/<image>`: sorted sub-folder names are labels 0..K-1.
   latents      pre-encoded latents in the directory `config.data.path`:
-                 latents.npy  float16 or float32 [N, H, W, C], the encoder's output (unscaled);
+                 latents.npy  float16 or float32 [N, H, W, C], the encoder's output;
                  labels.npy   integer [N], class ids in 0..K-1, and/or
                  the text embeddings written by `python -m dit_jax.tools.encode_text`
                  (context.npy, pooled.npy, text_encoders.json, null_text.npz; dit_jax.data.text).
-               All are plain `np.save` files, memory-mapped, not loaded.
+               All are plain `np.save` files, memory-mapped, not loaded. With the latents.json of
+               `python -m dit_jax.tools.encode_latents` (layout in dit_jax.data.latents) they are
+               already scaled and config.data.latent_scale must equal its scaling_factor; the
+               posterior std and the flipped images' latents it may write are drawn from by the
+               training pipeline. Without latents.json they are multiplied by latent_scale.
 
-Pixel sources other than digits center-crop to a square, then downsample as ADM does: halve with a
-box filter while the image is at least twice the target, then one bicubic step.
+Pixel sources other than digits resize and crop exactly as ADM (guided-diffusion's
+`center_crop_arr`, also DiT's): `adm_center_crop`.
 """
 
 import os
@@ -34,7 +38,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from dit_jax.data import text
+from dit_jax.data import latents, text
 from dit_jax.errors import ConfigError
 
 SOURCE_NAMES = ("digits", "synthetic", "shapes", "tfds:<name>", "folder", "latents")
@@ -60,24 +64,26 @@ def _element(image: np.ndarray, label: Any) -> dict[str, np.ndarray]:
   return {"image": image, "label": np.int32(label)}
 
 
-def _center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-  """Crops the central square of `image` and resizes it to `size` x `size`."""
-  width, height = image.size
-  side = min(width, height)
-  left, top = (width - side) // 2, (height - side) // 2
-  image = image.crop((left, top, left + side, top + side))
+def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
+  """ADM's center crop of `image` to `size` x `size` (guided-diffusion's `center_crop_arr`).
+
+  Halves the whole image with a box filter while its shorter side is at least 2 * size, scales it
+  with bicubic so that the shorter side is `size` (the longer one rounded), then takes the central
+  square (top-left corner at (length - size) // 2).
+  """
   # One large bicubic step aliases; repeated box halving averages every source pixel first.
-  while side >= 2 * size:
-    side //= 2
-    image = image.resize((side, side), Image.BOX)
-  if side != size:
-    image = image.resize((size, size), Image.BICUBIC)
-  return image
+  while min(image.size) >= 2 * size:
+    image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+  scale = size / min(image.size)
+  image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+  width, height = image.size
+  left, top = (width - size) // 2, (height - size) // 2
+  return image.crop((left, top, left + size, top + size))
 
 
 def _pil_to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
   """Converts, crops and resizes `image`; returns float32 [size, size, channels] in [-1, 1]."""
-  image = _center_crop_resize(image.convert("L" if channels == 1 else "RGB"), size)
+  image = adm_center_crop(image.convert("L" if channels == 1 else "RGB"), size)
   array = np.asarray(image, np.float32) / 127.5 - 1.0
   return array.reshape(size, size, channels)
 
@@ -249,7 +255,16 @@ class FolderSource:
 
 
 class LatentsSource:
-  """Pre-encoded latents with labels and/or text embeddings, memory-mapped, scaled on read."""
+  """Pre-encoded latents with labels and/or text embeddings, memory-mapped.
+
+  Elements hold the stored latent (the posterior mean) as "image". `training_view` also reads the
+  posterior std and the flipped image's latent, for the pipeline to draw from.
+
+  Attributes:
+    metadata: the `LatentsMetadata` of encode_latents, or None for hand-written latents.
+    has_std: latents_std.npy is present.
+    has_flip: latents_flip.npy is present.
+  """
 
   def __init__(
     self,
@@ -258,10 +273,11 @@ class LatentsSource:
     channels: int,
     scale: float,
     text_spec: text.TextSpec | None = None,
+    vae_path: str = "",
   ):
     self._path = path
-    self._latents_path = os.path.join(path, "latents.npy")
-    labels_path = os.path.join(path, "labels.npy")
+    self._latents_path = os.path.join(path, latents.LATENTS_FILE)
+    labels_path = os.path.join(path, latents.LABELS_FILE)
     self.text_spec = text_spec
     want_text = text_spec is not None
     cond_files = (
@@ -273,8 +289,19 @@ class LatentsSource:
     if missing:
       raise DataError(
         f"config.data.path={path!r} does not hold pre-encoded latents: missing {missing}. "
-        "Expected latents.npy [N, H, W, C] and labels.npy [N] written with np.save"
+        "Expected latents.npy [N, H, W, C] and labels.npy [N] written with np.save or "
+        "dit_jax.tools.encode_latents"
         + (", and text embeddings from dit_jax.tools.encode_text." if want_text else ".")
+      )
+    self.metadata = latents.LatentsMetadata.load(path)
+    if self.metadata is not None:
+      self._check_metadata(scale, vae_path)
+    self.has_std = os.path.isfile(os.path.join(path, latents.STD_FILE))
+    self.has_flip = os.path.isfile(os.path.join(path, latents.FLIP_FILE))
+    if self.has_std and self.has_flip and not os.path.isfile(self._file("latent_flip_std")):
+      raise DataError(
+        f"config.data.path={path!r} has {latents.STD_FILE} and {latents.FLIP_FILE} but no "
+        f"{latents.FLIP_STD_FILE}; re-run dit_jax.tools.encode_latents with --flip --std."
       )
     self._open()
     shape, dtype = self._latents.shape, self._latents.dtype
@@ -283,13 +310,20 @@ class LatentsSource:
         f"{self._latents_path!r} holds {dtype} {list(shape)}; expected float16 or float32 "
         "[N, H, W, C] with N > 0."
       )
+    for key, array in self._extra.items():
+      if array.shape != shape or array.dtype not in (np.float16, np.float32):
+        raise DataError(
+          f"{self._file(key)!r} holds {array.dtype} {list(array.shape)}; expected float16 or "
+          f"float32 {list(shape)} like {self._latents_path!r}."
+        )
     if shape[1:] != (image_size, image_size, channels):
       raise DataError(
         f"config.data.path={path!r} holds latents of shape [H, W, C]={list(shape[1:])}, but "
         f"config.data.image_size={image_size} and config.data.channels={channels} expect "
         f"{[image_size, image_size, channels]}; set those two fields to match the files."
       )
-    self._scale = np.float32(scale)
+    # encode_latents stores scaled latents; hand-written ones are scaled on read.
+    self._scale = np.float32(1.0 if self.metadata is not None else scale)
     if want_text:
       s = self.text_spec
       expect = {
@@ -314,6 +348,39 @@ class LatentsSource:
     self._labels = np.asarray(labels, np.int32)
     self.num_classes = int(self._labels.max()) + 1
 
+  def _check_metadata(self, scale: float, vae_path: str) -> None:
+    meta, path = self.metadata, self._path
+    rows = latents.read_progress(path)
+    if rows is None or rows < meta.count:
+      raise DataError(
+        f"config.data.path={path!r} is incomplete ({rows or 0} of {meta.count} examples "
+        "encoded); re-run dit_jax.tools.encode_latents with the same arguments to finish it."
+      )
+    missing = [f for f in meta.latent_files() if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+      raise DataError(
+        f"config.data.path={path!r} lacks {missing}, which its {latents.METADATA_FILE} lists; "
+        "re-run dit_jax.tools.encode_latents into a new directory."
+      )
+    if not latents.same_factor(scale, meta.scaling_factor):
+      raise DataError(
+        f"The latents in config.data.path={path!r} are already scaled by the VAE's "
+        f"scaling_factor={meta.scaling_factor} (shift_factor={meta.shift_factor}), but "
+        f"config.data.latent_scale={scale}; set config.data.latent_scale={meta.scaling_factor}."
+      )
+    # The VAE that decodes samples undoes its own scale and shift: they must be the encoder's.
+    factors = latents.vae_factors(vae_path) if vae_path else None
+    if factors is not None and not (
+      latents.same_factor(factors[0], meta.scaling_factor)
+      and latents.same_factor(factors[1], meta.shift_factor)
+    ):
+      raise DataError(
+        f"The latents in config.data.path={path!r} were made with scaling_factor="
+        f"{meta.scaling_factor} and shift_factor={meta.shift_factor}, but the VAE at "
+        f"config.vae.path={vae_path!r} decodes with {factors[0]} and {factors[1]}; set "
+        f"config.vae.path to the VAE that encoded them ({meta.vae})."
+      )
+
   @property
   def _context_path(self) -> str:
     return os.path.join(self._path, text.CONTEXT_FILE)
@@ -322,15 +389,21 @@ class LatentsSource:
   def _pooled_path(self) -> str:
     return os.path.join(self._path, text.POOLED_FILE)
 
+  def _file(self, key: str) -> str:
+    return os.path.join(self._path, _LATENT_VARIANT_FILES[key])
+
   def _open(self) -> None:
     self._latents = np.load(self._latents_path, mmap_mode="r")
+    present = {"latent_std": self.has_std, "latent_flip": self.has_flip}
+    present["latent_flip_std"] = self.has_std and self.has_flip
+    self._extra = {k: np.load(self._file(k), mmap_mode="r") for k, on in present.items() if on}
     if self.text_spec is not None:
       self._context = np.load(self._context_path, mmap_mode="r")
       self._pooled = np.load(self._pooled_path, mmap_mode="r")
 
   def __getstate__(self) -> dict[str, Any]:
     # Pickling a memmap copies the whole array into every grain worker; reopen it there instead.
-    return {**self.__dict__, "_latents": None, "_context": None, "_pooled": None}
+    return {**self.__dict__, "_latents": None, "_extra": None, "_context": None, "_pooled": None}
 
   def __setstate__(self, state: dict[str, Any]) -> None:
     self.__dict__.update(state)
@@ -339,15 +412,47 @@ class LatentsSource:
   def __len__(self) -> int:
     return len(self._latents)
 
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    latent = np.asarray(self._latents[index], np.float32) * self._scale
+  def read(self, index: int, variants: bool = False) -> dict[str, np.ndarray]:
+    """Element `index`; with `variants`, also its "latent_std", "latent_flip" and
+    "latent_flip_std" (those present), float32 and scaled like the latent."""
+    element = {"image": np.asarray(self._latents[index], np.float32) * self._scale}
+    if variants:
+      for key, array in self._extra.items():
+        element[key] = np.asarray(array[index], np.float32) * self._scale
     if self.text_spec is None:
-      return _element(latent, self._labels[index])
-    return {
-      "image": latent,
-      "context": np.asarray(self._context[index], np.float32),
-      "pooled": np.asarray(self._pooled[index], np.float32),
-    }
+      element["label"] = np.int32(self._labels[index])
+    else:
+      element["context"] = np.asarray(self._context[index], np.float32)
+      element["pooled"] = np.asarray(self._pooled[index], np.float32)
+    return element
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return self.read(index)
+
+  def training_view(self) -> "Source":
+    """This source with every element's variants (see `read`), for the training pipeline."""
+    return _LatentVariants(self)
+
+
+_LATENT_VARIANT_FILES = {
+  "latent_std": latents.STD_FILE,
+  "latent_flip": latents.FLIP_FILE,
+  "latent_flip_std": latents.FLIP_STD_FILE,
+}
+
+
+class _LatentVariants:
+  """A `LatentsSource` whose elements carry their posterior std and flipped latents."""
+
+  def __init__(self, source: LatentsSource):
+    self._source = source
+    self.num_classes = source.num_classes
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return self._source.read(index, variants=True)
 
 
 def is_pixel_data(config: ml_collections.ConfigDict) -> bool:
@@ -464,7 +569,9 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
     _check_pixel_channels(config)
     source = FolderSource(data.path, data.image_size, data.channels)
   elif name == "latents":
-    source = LatentsSource(data.path, data.image_size, data.channels, data.latent_scale, spec)
+    source = LatentsSource(
+      data.path, data.image_size, data.channels, data.latent_scale, spec, config.vae.path
+    )
   else:
     raise DataError(f"config.data.name={name!r} is unknown; use one of {SOURCE_NAMES}.")
   if num_classes and source.num_classes is not None and source.num_classes > num_classes:
