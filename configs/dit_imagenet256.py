@@ -1,14 +1,23 @@
 """DiT on ImageNet 256x256 as in Peebles & Xie (2023): 32x32x4 SD-VAE latents, 1000 classes.
 
-  python -m dit_jax.main --config=configs/dit_imagenet256.py:variant=XL/2,objective=eps \
+  python -m dit_jax.tools.encode_latents --config=configs/dit_imagenet256.py \\
+      --source=tfds:imagenet2012 --vae=/models/sd-vae-ft-ema --out=/data/imagenet256_latents --flip
+  python -m dit_jax.main --config=configs/dit_imagenet256.py:variant=XL/2,objective=eps \\
       --config.data.path=/data/imagenet256_latents --workdir=gs://bucket/dit_xl2
+  python -m dit_jax.main --config=configs/dit_imagenet256.py:variant=XL/2 --mode=sample \\
+      --config.vae.path=/models/sd-vae-ft-ema --workdir=gs://bucket/dit_xl2
 
 Meant for: a TPU pod slice or an 8-GPU host (the paper trains XL/2 with global batch 256, AdamW
 lr 1e-4, no weight decay, EMA 0.9999, learned sigma, 400k-7M steps; FID-50K 2.27 with cfg 1.5).
 Arg string: variant=<S|B|L|XL>/<2|4|8>, objective=eps|v|rectified_flow, runlocal (shrinks the
 run to seconds on a CPU with `synthetic` latents of the same shape).
-Data: `latents` reads <data.path>/latents.npy [N, 32, 32, 4] and labels.npy [N], pre-encoded with
-the SD VAE (scaled by 0.18215 here); until the encoder tool lands, use data.name=synthetic.
+Data: `latents` reads <data.path>/latents.npy [N, 32, 32, 4] and labels.npy [N] as
+dit_jax.tools.encode_latents writes them (ADM center crop to 256, SD-VAE posterior mean x 0.18215;
+with --flip also the flipped images' latents, one of the two picked at random per read, as the
+paper's training flips images).
+The released weights: python -m dit_jax.tools.import_dit --checkpoint=DiT-XL-2-256x256.pt
+--config=configs/dit_imagenet256.py:variant=XL/2 --workdir=DIR. Sampling guides only the first 3
+of the 4 latent channels (sample.guided_channels=3), as the official sampler does.
 """
 
 from dit_jax.config_defaults import base_config, parse_arg
@@ -27,6 +36,7 @@ def get_config(arg: str | None = None):
   c.data.image_size = 32
   c.data.channels = 4
   c.data.latent_scale = 0.18215
+  c.data.random_flip = True
   c.train.batch_size = 256
   c.train.num_steps = 400_000
   c.train.lr = 1e-4
@@ -39,6 +49,7 @@ def get_config(arg: str | None = None):
   c.sample.num_steps = 250
   c.sample.sampler = "ddpm" if args["objective"] != "rectified_flow" else "euler"
   c.sample.guidance_scale = 1.5
+  c.sample.guided_channels = 3
   c.sample.num_images = 50_000
   c.sample.batch_size = 256
   c.eval.num_images = 50_000

@@ -2,6 +2,8 @@
 32x32x16 latents of a 16-channel VAE, CLIP-L + CLIP-G + T5-XXL text (77 + 77 tokens of 4096
 channels, pooled 2048), rectified flow with logit-normal timesteps.
 
+  python -m dit_jax.tools.encode_latents --config=configs/mmdit_sd3.py --source=folder \\
+      --source_path=/data/images --vae=/models/sd3/vae --out=/data/latents256
   python -m dit_jax.tools.encode_text --captions=/data/captions.txt --out=/data/latents256 \\
       --clip_l=/models/clip-l --clip_g=/models/clip-g --t5=/models/t5-xxl --t5_max_length=77
   python -m dit_jax.main --config=configs/mmdit_sd3.py:variant=d24 \\
@@ -11,8 +13,10 @@ channels, pooled 2048), rectified flow with logit-normal timesteps.
 Meant for: a TPU pod slice (the 2B model, d24, is SD3-medium's size; d38 is the paper's 8B).
 The paper trains with batch 4096 (here 1024 by default; set train.batch_size), AdamW lr 1e-4
 after 1000 warmup steps, EMA, and drops each text encoder's input with probability 0.464.
-Data: `latents` reads <data.path>/latents.npy [N, 32, 32, 16] plus the text embeddings written by
-dit_jax.tools.encode_text into the same directory.
+Data: `latents` reads <data.path>/latents.npy [N, 32, 32, 16] (SD3's VAE: (mean - 0.0609) x
+1.5305, as encode_latents writes them; row i in the image source's order, which caption line i
+must follow) plus the text embeddings written by dit_jax.tools.encode_text into the same
+directory. Sampling decodes with --config.vae.path=/models/sd3/vae.
 Arg string: variant=d<depth>, runlocal (a seconds-long CPU run on synthetic data of the same
 structure, with a tiny model and short text).
 """
@@ -42,7 +46,7 @@ def get_config(arg: str | None = None):
   c.data.image_size = 32
   c.data.channels = 16
   c.data.latent_scale = (
-    1.5305  # The SD3 VAE's scaling factor; store latents minus its shift 0.0609.
+    1.5305  # The SD3 VAE's scaling factor (its shift, 0.0609, is in latents.json).
   )
   c.train.batch_size = 1024
   c.train.num_steps = 500_000
