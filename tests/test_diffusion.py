@@ -289,3 +289,46 @@ def test_build_diffusion_errors_name_the_field():
   c.diffusion.sigma_data = 0.0
   with pytest.raises(ConfigError, match="diffusion.sigma_data"):
     build_diffusion(c)
+
+
+# --- Respacing as in the released DiT ----------------------------------------------------------
+
+
+def _space_timesteps(num_timesteps: int, num_steps: int) -> set[int]:
+  """DiT's `space_timesteps(T, str(n))` (one section), written out as the reference reads: a float
+  position advanced by the stride, rounded by Python's round (half to even) at each step."""
+  stride = 1 if num_steps <= 1 else (num_timesteps - 1) / (num_steps - 1)
+  position, taken = 0.0, []
+  for _ in range(num_steps):
+    taken.append(round(position))
+    position += stride
+  return set(taken)
+
+
+def test_vp_grid_is_the_official_respacing_for_every_step_count():
+  schedule = vp_schedule("linear")
+  # Known cases: the float sums round 499.4999... down where an even split would give 500.
+  assert 499 in time_grid(schedule, 21) and 500 not in time_grid(schedule, 21)
+  assert list(time_grid(schedule, 1)) == [0]  # One step is the reference's t = 0.
+  assert list(time_grid(schedule, 2)) == [999, 0]
+  assert list(time_grid(schedule, 250)[-6:]) == [20, 16, 12, 8, 4, 0]
+  np.testing.assert_array_equal(time_grid(schedule, 1000), np.arange(999, -1, -1))
+  for n in range(1, 1001):
+    grid = time_grid(schedule, n)
+    assert len(grid) == n and np.all(np.diff(grid) < 0) and grid.dtype == np.int32, n
+    assert set(grid.tolist()) == _space_timesteps(1000, n), n
+
+
+def test_ddpm_on_the_grid_is_the_respaced_process():
+  """Along the grid, the posterior is that of the process with the respaced betas
+  1 - alpha_bar(t_i) / alpha_bar(t_{i-1}) (SpacedDiffusion), including its learned-range ends."""
+  from dit_jax.diffusion.schedules import VPSchedule
+
+  acp = vp_schedule("linear").alphas_cumprod
+  grid = time_grid(vp_schedule("linear"), 27)
+  ascending = grid[::-1]
+  respaced = VPSchedule(1.0 - acp[ascending] / np.append(1.0, acp[ascending[:-1]]))
+  ours = vlb.posterior(acp, grid)
+  theirs = vlb.posterior(respaced.alphas_cumprod, np.arange(len(grid))[::-1])
+  for a, b in zip(ours, theirs, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -2,6 +2,11 @@
 
 Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Every process takes part in saves and
 restores; restores go straight into the shardings of an abstract target, whatever mesh wrote them.
+
+An imported checkpoint (`save_weights`: released DiT or SD3 weights) holds only the weights, as
+`state = {"ema_params": ...}`, with the config and an `origin` item saying where they came from.
+Sampling restores it like any other; training cannot resume it, but starts from it in a new
+workdir with `train.init_from` (`restore_weights`).
 """
 
 import json
@@ -11,12 +16,16 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
 from dit_jax.errors import ConfigError
+
+ORIGIN = "origin"  # The item that marks a weights-only (imported) checkpoint.
 
 
 def _restore_args(abstract: Any) -> Any:
@@ -55,6 +64,7 @@ class Checkpointer:
       "state": ocp.PyTreeCheckpointHandler(),
       "config": ocp.JsonCheckpointHandler(),
       "data": grain.checkpoint.CheckpointHandler(),
+      ORIGIN: ocp.JsonCheckpointHandler(),
     }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -77,6 +87,13 @@ class Checkpointer:
 
   def restore_train(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the full state (and the iterator position, in place) into `abstract_state`."""
+    origin = self.origin(step)
+    if origin is not None:
+      raise ConfigError(
+        f"The checkpoint {self.directory}/{step} holds imported weights only (no optimizer state; "
+        f"from {origin.get('source')!r}), so training cannot resume it; fine-tune from it in a "
+        f"new workdir with --config.train.init_from={os.path.dirname(self.directory)}"
+      )
     self.check_structure(step, abstract_state)
     self.check_prediction(step)
     items = {
@@ -148,21 +165,53 @@ class Checkpointer:
     self.manager.reload()
 
   def restore_params(self, step: int, abstract_params: Any, *, ema: bool = True) -> Any:
-    """Restores only the (EMA) parameters, e.g. onto another mesh for sampling."""
+    """Restores only the (EMA) parameters, e.g. onto another mesh for sampling.
+
+    An imported checkpoint holds one set of weights (the released EMA weights), which serves for
+    `ema=False` too.
+    """
     key = "ema_params" if ema else "params"
-    self.check_structure(step, {key: abstract_params}, only=key)
+    if not ema and self.origin(step) is not None:
+      logging.info(
+        "Checkpoint %d in %s holds imported weights only; using them as the raw parameters "
+        "(they are the released EMA weights).",
+        step,
+        self.directory,
+      )
+      key = "ema_params"
+    return self._restore_parts(step, {key: abstract_params})[key]
+
+  def _restore_parts(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
+    """Restores the named top-level parts of the state (e.g. params and ema_params) alone."""
+    self.check_structure(step, target, only=tuple(target))
     self.check_prediction(step)
-    target = {key: abstract_params}
     args = ocp.args.PyTreeRestore(target, restore_args=_restore_args(target), partial_restore=True)
     restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
-    return restored["state"][key]
+    return {k: restored["state"][k] for k in target}
 
-  def check_structure(self, step: int, abstract: Any, only: str | None = None) -> None:
-    """Raises ConfigError naming the arrays whose names or shapes differ from the checkpoint's."""
+  def origin(self, step: int) -> dict | None:
+    """Where the weights of an imported checkpoint came from (None for a training checkpoint)."""
+    if ORIGIN not in self.manager.item_metadata(step).keys():
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(**{ORIGIN: ocp.args.JsonRestore()}))[
+      ORIGIN
+    ]
+
+  def check_structure(
+    self, step: int, abstract: Any, only: str | tuple[str, ...] | None = None
+  ) -> None:
+    """Raises ConfigError naming the arrays whose names or shapes differ from the checkpoint's
+    (only among the top-level parts `only` of the state, if given)."""
     saved_tree = self.manager.item_metadata(step)["state"]
     saved_tree = getattr(saved_tree, "tree", saved_tree)
     if only is not None:
-      saved_tree = {only: saved_tree[only]}
+      only = (only,) if isinstance(only, str) else only
+      missing = [k for k in only if k not in saved_tree]
+      if missing:
+        raise ConfigError(
+          f"The checkpoint {self.directory}/{step} has no {missing}; it holds {sorted(saved_tree)}."
+        )
+      saved_tree = {k: saved_tree[k] for k in only}
     saved = _shapes(saved_tree)
     wanted = _shapes(abstract)
     problems = [
@@ -243,6 +292,116 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def place(params: Any, abstract: Any, what: str = "The imported weights") -> Any:
+  """Puts host (numpy) arrays straight into the shardings of `abstract` (leaves with shape, dtype
+  and sharding), each process building only its own shards.
+
+  Raises:
+    ConfigError: naming the arrays whose names or shapes differ from `abstract`'s.
+  """
+  have, want = _shapes(params), _shapes(abstract)
+  problems = [
+    f"{k}: {have[k]} vs the model's {want[k]}" for k in want if k in have and have[k] != want[k]
+  ]
+  problems += [f"{k}: missing" for k in want if k not in have]
+  problems += [f"{k}: not in the model" for k in have if k not in want]
+  if problems:
+    raise ConfigError(
+      f"{what} do not fit the model of this config: {len(problems)} array(s) differ, e.g. "
+      f"{'; '.join(problems[:5])}. Check config.model against the weights."
+    )
+
+  def put(x, target):
+    x = np.asarray(x, target.dtype)
+    return jax.make_array_from_callback(x.shape, target.sharding, lambda index: x[index])
+
+  return jax.tree.map(put, params, abstract)
+
+
+def check_new_workdir(workdir: str) -> None:
+  """Raises ConfigError if `workdir` already holds checkpoints (or anything in their folder)."""
+  directory = epath.Path(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  if directory.exists() and any(directory.iterdir()):
+    raise ConfigError(
+      f"{directory} is not empty (it holds {sorted(p.name for p in directory.iterdir())[:5]}); "
+      "import into a new --workdir. Nothing was written."
+    )
+
+
+def save_weights(
+  workdir: str,
+  step: int,
+  params: Any,
+  config: ml_collections.ConfigDict,
+  *,
+  source: str,
+  abstract: Any = None,
+) -> str:
+  """Writes an imported checkpoint holding only `params` (as the EMA parameters, which is what
+  released weights are), the full `config` and the origin `source`; returns its directory.
+
+  `params` are jax Arrays in their shardings, or host arrays that are first put into the
+  shardings of `abstract` (`place`). Every process calls this.
+
+  Raises:
+    ConfigError: if `workdir` already holds checkpoints (nothing is written then), or the
+      params do not fit `abstract`.
+  """
+  check_new_workdir(workdir)
+  if jax.process_count() > 1:  # Every process has looked before any writes.
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("dit_jax: import target checked")
+  if abstract is not None:
+    params = place(params, abstract)
+  ckpt = Checkpointer(workdir, async_save=False, config=config)
+  origin = {"weights_only": True, "source": source, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+  items = {
+    "state": ocp.args.PyTreeSave({"ema_params": params}),
+    "config": ocp.args.JsonSave(json.loads(config.to_json())),
+    ORIGIN: ocp.args.JsonSave(origin),
+  }
+  try:
+    ckpt.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    ckpt.wait()
+  finally:
+    ckpt.close()
+  return os.path.join(ckpt.directory, str(step))
+
+
+def restore_weights(
+  workdir: str, abstract_params: Any, config: ml_collections.ConfigDict | None = None
+) -> tuple[int, Any, Any]:
+  """(step, params, ema_params) of the newest checkpoint in `workdir`, restored into the
+  shardings of `abstract_params`, to start a new run from (`train.init_from`).
+
+  A training checkpoint gives its parameters and their EMA; an imported one its weights for both.
+
+  Raises:
+    ConfigError: if `workdir` holds no checkpoint, or one of another model.
+  """
+  ckpt = Checkpointer(workdir, read_only=True, config=config)
+
+  def restore(step: int) -> tuple[Any, Any]:
+    if ckpt.origin(step) is not None:
+      ema = ckpt.restore_params(step, abstract_params, ema=True)
+      return jax.tree.map(jnp.copy, ema), ema  # Separate buffers: the train step donates both.
+    parts = ckpt._restore_parts(step, {"params": abstract_params, "ema_params": abstract_params})
+    return parts["params"], parts["ema_params"]
+
+  try:
+    restored = ckpt._newest(restore, set_aside=False)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise ConfigError(
+      f"config.train.init_from={workdir!r} holds no checkpoint (looked in {ckpt.directory}); "
+      "point it at a training run or an imported workdir."
+    )
+  step, (params, ema_params) = restored
+  return step, params, ema_params
 
 
 def _key(entry) -> str:

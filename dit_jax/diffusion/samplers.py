@@ -28,18 +28,36 @@ FLOW_TRAIN_STEPS = 1000  # Flow time t is fed to the model as 1000 t (SD3's "tim
 def time_grid(schedule: Schedule, num_steps: int, shift: float = 1.0) -> np.ndarray:
   """Descending grid of `num_steps` times at which the model is evaluated.
 
-  VP: distinct integers from T - 1 down to 0, evenly spaced. Flow: the grid of diffusers'
+  VP: `respaced_timesteps`, the integers of the released DiT's respacing (the samplers run the
+  respaced process, whose alpha_bar are those of the grid points). Flow: the grid of diffusers'
   FlowMatchEulerDiscreteScheduler (SD3): evenly spaced from 1 down to the smallest training time
   shift(1 / 1000), then time-shifted; the solver's final target is t = 0.
   """
   if num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
   if isinstance(schedule, VPSchedule):
-    steps = min(num_steps, schedule.num_timesteps)
-    return np.round(np.linspace(schedule.num_timesteps - 1, 0, steps)).astype(np.int32)
+    return respaced_timesteps(schedule.num_timesteps, num_steps)
   t_min = float(timesteps.shift_time(np.float64(1.0 / FLOW_TRAIN_STEPS), shift))
   unit = np.linspace(1.0, t_min, num_steps)
   return np.asarray(timesteps.shift_time(unit, shift), np.float32)
+
+
+def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """`num_steps` of the integers 0 .. T - 1, descending, as the DiT / ADM code respaces a T-step
+  process for `num_steps` sampling steps (`space_timesteps(T, str(num_steps))`).
+
+  Step i takes round(i * stride) with stride (T - 1) / (num_steps - 1) summed up in float64 and
+  rounded half to even, as that code does; the sums differ from i * stride in the last bits, so
+  a few step counts (e.g. 21) pick a neighbour of the evenly spaced grid. One step is t = 0.
+  More steps than T are clamped to T.
+  """
+  steps = min(num_steps, num_timesteps)
+  stride = (num_timesteps - 1) / (steps - 1) if steps > 1 else 1.0
+  picked, position = [], 0.0
+  for _ in range(steps):
+    picked.append(round(position))  # Python's round: half to even, like the reference.
+    position += stride
+  return np.array(sorted(set(picked), reverse=True), np.int32)
 
 
 def _scan(step_fn, z, xs):

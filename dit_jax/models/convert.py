@@ -1,14 +1,21 @@
-"""Weights of a diffusers `SD3Transformer2DModel` (Stable Diffusion 3) as dit_jax MMDiT params.
+"""Released weights as dit_jax params (float32 numpy, in the layout of the Flax modules).
+
+SD3: a diffusers `SD3Transformer2DModel` as `dit_jax.models.mmdit.MMDiT` params.
 
     params, overrides = load_sd3("path/to/stable-diffusion-3-medium-diffusers/transformer")
 
 reads config.json and the safetensors file(s) of that directory (no PyTorch needed) and returns
-the parameters in the layout of `dit_jax.models.mmdit.MMDiT` (float32 numpy) and the config
-fields that describe the same architecture (`apply_overrides(config, overrides)` sets them).
-The SD3.5 variants with extra self-attention in some blocks (`dual_attention_layers`) are not
-supported.
+the parameters and the config fields that describe the same architecture
+(`apply_overrides(config, overrides)` sets them). The SD3.5 variants with extra self-attention in
+some blocks (`dual_attention_layers`) are not supported.
+
+DiT: a facebookresearch/DiT `models.py` state dict (e.g. the released DiT-XL-2-256x256.pt) as
+`dit_jax.models.dit.DiT` params for a config of the same architecture.
+
+    params = convert_dit(load_dit_pt("DiT-XL-2-256x256.pt"), config)
 """
 
+import argparse
 import glob
 import json
 import os
@@ -16,9 +23,10 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from dit_jax.errors import ConfigError
-from dit_jax.models import layers
+from dit_jax.models import SIZES, VARIANTS, layers, variant_dims
 
 Params = dict[str, Any]
 
@@ -204,3 +212,281 @@ def load_sd3(directory: str) -> tuple[Params, dict]:
       for key in fh.keys():
         state[key] = np.asarray(fh.get_tensor(key), np.float32)
   return convert_sd3(state, hf), sd3_overrides(hf)
+
+
+# --- DiT (facebookresearch/DiT) ---------------------------------------------------------------
+
+
+def _dit_sizes(sd: dict[str, np.ndarray]) -> dict[str, int]:
+  """The architecture a DiT state dict fixes (the heads are not stored in the weights)."""
+  for key in (
+    "x_embedder.proj.weight",
+    "final_layer.linear.weight",
+    "y_embedder.embedding_table.weight",
+  ):
+    if key not in sd:
+      raise ConfigError(
+        f"The DiT checkpoint lacks the weight {key!r}; is it a facebookresearch/DiT state dict?"
+      )
+  width, channels, patch, _ = sd["x_embedder.proj.weight"].shape  # [D, C, p, p]
+  depth = 0
+  while f"blocks.{depth}.attn.qkv.weight" in sd:
+    depth += 1
+  sizes = {
+    "width": int(width),
+    "depth": depth,
+    "patch": int(patch),
+    "channels": int(channels),
+    "out_channels": int(sd["final_layer.linear.weight"].shape[0]) // (patch * patch),
+    "num_classes": int(sd["y_embedder.embedding_table.weight"].shape[0]) - 1,  # + the null class
+  }
+  if "blocks.0.mlp.fc1.weight" in sd:
+    sizes["mlp_hidden"] = int(sd["blocks.0.mlp.fc1.weight"].shape[0])
+  if "pos_embed" in sd:  # [1, L, D], fixed sin-cos of a square grid.
+    sizes["grid"] = round(sd["pos_embed"].shape[1] ** 0.5)
+  return sizes
+
+
+def _config_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+  dims = variant_dims(config.model)
+  channels = int(config.data.channels)
+  return {
+    "width": dims["width"],
+    "depth": dims["depth"],
+    "patch": dims["patch"],
+    "channels": channels,
+    "out_channels": channels * (2 if config.model.learn_sigma else 1),
+    "num_classes": int(config.model.num_classes),
+    "mlp_hidden": int(dims["width"] * config.model.mlp_ratio),
+    "grid": int(config.data.image_size) // dims["patch"],
+  }
+
+
+def check_dit_architecture(
+  sd: dict[str, np.ndarray], config: ml_collections.ConfigDict
+) -> dict[str, int]:
+  """Returns the sizes of the DiT state dict `sd`.
+
+  Raises:
+    ConfigError: one sentence naming every size in which `sd` differs from `config` and the
+      config fields that would match it (e.g. the variant of XL/2 weights).
+  """
+  if config.model.name != "dit" or config.model.conditioning != "adaln_zero":
+    raise ConfigError(
+      f"DiT weights need config.model.name='dit' and conditioning='adaln_zero' (got "
+      f"{config.model.name!r}, {config.model.conditioning!r})."
+    )
+  theirs, ours = _dit_sizes(sd), _config_sizes(config)
+  differ = {k for k in theirs if theirs[k] != ours[k]}
+  if not differ:
+    return theirs
+  facts, fixes = [], []
+  if differ & {"width", "depth", "patch"}:
+    named = [
+      v
+      for v, d in VARIANTS.items()
+      if (d["width"], d["depth"], d["patch"]) == (theirs["width"], theirs["depth"], theirs["patch"])
+    ]
+    shape = f"width {theirs['width']}, depth {theirs['depth']}, patch {theirs['patch']}"
+    if named:
+      facts.append(f"{shape} ({named[0]})")
+      fixes.append(f"--config.model.variant={named[0]}")
+    else:
+      facts.append(shape)
+      sizes = ", ".join(f"{k} {d['width']}" for k, d in SIZES.items())
+      fixes.append(
+        f"--config.model.width={theirs['width']} --config.model.depth={theirs['depth']} with "
+        f"the right model.heads and a variant of patch {theirs['patch']} (widths: {sizes})"
+      )
+  if "channels" in differ:
+    facts.append(f"{theirs['channels']} input channels")
+    fixes.append(f"--config.data.channels={theirs['channels']}")
+  if "out_channels" in differ and "channels" not in differ:
+    sigma = theirs["out_channels"] == 2 * theirs["channels"]
+    facts.append(f"{theirs['out_channels']} output channels ({'learned' if sigma else 'no'} sigma)")
+    fixes.append(f"--config.model.learn_sigma={sigma}")
+  if "num_classes" in differ:
+    facts.append(f"{theirs['num_classes']} classes plus the null class")
+    fixes.append(f"--config.model.num_classes={theirs['num_classes']}")
+  if "mlp_hidden" in differ and not differ & {"width"}:
+    facts.append(f"an MLP of {theirs['mlp_hidden']} hidden units")
+    fixes.append(f"--config.model.mlp_ratio={theirs['mlp_hidden'] / theirs['width']}")
+  if "grid" in differ and not differ & {"patch"}:
+    size = theirs["grid"] * theirs["patch"]
+    facts.append(f"a position table for {size}x{size} inputs")
+    fixes.append(f"--config.data.image_size={size}")
+  elif "grid" in differ:
+    facts.append(f"a position table for a {theirs['grid']}x{theirs['grid']} grid of patches")
+  raise ConfigError(
+    f"The DiT checkpoint is of another architecture than the config: it has {'; '.join(facts)}; "
+    f"set {' '.join(fixes)}."
+  )
+
+
+def check_dit_diffusion(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless `config` reads the network's output as DiT trained it: eps under
+  the linear schedule of 1000 steps, no preconditioning (the same arrays would fit any)."""
+  d = config.diffusion
+  ours = {
+    "objective": d.objective,
+    "schedule": d.schedule,
+    "num_timesteps": d.num_timesteps,
+    "preconditioning": d.preconditioning,
+  }
+  theirs = {
+    "objective": "eps",
+    "schedule": "linear",
+    "num_timesteps": 1000,
+    "preconditioning": "none",
+  }
+  differ = [f"--config.diffusion.{k}={v}" for k, v in theirs.items() if ours[k] != v]
+  if differ:
+    raise ConfigError(
+      "DiT weights predict eps under the linear schedule of 1000 steps without preconditioning, "
+      f"which this config would misread; set {' '.join(differ)}."
+    )
+
+
+def dit_state_shapes(sizes: dict[str, int]) -> dict[str, tuple[int, ...]]:
+  """Names and shapes of a facebookresearch/DiT state dict of the given sizes."""
+  d, p, c = sizes["width"], sizes["patch"], sizes["channels"]
+  shapes = {
+    "x_embedder.proj.weight": (d, c, p, p),
+    "x_embedder.proj.bias": (d,),
+    "t_embedder.mlp.0.weight": (d, layers.TimestepEmbedder.frequency_dim),
+    "t_embedder.mlp.0.bias": (d,),
+    "t_embedder.mlp.2.weight": (d, d),
+    "t_embedder.mlp.2.bias": (d,),
+    "y_embedder.embedding_table.weight": (sizes["num_classes"] + 1, d),
+    "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+    "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    "final_layer.linear.weight": (p * p * sizes["out_channels"], d),
+    "final_layer.linear.bias": (p * p * sizes["out_channels"],),
+  }
+  hidden = sizes["mlp_hidden"]
+  block = {
+    "attn.qkv.weight": (3 * d, d),
+    "attn.qkv.bias": (3 * d,),
+    "attn.proj.weight": (d, d),
+    "attn.proj.bias": (d,),
+    "mlp.fc1.weight": (hidden, d),
+    "mlp.fc1.bias": (hidden,),
+    "mlp.fc2.weight": (d, hidden),
+    "mlp.fc2.bias": (d,),
+    "adaLN_modulation.1.weight": (6 * d, d),
+    "adaLN_modulation.1.bias": (6 * d,),
+  }
+  for i in range(sizes["depth"]):
+    shapes |= {f"blocks.{i}.{k}": v for k, v in block.items()}
+  return shapes
+
+
+def _dit_block(sd: dict, i: int, width: int, heads: int) -> Params:
+  pre = f"blocks.{i}."
+  head_dim = width // heads
+  # The fused qkv Linear emits [q | k | v], each with its heads contiguous.
+  qkv = _linear(sd, pre + "attn.qkv", (3, heads, head_dim))  # kernel [D, 3, H, Dh]
+  attn = {
+    name: {"kernel": qkv["kernel"][:, j], "bias": qkv["bias"][j]}
+    for j, name in enumerate(("query", "key", "value"))
+  }
+  proj = _linear(sd, pre + "attn.proj")  # Its input features are (head, channel) flattened.
+  attn["out"] = {"kernel": proj["kernel"].reshape(heads, head_dim, width), "bias": proj["bias"]}
+  return {
+    "attn": attn,
+    "mlp": {"fc1": _linear(sd, pre + "mlp.fc1"), "fc2": _linear(sd, pre + "mlp.fc2")},
+    # Chunks shift, scale, gate (attention) then shift, scale, gate (MLP), as DiTBlock reads them.
+    "modulation": _linear(sd, pre + "adaLN_modulation.1", (6, width)),
+  }
+
+
+def convert_dit(state_dict: dict[str, np.ndarray], config: ml_collections.ConfigDict) -> Params:
+  """Maps a facebookresearch/DiT state dict (numpy arrays) onto the params of the DiT that
+  `config` describes (the number of heads, which the weights do not record, is the config's).
+
+  Raises:
+    ConfigError: if the weights are of another architecture than the config (one message naming
+      the fields to set), or a weight is missing, misshapen or left over.
+  """
+  sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+  check_dit_architecture(sd, config)
+  check_dit_diffusion(config)
+  sizes = _config_sizes(config)  # Equal to the checkpoint's in all that it records.
+  want = dit_state_shapes(sizes)
+  missing = [k for k in want if k not in sd]
+  if missing:
+    raise ConfigError(
+      f"The DiT checkpoint lacks {len(missing)} weight(s), e.g. {missing[:3]}; is it a complete "
+      "facebookresearch/DiT state dict?"
+    )
+  wrong = [f"{k}: {sd[k].shape}, expected {want[k]}" for k in want if sd[k].shape != want[k]]
+  if wrong:
+    raise ConfigError(
+      f"Weights of the DiT checkpoint have unexpected shapes: {'; '.join(wrong[:5])}."
+    )
+  width, depth, patch = sizes["width"], sizes["depth"], sizes["patch"]
+  heads = variant_dims(config.model)["heads"]
+  stored_pos = sd.pop("pos_embed", None)
+  if stored_pos is not None:  # Fixed, not learned: dit_jax computes the same table itself.
+    grid = sizes["grid"]
+    ours = layers.sincos_2d(width, grid, grid)
+    if stored_pos.shape != (1, *ours.shape) or not np.allclose(stored_pos[0], ours, atol=1e-5):
+      raise ConfigError(
+        "The checkpoint's position table differs from the sin-cos table dit_jax uses."
+      )
+  conv_w = sd.pop("x_embedder.proj.weight")  # [D, C, p, p]
+  params = {
+    # dit_jax flattens a patch as (row, column, channel).
+    "patch_embed": {
+      "kernel": conv_w.transpose(2, 3, 1, 0).reshape(patch * patch * sizes["channels"], width),
+      "bias": sd.pop("x_embedder.proj.bias"),
+    },
+    "t_embedder": {
+      "mlp_in": _linear(sd, "t_embedder.mlp.0"),
+      "mlp_out": _linear(sd, "t_embedder.mlp.2"),
+    },
+    "y_embedder": {"embedding": sd.pop("y_embedder.embedding_table.weight")},  # Null row last.
+    "blocks": _stack([_dit_block(sd, i, width, heads) for i in range(depth)]),
+    "final": {
+      "modulation": _linear(sd, "final_layer.adaLN_modulation.1", (2, width)),  # shift, scale
+      "linear": _linear(sd, "final_layer.linear"),
+    },
+  }
+  if sd:
+    raise ConfigError(f"Weights of the DiT checkpoint that dit_jax does not use: {sorted(sd)[:8]}.")
+  return params
+
+
+def load_dit_pt(path: str) -> dict[str, np.ndarray]:
+  """Reads a facebookresearch/DiT .pt file as float32 numpy arrays: a bare state dict (the
+  released models) or a checkpoint of its train.py, of which it takes the EMA weights.
+
+  Raises:
+    ConfigError: if PyTorch is missing or the file is not such a checkpoint.
+  """
+  try:
+    import torch
+  except ImportError as e:
+    raise ConfigError(
+      "Reading a .pt checkpoint needs PyTorch; install the `text` extra "
+      "(`pip install 'dit_jax[text]'`) or `pip install torch`."
+    ) from e
+  if not os.path.isfile(path):
+    raise ConfigError(f"The DiT checkpoint {path!r} does not exist.")
+  try:
+    # Tensors and plain containers only (no code runs); train.py also pickles its argparse args.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # Any unreadable file: say which and why.
+    raise ConfigError(
+      f"{path!r} is not a PyTorch checkpoint that torch.load can read safely "
+      f"({type(e).__name__}: {str(e)[:200]})."
+    ) from e
+  if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+    logging.info("%s is a DiT train.py checkpoint; importing its EMA weights.", path)
+    obj = obj["ema"]
+  if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+    raise ConfigError(
+      f"{path!r} holds no DiT state dict (a dict of tensors, or train.py's {{'ema': ...}})."
+    )
+  return {k: v.detach().to(torch.float32).numpy() for k, v in obj.items()}

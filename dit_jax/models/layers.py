@@ -17,6 +17,18 @@ xavier = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros_init()
 
 
+def xavier_fused(parts: int) -> Init:
+  """Xavier-uniform for one of `parts` equal projections that a reference implementation fuses
+  into one [fan_in, parts * fan_out] matrix (DiT's qkv): drawn with the fused matrix's fans."""
+
+  def init(rng: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+    fan_in, fan_out = shape  # DenseGeneral passes the kernel flattened to 2D.
+    limit = math.sqrt(6.0 / (fan_in + parts * fan_out))
+    return jax.random.uniform(rng, shape, dtype, -limit, limit)
+
+  return init
+
+
 def logical(init: Init, names: Sequence[str | None]) -> Init:
   """Attaches logical axis names to a parameter initializer."""
   return nn.with_logical_partitioning(init, tuple(names))
@@ -170,10 +182,16 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head attention; self-attention when `context` is None."""
+  """Multi-head attention; self-attention when `context` is None.
+
+  With `fused_qkv_init` (the default) the query, key and value kernels are drawn as the thirds of
+  one xavier-uniform [D, 3D] matrix, as the released DiT initializes its fused qkv layer (std
+  sqrt(2 / 4D), not the sqrt(2 / 2D) of three separate [D, D] layers).
+  """
 
   heads: int
   dtype: Dtype = jnp.float32
+  fused_qkv_init: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -183,9 +201,13 @@ class Attention(nn.Module):
     context = x if context is None else context
 
     # DenseGeneral hands initializers the kernel flattened to 2D, so xavier sees the true fans.
+    qkv_init = xavier_fused(3) if self.fused_qkv_init else xavier
+
     def project(name: str, src: jax.Array) -> jax.Array:
       kernel_axes = (axes.EMBED, axes.HEADS, axes.KV)
-      return dense((self.heads, head_dim), kernel_axes, self.dtype, name=name)(src)  # [B, L, H, Dh]
+      return dense(
+        (self.heads, head_dim), kernel_axes, self.dtype, kernel_init=qkv_init, name=name
+      )(src)  # [B, L, H, Dh]
 
     q, k, v = project("query", x), project("key", context), project("value", context)
     q = constrain(q, (axes.BATCH, axes.SEQ, axes.HEADS, axes.KV))
