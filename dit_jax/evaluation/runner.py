@@ -32,18 +32,39 @@ def restore_params(exp: setup.Experiment, workdir: str):
   return params, step
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str) -> str | None:
-  """Writes `workdir/samples/<config.sample.name>.npz` and a PNG grid; returns the npz path."""
-  exp = setup.build(config)
+def sample(config: ml_collections.ConfigDict, workdir: str, devices=None) -> str | None:
+  """Writes `workdir/samples/<config.sample.name>.npz` and a PNG grid, chunk by chunk, resuming a
+  killed run of the same command; returns the npz path (on process 0).
+
+  Latent models' samples are decoded by the VAE of config.vae.path, if set. `devices` (default:
+  all) is the mesh to sample on.
+  """
+  exp = setup.build(config, devices=devices)
   params, step = restore_params(exp, workdir)
+  decoder = sampling.load_decoder(config, exp.mesh)
+  if decoder is None and not data.is_pixel_data(config):
+    logging.info(
+      "The model makes latents and config.vae.path is empty, so latents are written, not images; "
+      "to decode them, set --config.vae.path=DIR (a diffusers AutoencoderKL directory)."
+    )
   start = time.perf_counter()
-  images, meta = sampling.generate(exp, params, config.sample.num_images, seed=config.sample.seed)
+  path = sampling.write_samples(
+    exp,
+    params,
+    workdir,
+    name=config.sample.name,
+    num_images=config.sample.num_images,
+    seed=config.sample.seed,
+    step=step,
+    decoder=decoder,
+  )
   logging.info(
-    "Sampled %d images at step %d in %.1fs.", len(images), step, time.perf_counter() - start
+    "Sampled %d images at step %d in %.1fs.",
+    config.sample.num_images,
+    step,
+    time.perf_counter() - start,
   )
-  return sampling.write_samples(
-    workdir, config.sample.name, images, meta, pixel=data.is_pixel_data(config)
-  )
+  return path
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

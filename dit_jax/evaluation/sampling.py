@@ -1,7 +1,24 @@
-"""Conditional sampling with guidance (class labels or text): the whole solver loop in one
-jitted call."""
+"""Conditional sampling with guidance (class labels or text), the whole solver loop in one jitted
+call; latent models' samples are decoded to pixels by the VAE of `config.vae.path`.
 
+`write_samples` produces the ADM evaluator's `samples/<name>.npz` in chunks of
+`config.sample.batch_size` images: process 0 writes each finished chunk to
+`samples/<name>.parts/<start>-<end>.npy` (under a temporary name, then renamed, so a file there is
+always whole), beside `fingerprint.json`, which records everything the images depend on. A killed
+run rerun with the same command continues after the last chunk on disk; with another config it
+stops with an error rather than mix images of two configs. At the end the chunks are streamed
+into the .npz (never all in memory) and removed.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
 import os
+import re
+import shutil
+import zipfile
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +34,10 @@ from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
 from dit_jax.train.setup import Experiment
 
+GRID_IMAGES = 100  # Images in a PNG grid.
+FINGERPRINT_FILE = "fingerprint.json"
+_PART = re.compile(r"^(\d+)-(\d+)\.npy$")
+
 
 def sample_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> np.ndarray:
   """Balanced (0, 1, ..., K-1, 0, 1, ...) or uniformly random class labels [num]."""
@@ -24,6 +45,31 @@ def sample_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> np.
   if config.sample.labels == "balanced":
     return (np.arange(num) % k).astype(np.int32)
   return np.random.default_rng(seed).integers(0, k, num).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditions:
+  """The conditioning of `num` samples, gathered chunk by chunk (50,000 text conditions do not fit
+  in memory at once).
+
+  Attributes:
+    table: arrays whose rows are the distinct conditions (labels, or encoded prompts, possibly
+      memory-mapped), keyed as the conditioner expects them.
+    index: [num] the table row of each sample.
+    meta: what is stored beside the samples: `labels` or `captions` [num].
+  """
+
+  table: dict[str, np.ndarray]
+  index: np.ndarray
+  meta: dict[str, np.ndarray]
+
+  def take(self, samples: np.ndarray) -> dict[str, np.ndarray]:
+    """The conditioning of the given sample indices (float arrays as float32)."""
+    rows = self.index[samples]
+    return {
+      k: np.asarray(v[rows], np.float32 if np.issubdtype(v.dtype, np.floating) else v.dtype)
+      for k, v in self.table.items()
+    }
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -34,7 +80,7 @@ def _read_prompts(path: str) -> list[str]:
   return prompts
 
 
-def text_conditions(config: ml_collections.ConfigDict, num: int) -> tuple[dict, list[str]]:
+def text_conditions(config: ml_collections.ConfigDict, num: int) -> Conditions:
   """Text conditioning for `num` images: prompts cycled in order, and their captions.
 
   `config.sample.prompts` is a directory written by dit_jax.tools.encode_text (context.npy,
@@ -62,10 +108,11 @@ def text_conditions(config: ml_collections.ConfigDict, num: int) -> tuple[dict, 
     pooled = np.load(os.path.join(directory, text.POOLED_FILE), mmap_mode="r")
     captions_path = os.path.join(directory, text.CAPTIONS_FILE)
     captions = text.read_captions(captions_path) if os.path.isfile(captions_path) else None
-    idx = np.arange(num) % len(pooled)
-    cond = {"context": np.asarray(context[idx], np.float32), "pooled": np.asarray(pooled[idx])}
-    names = [captions[i] if captions and i < len(captions) else f"prompt {i}" for i in idx]
-    return {k: v.astype(np.float32) for k, v in cond.items()}, names
+    index = np.arange(num) % len(pooled)
+    names = [captions[i] if captions and i < len(captions) else f"prompt {i}" for i in index]
+    return Conditions(
+      {"context": context, "pooled": pooled}, index, {"captions": np.asarray(names)}
+    )
   if name != "shapes":
     raise ConfigError(
       f"Prompts {path or inline!r} (config.sample.prompts / prompt_text) can be encoded "
@@ -80,34 +127,47 @@ def text_conditions(config: ml_collections.ConfigDict, num: int) -> tuple[dict, 
     prompts = [p.strip() for p in inline.split("|") if p.strip()]
   else:
     prompts = shapes.held_out_captions()
-  captions = [prompts[i % len(prompts)] for i in range(num)]
-  context, pooled = shapes.encode_captions(captions)
-  return {"context": context, "pooled": pooled}, captions
+  context, pooled = shapes.encode_captions(prompts)
+  index = np.arange(num) % len(prompts)
+  captions = np.asarray([prompts[i] for i in index])
+  return Conditions({"context": context, "pooled": pooled}, index, {"captions": captions})
 
 
-def conditions(
-  config: ml_collections.ConfigDict, num: int, seed: int
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """The conditioning of `num` samples, and what to store beside them in the .npz
-  (labels [num] for class-conditional models, captions [num] for text models)."""
+def conditions(config: ml_collections.ConfigDict, num: int, seed: int) -> Conditions:
+  """The conditioning of `num` samples and what to store beside them in the .npz (labels [num]
+  for class-conditional models, captions [num] for text models)."""
   if data.wants_text(config):
-    cond, captions = text_conditions(config, num)
-    return cond, {"captions": np.asarray(captions)}
+    return text_conditions(config, num)
   labels = sample_labels(config, num, seed)
-  return {"label": labels}, {"labels": labels}
+  return Conditions({"label": labels}, np.arange(num), {"labels": labels})
+
+
+def guided_channels(config: ml_collections.ConfigDict) -> int:
+  """The output channels that guidance steers: config.sample.guided_channels, 0 meaning all."""
+  n, c = config.sample.guided_channels, config.data.channels
+  if not 0 <= n <= c:
+    raise ConfigError(
+      f"config.sample.guided_channels={n} must be between 0 (all channels) and "
+      f"config.data.channels={c}; the official DiT guides 3 of its 4 latent channels."
+    )
+  return n or c
 
 
 def make_sampler(exp: Experiment):
-  """Returns run(params, cond, indices [B], key) -> images [B, H, W, C] (host numpy),
-  sampled with `config.sample`'s sampler, steps and guidance in one jitted call over the mesh.
+  """Returns run(params, cond, indices [B], key) -> samples [B, H, W, C] (host numpy on every
+  process), sampled with `config.sample`'s sampler, steps and guidance in one jitted call over the
+  mesh.
 
-  The starting noise of image i depends on the seed and i only, not on the batch size or the
-  number of devices (so deterministic samplers give the same image i on any topology); the
-  stochastic samplers' per-step noise is drawn per batch.
+  The starting noise of sample i depends on the seed and i only, so the deterministic samplers
+  give the same sample i in any batch and on any topology. The stochastic samplers' per-step noise
+  is drawn for the whole batch from the seed and the batch's first index; JAX's partitionable
+  threefry makes row j of a draw the same for any number of rows beyond it and any sharding, so
+  their sample i depends on the seed, i and the chunk size (not the padding, nor the devices).
   """
   cfg = exp.config
   scale, steps = cfg.sample.guidance_scale, cfg.sample.num_steps
   sampler = diffusion_lib.resolve_sampler(cfg)
+  n_guided = guided_channels(cfg)
   shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
 
   def sample(params, cond, indices, key):
@@ -115,7 +175,7 @@ def make_sampler(exp: Experiment):
       return exp.model.apply({"params": params}, z, t, c)
 
     null = exp.conditioner.null(cond)
-    denoise = guidance.guided(apply, cond, null, scale, cfg.data.channels)
+    denoise = guidance.guided(apply, cond, null, scale, n_guided)
     noise_key, solver_key = jax.random.split(key)
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(indices)
     return exp.diffusion.sample(
@@ -123,7 +183,7 @@ def make_sampler(exp: Experiment):
       noise,
       sampler=sampler,
       num_steps=steps,
-      rng=solver_key,
+      rng=jax.random.fold_in(solver_key, indices[0]),
       eta=cfg.sample.eta,
       clip_x0=cfg.sample.clip_denoised,
     )
@@ -144,6 +204,89 @@ def make_sampler(exp: Experiment):
   return run
 
 
+def load_decoder(config: ml_collections.ConfigDict, mesh):
+  """The VAE (dit_jax.vae.VAE) that decodes this latent model's samples, or None: for pixel
+  models, and for latent models without config.vae.path.
+
+  Raises:
+    ConfigError: the VAE's latent channels or scaling factor do not match the model's data.
+  """
+  if data.is_pixel_data(config):
+    if config.vae.path:
+      logging.warning(
+        "config.vae.path=%r is not used: the model makes pixels (config.data.name=%r).",
+        config.vae.path,
+        config.data.name,
+      )
+    return None
+  if not config.vae.path:
+    return None
+  from dit_jax.vae import VAE
+
+  vae = VAE.load(config.vae.path, mesh, config.vae.dtype)
+  where = f"the VAE in config.vae.path={config.vae.path!r}"
+  if vae.config.latent_channels != config.data.channels:
+    raise ConfigError(
+      f"{where} has {vae.config.latent_channels} latent channels but the model makes "
+      f"config.data.channels={config.data.channels}; use the VAE whose latents the model was "
+      "trained on."
+    )
+  scale, vae_scale = config.data.latent_scale, vae.config.scaling_factor
+  if not math.isclose(scale, vae_scale, rel_tol=1e-6):
+    raise ConfigError(
+      f"config.data.latent_scale={scale} but {where} scales latents by scaling_factor="
+      f"{vae_scale}: the model was trained on latents of another scale than this VAE decodes; "
+      f"set --config.data.latent_scale={vae_scale} if that is the scale the model was trained "
+      "with, else use the VAE (or retrain on latents) of the model's own scale."
+    )
+  return vae
+
+
+def chunk_size(config: ml_collections.ConfigDict, num_images: int) -> int:
+  """Images per chunk: config.sample.batch_size, at most num_images. Each chunk is one jitted
+  call, padded to a multiple of the data-parallel devices."""
+  return min(config.sample.batch_size, num_images)
+
+
+def _stochastic(config: ml_collections.ConfigDict) -> bool:
+  """Whether the sampler draws noise at every step (then samples depend on the chunk size)."""
+  sampler = diffusion_lib.resolve_sampler(config)
+  return sampler == "ddpm" or (sampler == "ddim" and config.sample.eta > 0)
+
+
+def _sample_chunks(
+  exp: Experiment,
+  run,
+  params,
+  conds: Conditions,
+  num_images: int,
+  *,
+  seed: int,
+  first: int = 0,
+  decoder=None,
+) -> Iterator[tuple[int, np.ndarray]]:
+  """Yields (start, samples [<= chunk, H, W, C]) for the chunks from `first` on; decoded to
+  pixels if a decoder is given."""
+  batch = chunk_size(exp.config, num_images)
+  n_dev = parallel.data_parallel_size(exp.mesh)
+  padded = -(-batch // n_dev) * n_dev
+  key = jax.random.key(seed)
+  for start in range(first, num_images, batch):
+    # Padding rows (the next indices, conditions wrapped around) are sampled and dropped.
+    indices = np.arange(start, start + padded)
+    out = run(params, conds.take(indices % num_images), indices, key)
+    out = out[: min(batch, num_images - start)]
+    yield start, (out if decoder is None else decoder.decode(out))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  if not enabled or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm
+
+  return tqdm(total=total, initial=initial, desc="sampling", unit="img", dynamic_ncols=True)
+
+
 def generate(
   exp: Experiment,
   params,
@@ -151,48 +294,249 @@ def generate(
   *,
   seed: int,
   progress: bool = True,
+  decoder=None,
+  run=None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """Samples `num_images` images (float, [-1, 1] for pixel data) in batches of sample.batch_size;
-  returns them and their labels or captions (see `conditions`)."""
-  cfg = exp.config
-  cond, meta = conditions(cfg, num_images, seed)
-  n_dev = parallel.data_parallel_size(exp.mesh)
-  batch = -(-min(cfg.sample.batch_size, num_images) // n_dev) * n_dev  # A multiple of devices.
-  run = make_sampler(exp)
-  key = jax.random.key(seed)
+  """Samples `num_images` in memory, in chunks of sample.batch_size: images in about [-1, 1]
+  (pixel models, or latent models with a `decoder`, see `load_decoder`) or latents, and their
+  labels or captions. `run` reuses a `make_sampler(exp)` (compiled once)."""
+  conds = conditions(exp.config, num_images, seed)
+  run = run or make_sampler(exp)
+  bar = _progress(num_images, 0, progress)
   out = []
-  starts = range(0, num_images, batch)
-  if progress and jax.process_index() == 0:
-    from tqdm import tqdm
+  for _, chunk in _sample_chunks(exp, run, params, conds, num_images, seed=seed, decoder=decoder):
+    out.append(chunk)
+    if bar is not None:
+      bar.update(len(chunk))
+  if bar is not None:
+    bar.close()
+  return np.concatenate(out), conds.meta
 
-    starts = tqdm(starts, desc="sampling", unit="batch")
-  for start in starts:
-    idx = np.arange(start, start + batch)
-    rows = idx % num_images  # Wraps around to pad the last batch.
-    part = {k: v[rows] for k, v in cond.items()}
-    out.append(run(params, part, idx, key)[: num_images - start])
-  return np.concatenate(out)[:num_images], meta
+
+def grid_sampler(exp: Experiment) -> Callable[[object], np.ndarray | None]:
+  """The training loop's hook: returns grid(params) -> uint8 [n, H, W, 3 or 1], the first
+  min(100, sample.num_images) samples as pixels, or None for a latent model without a VAE.
+
+  Built once (before training, so that a bad VAE or guidance setting stops the run at once); the
+  sampler is compiled on the first call.
+  """
+  cfg = exp.config
+  decoder = load_decoder(cfg, exp.mesh)
+  run = make_sampler(exp)
+  if decoder is None and not data.is_pixel_data(cfg):
+    logging.info(
+      "The model makes latents and config.vae.path is empty, so training writes no image grids; "
+      "to decode them, set --config.vae.path=DIR (a diffusers AutoencoderKL directory)."
+    )
+    return lambda params: None
+  n = min(GRID_IMAGES, cfg.sample.num_images)
+
+  def grid(params) -> np.ndarray:
+    images, _ = generate(
+      exp, params, n, seed=cfg.sample.seed, progress=False, decoder=decoder, run=run
+    )
+    return utils.to_uint8(images)
+
+  return grid
+
+
+def fingerprint(
+  config: ml_collections.ConfigDict,
+  *,
+  step: int,
+  num_images: int,
+  seed: int,
+  key: str,
+  meta: dict[str, np.ndarray],
+) -> dict:
+  """Everything the samples depend on, as JSON values; chunks of two runs may be put together
+  only if their fingerprints are equal. The mesh may differ, and so may the chunk size
+  (sample.batch_size) but for the stochastic samplers, whose images depend on it."""
+  c = config.to_dict()
+  out = {"checkpoint_step": int(step), "stored_as": key}
+  layout = ("model.remat", "model.scan_unroll", "sample.name", "sample.batch_size")
+  for section in ("model", "diffusion", "sample", "vae"):
+    out.update({f"{section}.{k}": v for k, v in c[section].items()})
+  out = {k: v for k, v in out.items() if k not in layout}
+  if _stochastic(config):
+    out["sample.batch_size"] = chunk_size(config, num_images)
+  out.update({"sample.num_images": num_images, "sample.seed": seed})
+  out["sample.sampler"] = diffusion_lib.resolve_sampler(config)
+  for k in ("name", "image_size", "channels", "latent_scale"):
+    out[f"data.{k}"] = c["data"][k]
+  digest = hashlib.sha256()
+  for k in sorted(meta):
+    digest.update(k.encode())
+    digest.update(np.ascontiguousarray(meta[k]).tobytes())
+  out["conditions_sha256"] = digest.hexdigest()
+  return json.loads(json.dumps(out))  # Tuples as lists, as they read back.
+
+
+def _parts(parts_dir: str) -> list[tuple[int, int, str]]:
+  """(start, end, path) of the whole chunk files in `parts_dir`, sorted."""
+  found = []
+  for name in os.listdir(parts_dir):
+    m = _PART.match(name)
+    if m and int(m.group(2)) > int(m.group(1)):
+      found.append((int(m.group(1)), int(m.group(2)), os.path.join(parts_dir, name)))
+  return sorted(found)
+
+
+def _resume(parts_dir: str, want: dict, item_shape: tuple, dtype: np.dtype) -> int:
+  """Process 0: the number of samples already on disk as a chain of whole chunks from 0 on
+  (removing chunk files that do not continue it), after checking that they were made with the
+  same fingerprint (written on the first run)."""
+  fp_path = os.path.join(parts_dir, FINGERPRINT_FILE)
+  if not os.path.isdir(parts_dir):
+    os.makedirs(parts_dir)
+  if os.path.isfile(fp_path):
+    try:
+      with open(fp_path) as f:
+        have = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConfigError(
+        f"{fp_path} cannot be read ({e}); delete {parts_dir} to start over."
+      ) from None
+    diff = [
+      "other labels or captions"
+      if k == "conditions_sha256"
+      else f"{k}={have.get(k)!r} there, {want.get(k)!r} here"
+      for k in sorted(set(have) | set(want))
+      if have.get(k) != want.get(k)
+    ]
+    if diff:
+      raise ConfigError(
+        f"{parts_dir} holds the chunks of a sampling run with another config ({'; '.join(diff)}); "
+        "set another config.sample.name, or delete that directory to start over."
+      )
+  elif _parts(parts_dir):
+    raise ConfigError(
+      f"{parts_dir} holds chunks but no {FINGERPRINT_FILE}; set another config.sample.name, or "
+      "delete that directory to start over."
+    )
+  else:
+    _write_atomic(fp_path, lambda f: f.write(json.dumps(want, indent=1).encode()))
+  done = 0
+  for start, end, path in _parts(parts_dir):
+    ok = start == done
+    if ok:
+      try:
+        array = np.load(path, mmap_mode="r")
+        ok = array.dtype == dtype and array.shape == (end - start, *item_shape)
+        del array
+      except (OSError, ValueError):
+        ok = False
+    if ok:
+      done = end
+    else:
+      logging.warning("Removing %s: not the next whole chunk after sample %d.", path, done)
+      os.remove(path)
+  return done
+
+
+def _write_atomic(path: str, write: Callable) -> None:
+  """Writes `path` so that it appears whole or not at all."""
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _write_npz(path: str, key: str, parts: list[str], shape: tuple, dtype, meta: dict) -> None:
+  """Writes an np.load-able .npz holding `key` (the chunk files' arrays, one after another) and
+  `meta`, reading one chunk at a time."""
+  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
+  tmp = path + ".tmp"
+  # Stored, not compressed, and with zip64 members, as np.savez writes them.
+  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+      np.lib.format.write_array_header_2_0(f, {**header, "shape": shape})
+      for part in parts:
+        f.write(memoryview(np.ascontiguousarray(np.load(part))).cast("B"))
+    for k, v in meta.items():
+      with zf.open(f"{k}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
+  os.replace(tmp, path)
 
 
 def write_samples(
-  workdir: str, name: str, images: np.ndarray, meta: dict[str, np.ndarray], pixel: bool
-):
-  """Writes samples/<name>.npz (arr_0 uint8 NHWC, ADM evaluator layout, plus `labels` or
-  `captions`) and a PNG grid."""
-  if jax.process_index() != 0:
-    return None
+  exp: Experiment,
+  params,
+  workdir: str,
+  *,
+  name: str,
+  num_images: int,
+  seed: int,
+  step: int,
+  decoder=None,
+  progress: bool = True,
+  run=None,
+) -> str | None:
+  """Samples `num_images` chunk by chunk into `workdir/samples/<name>.npz` and a PNG grid of the
+  first 100, resuming a killed run of the same config (see the module docstring).
+
+  The .npz holds `arr_0` uint8 [N, H, W, C] (pixel models, or latent models with a `decoder`) or
+  `latents` float32 [N, h, w, c], and `labels` or `captions` [N]. Every process takes part;
+  process 0 writes and returns the path (None on the others). `run` reuses a
+  `make_sampler(exp)`.
+  """
+  cfg = exp.config
+  proc0 = jax.process_index() == 0
+  pixels = decoder is not None or data.is_pixel_data(cfg)
+  key, dtype = ("arr_0", np.uint8) if pixels else ("latents", np.float32)
+  conds = conditions(cfg, num_images, seed)
   out_dir = os.path.join(workdir, "samples")
-  os.makedirs(out_dir, exist_ok=True)
+  parts_dir = os.path.join(out_dir, f"{name}.parts")
   path = os.path.join(out_dir, f"{name}.npz")
-  if pixel:
-    images_u8 = utils.to_uint8(images)
-    np.savez(path, arr_0=images_u8, **meta)
-    grid = images_u8[:100]
-    utils.save_grid(
-      os.path.join(out_dir, f"{name}.png"), grid, upscale=max(1, 128 // images.shape[1])
-    )
-  else:
-    # Latents need the VAE decoder to become images; keep them as floats.
-    np.savez(path, latents=images.astype(np.float32), **meta)
-  logging.info("Wrote %d samples to %s", len(images), path)
-  return path
+  want = fingerprint(cfg, step=step, num_images=num_images, seed=seed, key=key, meta=conds.meta)
+  run = run or make_sampler(exp)
+  size, channels = cfg.data.image_size, cfg.data.channels
+  if decoder is not None:
+    size, channels = size * decoder.downsample_factor, decoder.config.out_channels
+  first, error = 0, None
+  if proc0:
+    try:
+      first = _resume(parts_dir, want, (size, size, channels), np.dtype(dtype))
+    except ConfigError as e:
+      first, error = -1, e
+  if jax.process_count() > 1:
+    first = int(multihost_utils.broadcast_one_to_all(np.int64(first)))
+  if error is not None:
+    raise error
+  if first < 0:
+    raise ConfigError(f"{parts_dir} holds chunks of another config; see process 0's error.")
+  if first:
+    logging.info("Resuming: %d of %d samples are in %s.", first, num_images, parts_dir)
+  bar = _progress(num_images, first, progress)
+  for start, chunk in _sample_chunks(
+    exp, run, params, conds, num_images, seed=seed, first=first, decoder=decoder
+  ):
+    if proc0:
+      out = utils.to_uint8(chunk) if pixels else np.asarray(chunk, np.float32)
+      part = os.path.join(parts_dir, f"{start:08d}-{start + len(out):08d}.npy")
+      _write_atomic(part, lambda f, out=out: np.save(f, out))
+    if bar is not None:
+      bar.update(len(chunk))
+  if bar is not None:
+    bar.close()
+  if proc0:
+    files = [p for _, _, p in _parts(parts_dir)]
+    _write_npz(path, key, files, (num_images, size, size, channels), dtype, conds.meta)
+    if pixels:
+      grid, got = [], 0
+      for file in files:
+        grid.append(np.load(file)[: GRID_IMAGES - got])
+        got += len(grid[-1])
+        if got == GRID_IMAGES:
+          break
+      grid = np.concatenate(grid)
+      utils.save_grid(
+        os.path.join(out_dir, f"{name}.png"), grid, upscale=max(1, 128 // grid.shape[1])
+      )
+    shutil.rmtree(parts_dir)
+    logging.info("Wrote %d samples to %s", num_images, path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("samples written")
+  return path if proc0 else None

@@ -14,21 +14,13 @@ from dit_jax.errors import TrainingStopped
 from dit_jax.evaluation import sampling
 from dit_jax.train import setup
 
-GRID_IMAGES = 100
 
-
-def _save_grid(exp, state, workdir, step, writer):
-  cfg = exp.config
-  images, _ = sampling.generate(
-    exp,
-    state.ema_params,
-    min(GRID_IMAGES, cfg.sample.num_images),
-    seed=cfg.sample.seed,
-    progress=False,
-  )
-  if jax.process_index() == 0 and data.is_pixel_data(cfg):
-    u8 = utils.to_uint8(images)
-    upscale = max(1, 128 // cfg.data.image_size)
+def _save_grid(grid, state, workdir, step, writer):
+  """Writes images/step_<step>.png and a TensorBoard image of `grid(ema_params)` (pixels, decoded
+  for latent models; nothing for a latent model without a VAE)."""
+  u8 = grid(state.ema_params)
+  if jax.process_index() == 0 and u8 is not None:
+    upscale = max(1, 128 // u8.shape[1])
     utils.save_grid(os.path.join(workdir, "images", f"step_{step:07d}.png"), u8, upscale=upscale)
     writer.write_image(step, "samples", utils.image_grid(u8))
 
@@ -55,10 +47,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   restored = ckpt.restore_latest(exp.abstract_state, iterator)
   if restored is None:
     state = exp.init_state()
-    logging.info("Starting from scratch in %s.", workdir)
+    if t.init_from:
+      # A new run (step 0, fresh optimizer and data order) from another run's weights.
+      step, params, ema_params = checkpoint.restore_weights(
+        t.init_from, exp.abstract_state.params, config
+      )
+      state = state.replace(params=params, ema_params=ema_params)
+      logging.info(
+        "Starting in %s from the parameters and EMA of checkpoint %d of %s (init_from).",
+        workdir,
+        step,
+        t.init_from,
+      )
+    else:
+      logging.info("Starting from scratch in %s.", workdir)
   else:
     state = restored[1]
     checkpoint.log_restore(restored[0], ckpt.directory)
+    if t.init_from:
+      logging.info("Resuming %s; config.train.init_from=%s is ignored.", workdir, t.init_from)
   start = int(state.step)
   skipped = int(state.skipped)
   n_params = sum(x.size for x in jax.tree.leaves(exp.abstract_state.params))
@@ -70,6 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   )
 
   step_fn = exp.jit_train_step()
+  grid = sampling.grid_sampler(exp)
   writer = utils.MetricWriter(workdir, resume_step=start)
   bar = None
   if proc == 0:
@@ -134,12 +142,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           check_finite(done, int(state.skipped))
           ckpt.save(done, state, config, iterator)
         if t.sample_every and done % t.sample_every == 0 and done != t.num_steps:
-          _save_grid(exp, state, workdir, done, writer)
+          _save_grid(grid, state, workdir, done, writer)
       final = int(state.step)
       check_finite(final, int(state.skipped))
       if ckpt.latest_step() != final:
         ckpt.save(final, state, config, iterator)
-      _save_grid(exp, state, workdir, final, writer)
+      _save_grid(grid, state, workdir, final, writer)
       ckpt.wait()
   finally:
     if bar is not None:
