@@ -3,10 +3,15 @@
   python -m launch.local --num_processes=2 --devices_per_process=4 -- \\
       --config=configs/quickstart.py --workdir=workdirs/pod_test --config.train.num_steps=50
 
-Everything after `--` goes to `python -m dit_jax.main`. The processes join through
-`jax.distributed` at 127.0.0.1 (gloo collectives on CPU), exactly as the hosts of a pod slice
-do; process 0 writes logs, metrics and images, all of them write their checkpoint shards.
-Each process's output is prefixed with `[p<i>]`; if one fails, the others are stopped.
+Everything after `--` goes to `python -m dit_jax.main`, or to another program of the package
+that joins a job through the same flags, chosen with --module:
+
+  python -m launch.local --module=dit_jax.tools.encode_latents -- --config=... --vae=... --out=...
+
+The processes join through `jax.distributed` at 127.0.0.1 (gloo collectives on CPU), exactly as
+the hosts of a pod slice do; process 0 writes logs, metrics and images, all of them write their
+checkpoint shards. Each process's output is prefixed with `[p<i>]`; if one fails, the others
+are stopped.
 """
 
 import os
@@ -22,6 +27,12 @@ from absl import app, flags
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 _DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Fake CPU devices per process.")
 _PORT = flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: pick a free one).")
+_MODULE = flags.DEFINE_string(
+  "module",
+  "dit_jax.main",
+  "Program every process runs as `python -m MODULE`; it must take --coordinator_address, "
+  "--num_processes and --process_id.",
+)
 
 
 def free_port() -> int:
@@ -36,8 +47,15 @@ def _forward(prefix: str, stream, sink) -> None:
     sink.flush()
 
 
-def launch(main_args: list[str], num_processes: int, devices_per_process: int, port: int = 0):
-  """Starts the processes, streams their output, waits; returns the exit codes."""
+def launch(
+  main_args: list[str],
+  num_processes: int,
+  devices_per_process: int,
+  port: int = 0,
+  module: str = "dit_jax.main",
+) -> list[int]:
+  """Starts `python -m module main_args` as the processes, streams their output, waits; returns
+  the exit codes."""
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError("--num_processes and --devices_per_process must be >= 1.")
   address = f"127.0.0.1:{port or free_port()}"
@@ -49,7 +67,7 @@ def launch(main_args: list[str], num_processes: int, devices_per_process: int, p
   )
   procs, threads = [], []
   for i in range(num_processes):
-    cmd = [sys.executable, "-m", "dit_jax.main", *main_args]
+    cmd = [sys.executable, "-m", module, *main_args]
     if num_processes > 1:
       cmd += [
         f"--coordinator_address={address}",
@@ -88,7 +106,7 @@ def launch(main_args: list[str], num_processes: int, devices_per_process: int, p
 
 
 def main(argv):
-  codes = launch(argv[1:], _NUM_PROCESSES.value, _DEVICES.value, _PORT.value)
+  codes = launch(argv[1:], _NUM_PROCESSES.value, _DEVICES.value, _PORT.value, _MODULE.value)
   failed = [(i, c) for i, c in enumerate(codes) if c]
   if failed:
     sys.exit(f"launch.local: process(es) {failed} failed (index, exit code).")

@@ -179,10 +179,14 @@ def _agree_on_start(out: str, meta: latents.LatentsMetadata) -> int:
   """Process 0 prepares `out`; every process learns the first row to encode (or the error)."""
   error, start = None, 0
   if jax.process_index() == 0:
+    # A failure goes out through the broadcast the others wait in, so that all stop together.
     try:
       start = _prepare(out, meta)
     except ConfigError as e:
       error, start = e, -1
+    except OSError as e:
+      error = ConfigError(f"--out={out!r} cannot be written ({e}); choose a writable directory.")
+      start = -1
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
@@ -195,7 +199,8 @@ def _agree_on_start(out: str, meta: latents.LatentsMetadata) -> int:
 
 
 def _stored(x: np.ndarray, dtype: str, what: str) -> np.ndarray:
-  stored = x.astype(dtype)
+  with np.errstate(over="ignore"):  # Overflow is reported below as the error it is.
+    stored = x.astype(dtype)
   if not np.isfinite(stored).all():
     fix = "--dtype=float32" if np.isfinite(x).all() else "--config.vae.dtype=float32"
     raise ConfigError(f"The {what} are not finite in {dtype} storage; rerun with {fix}.")
@@ -330,10 +335,16 @@ def encode_latents(
       if flip:
         flipped = encode(images[:, :, ::-1])
         results.update(zip((latents.FLIP_FILE, latents.FLIP_STD_FILE), flipped, strict=True))
+      # Every process holds the same results and checks them, so that all stop together on
+      # values float16 cannot store (were process 0 alone to stop, the others would wait for it
+      # in the next chunk's collectives).
+      stored = {
+        name: _stored(results[name], dtype, f"{name} values of images {begin}..{end - 1}")
+        for name in meta.latent_files()
+      }
       if writer:
-        for name in meta.latent_files():
-          what = f"{name} values of images {begin}..{end - 1}"
-          arrays[name][begin:end] = _stored(results[name], dtype, what)
+        for name, values in stored.items():
+          arrays[name][begin:end] = values
         if labels is not None:
           arrays[latents.LABELS_FILE][begin:end] = labels
         for array in arrays.values():
@@ -348,6 +359,8 @@ def encode_latents(
         )
         return meta
   seconds = time.perf_counter() - began
+  if not writer:
+    return meta
   logging.info(
     "Wrote %d latents %s (%s) to %s: %d encoded in %.1f s (%.1f images/s).",
     count,
