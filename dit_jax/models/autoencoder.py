@@ -458,8 +458,9 @@ def _read_config(directory: str) -> AutoencoderConfig:
     raise ConfigError(f"{path!r} cannot be read as JSON ({e}); is the download complete?") from None
   if not isinstance(hf, dict) or hf.get("_class_name") != CLASS_NAME:
     found = hf.get("_class_name") if isinstance(hf, dict) else None
+    what = f"describes a {found!r}" if found else "names no _class_name"
     raise ConfigError(
-      f"{path!r} describes a {found!r}, not an {CLASS_NAME}; pass the autoencoder's directory "
+      f"{path!r} {what}, not an {CLASS_NAME}; pass the autoencoder's directory "
       "(e.g. <pipeline>/vae)."
     )
   try:
