@@ -461,6 +461,37 @@ def _write_npz(path: str, key: str, parts: list[str], shape: tuple, dtype, meta:
   os.replace(tmp, path)
 
 
+def _on_process_0(fn: Callable[[], int | None], task: str) -> int:
+  """Runs `fn` (which writes files, and may return an int >= 0) on process 0 alone and returns
+  its result (0 for None) on every process. If it fails, every process raises a ConfigError:
+  were process 0 to stop alone, the others would wait for it in their next collective until the
+  distributed runtime gives up, minutes later.
+
+  Args:
+    fn: the work of process 0.
+    task: what it does, for the error ("write the samples into DIR").
+  """
+  value, error = 0, None
+  if jax.process_index() == 0:
+    try:
+      value = fn() or 0
+    except ConfigError as e:
+      value, error = -1, e
+    except OSError as e:
+      value = -1
+      error = ConfigError(
+        f"Cannot {task} ({e}); make room there or make it writable, then rerun the same "
+        "command, which resumes from the chunks on disk."
+      )
+  if jax.process_count() > 1:
+    value = int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+  if error is not None:
+    raise error
+  if value < 0:
+    raise ConfigError(f"Process 0 failed to {task}; see its error.")
+  return value
+
+
 def write_samples(
   exp: Experiment,
   params,
@@ -495,33 +526,31 @@ def write_samples(
   size, channels = cfg.data.image_size, cfg.data.channels
   if decoder is not None:
     size, channels = size * decoder.downsample_factor, decoder.config.out_channels
-  first, error = 0, None
-  if proc0:
-    try:
-      first = _resume(parts_dir, want, (size, size, channels), np.dtype(dtype))
-    except ConfigError as e:
-      first, error = -1, e
-  if jax.process_count() > 1:
-    first = int(multihost_utils.broadcast_one_to_all(np.int64(first)))
-  if error is not None:
-    raise error
-  if first < 0:
-    raise ConfigError(f"{parts_dir} holds chunks of another config; see process 0's error.")
+  first = _on_process_0(
+    lambda: _resume(parts_dir, want, (size, size, channels), np.dtype(dtype)),
+    f"prepare {parts_dir}",
+  )
   if first:
     logging.info("Resuming: %d of %d samples are in %s.", first, num_images, parts_dir)
   bar = _progress(num_images, first, progress)
-  for start, chunk in _sample_chunks(
-    exp, run, params, conds, num_images, seed=seed, first=first, decoder=decoder
-  ):
-    if proc0:
-      out = utils.to_uint8(chunk) if pixels else np.asarray(chunk, np.float32)
-      part = os.path.join(parts_dir, f"{start:08d}-{start + len(out):08d}.npy")
-      _write_atomic(part, lambda f, out=out: np.save(f, out))
-    if bar is not None:
-      bar.update(len(chunk))
-  if bar is not None:
-    bar.close()
-  if proc0:
+  try:
+    for start, chunk in _sample_chunks(
+      exp, run, params, conds, num_images, seed=seed, first=first, decoder=decoder
+    ):
+
+      def write_part(start=start, chunk=chunk) -> None:
+        out = utils.to_uint8(chunk) if pixels else np.asarray(chunk, np.float32)
+        part = os.path.join(parts_dir, f"{start:08d}-{start + len(out):08d}.npy")
+        _write_atomic(part, lambda f: np.save(f, out))
+
+      _on_process_0(write_part, f"write the samples into {parts_dir}")
+      if bar is not None:
+        bar.update(len(chunk))
+  finally:
+    if bar is not None:  # Closed before an error, which is then the last line of output.
+      bar.close()
+
+  def finish() -> None:
     files = [p for _, _, p in _parts(parts_dir)]
     _write_npz(path, key, files, (num_images, size, size, channels), dtype, conds.meta)
     if pixels:
@@ -537,6 +566,6 @@ def write_samples(
       )
     shutil.rmtree(parts_dir)
     logging.info("Wrote %d samples to %s", num_images, path)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("samples written")
+
+  _on_process_0(finish, f"write {path}")
   return path if proc0 else None
