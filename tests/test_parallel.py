@@ -125,6 +125,11 @@ def test_batch_that_does_not_divide_the_data_axes_is_a_clear_error():
     setup.build(config)
   config.train.batch_size = 12
   assert parallel.data_parallel_size(setup.build(config).mesh) == 4
+  # Sampling restores a checkpoint onto any device count, whatever batch trained it.
+  config = config_for("dp")
+  with pytest.raises(ConfigError, match=r"config.train.batch_size=16"):
+    setup.build(config, devices=jax.devices()[:3])
+  assert setup.build(config, devices=jax.devices()[:3], training=False).mesh.size == 3
 
 
 def test_rules_override_the_preset_field_by_field():

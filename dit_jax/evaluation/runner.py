@@ -39,7 +39,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, devices=None) -> str
   Latent models' samples are decoded by the VAE of config.vae.path, if set. `devices` (default:
   all) is the mesh to sample on.
   """
-  exp = setup.build(config, devices=devices)
+  exp = setup.build(config, devices=devices, training=False)
   params, step = restore_params(exp, workdir)
   decoder = sampling.load_decoder(config, exp.mesh)
   if decoder is None and not data.is_pixel_data(config):
@@ -81,7 +81,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
       f"(got {config.data.name!r}); for other data, run --mode=sample and score the .npz with "
       "the ADM evaluator."
     )
-  exp = setup.build(config)
+  exp = setup.build(config, training=False)
   params, step = restore_params(exp, workdir)
   start = time.perf_counter()
   images, meta = sampling.generate(exp, params, config.eval.num_images, seed=config.sample.seed)

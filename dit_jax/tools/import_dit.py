@@ -59,7 +59,7 @@ def save_imported(
   layout = (layout_config or config).copy_and_resolve_references()
   # The import trains nothing: any batch that divides the devices will do for the mesh checks.
   layout.train.batch_size = jax.device_count()
-  exp = setup.build(layout)
+  exp = setup.build(layout, training=False)
   path = checkpoint.save_weights(
     workdir, 0, params, config, source=source, abstract=exp.abstract_state.params
   )

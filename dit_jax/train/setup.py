@@ -115,8 +115,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   diffusion_lib.resolve_sampler(config)
 
 
-def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
-  """Validates `config` and builds the model, diffusion, optimizer, mesh and state layout."""
+def build(config: ml_collections.ConfigDict, devices=None, *, training: bool = True) -> Experiment:
+  """Validates `config` and builds the model, diffusion, optimizer, mesh and state layout.
+
+  `training=False` (sampling, evaluation, imports) skips the check that train.batch_size divides
+  over the devices, so that a checkpoint restores onto any number of them.
+  """
   validate(config)
   text_spec = data.text_spec(config)
   conditioner = build_conditioner(config, text_spec)
@@ -124,7 +128,8 @@ def build(config: ml_collections.ConfigDict, devices=None) -> Experiment:
   diff = diffusion_lib.build_diffusion(config)
   tx = optimizer(config)
   mesh = parallel.make_mesh(config, devices)
-  parallel.check_batch_size(config.train.batch_size, mesh)
+  if training:
+    parallel.check_batch_size(config.train.batch_size, mesh)
   rules = parallel.axis_rules(config)
   init = step_lib.make_init_fn(model, conditioner, tx, config.train.seed)
   with mesh_context(mesh, rules):
