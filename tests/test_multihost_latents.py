@@ -222,6 +222,6 @@ def test_unwritable_out_is_a_config_error(inputs, tmp_path):
   config.data.update(name="latents", image_size=4, channels=4)
   (tmp_path / "file").write_text("not a directory")
   out = str(tmp_path / "file" / "latents")
-  with pytest.raises(ConfigError, match=r"--out=.*cannot be written .*choose a writable"):
+  with pytest.raises(ConfigError, match=r"Cannot write into --out=.* choose a writable"):
     el.encode_latents(config, inputs["vae"], out, source="folder", source_path=inputs["images"])
   assert (tmp_path / "file").read_text() == "not a directory"

@@ -193,7 +193,7 @@ def test_pod_stops_every_process_when_process_0_cannot_write(run):
       _stop(p)
   want = [
     f"Error: Cannot write the samples into {parts} ([Errno 20] Not a directory",
-    f"Error: Process 0 failed to write the samples into {parts}; see its error.",
+    f"Error: Process 0 failed to write the samples into {parts}; its log says why.",
   ]
   for p, log, line in zip(procs, logs, want, strict=True):
     assert p.returncode == 1, log[-3000:]

@@ -32,6 +32,7 @@ from dit_jax import diffusion as diffusion_lib
 from dit_jax.data import text
 from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
+from dit_jax.parallel import distributed
 from dit_jax.train.setup import Experiment
 
 GRID_IMAGES = 100  # Images in a PNG grid.
@@ -461,37 +462,6 @@ def _write_npz(path: str, key: str, parts: list[str], shape: tuple, dtype, meta:
   os.replace(tmp, path)
 
 
-def _on_process_0(fn: Callable[[], int | None], task: str) -> int:
-  """Runs `fn` (which writes files, and may return an int >= 0) on process 0 alone and returns
-  its result (0 for None) on every process. If it fails, every process raises a ConfigError:
-  were process 0 to stop alone, the others would wait for it in their next collective until the
-  distributed runtime gives up, minutes later.
-
-  Args:
-    fn: the work of process 0.
-    task: what it does, for the error ("write the samples into DIR").
-  """
-  value, error = 0, None
-  if jax.process_index() == 0:
-    try:
-      value = fn() or 0
-    except ConfigError as e:
-      value, error = -1, e
-    except OSError as e:
-      value = -1
-      error = ConfigError(
-        f"Cannot {task} ({e}); make room there or make it writable, then rerun the same "
-        "command, which resumes from the chunks on disk."
-      )
-  if jax.process_count() > 1:
-    value = int(multihost_utils.broadcast_one_to_all(np.int64(value)))
-  if error is not None:
-    raise error
-  if value < 0:
-    raise ConfigError(f"Process 0 failed to {task}; see its error.")
-  return value
-
-
 def write_samples(
   exp: Experiment,
   params,
@@ -526,9 +496,12 @@ def write_samples(
   size, channels = cfg.data.image_size, cfg.data.channels
   if decoder is not None:
     size, channels = size * decoder.downsample_factor, decoder.config.out_channels
-  first = _on_process_0(
+  # Process 0 writes; its file errors stop every process (see distributed.on_process_0).
+  retry = "make room there or make it writable, then rerun the same command, which resumes."
+  first = distributed.on_process_0(
     lambda: _resume(parts_dir, want, (size, size, channels), np.dtype(dtype)),
     f"prepare {parts_dir}",
+    retry,
   )
   if first:
     logging.info("Resuming: %d of %d samples are in %s.", first, num_images, parts_dir)
@@ -543,7 +516,7 @@ def write_samples(
         part = os.path.join(parts_dir, f"{start:08d}-{start + len(out):08d}.npy")
         _write_atomic(part, lambda f: np.save(f, out))
 
-      _on_process_0(write_part, f"write the samples into {parts_dir}")
+      distributed.on_process_0(write_part, f"write the samples into {parts_dir}", retry)
       if bar is not None:
         bar.update(len(chunk))
   finally:
@@ -567,5 +540,5 @@ def write_samples(
     shutil.rmtree(parts_dir)
     logging.info("Wrote %d samples to %s", num_images, path)
 
-  _on_process_0(finish, f"write {path}")
+  distributed.on_process_0(finish, f"write {path}", retry)
   return path if proc0 else None

@@ -4,8 +4,10 @@ Call `initialize` once, before anything touches a JAX device.
 """
 
 import os
+from collections.abc import Callable
 
 import jax
+import numpy as np
 from absl import logging
 
 from dit_jax.errors import ConfigError
@@ -62,3 +64,30 @@ def initialize(
     jax.local_device_count(),
     jax.device_count(),
   )
+
+
+def on_process_0(fn: Callable[[], int | None], task: str, fix: str) -> int:
+  """Runs `fn` (work that writes files; it may return an int >= 0) on process 0 alone and returns
+  its result (0 for None) on every process.
+
+  If it fails with a ConfigError, or an OSError (turned into one: "Cannot <task> (<error>);
+  <fix>"), every process raises: were process 0 to stop alone, the others would wait for it in
+  their next collective until the distributed runtime gives up, minutes later.
+  """
+  value, error = 0, None
+  if jax.process_index() == 0:
+    try:
+      value = fn() or 0
+    except ConfigError as e:
+      value, error = -1, e
+    except OSError as e:
+      value, error = -1, ConfigError(f"Cannot {task} ({e}); {fix}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    value = int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+  if error is not None:
+    raise error
+  if value < 0:
+    raise ConfigError(f"Process 0 failed to {task}; its log says why.")
+  return value

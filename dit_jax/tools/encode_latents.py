@@ -40,6 +40,7 @@ from absl import app, flags, logging
 from dit_jax import parallel
 from dit_jax.data import latents, sources
 from dit_jax.errors import ConfigError
+from dit_jax.parallel import distributed
 
 DTYPES = ("float16", "float32")
 _READ_THREADS = 8  # Decoding images dominates for folders and TFDS; PIL releases the GIL.
@@ -177,25 +178,9 @@ def _prepare(out: str, meta: latents.LatentsMetadata) -> int:
 
 def _agree_on_start(out: str, meta: latents.LatentsMetadata) -> int:
   """Process 0 prepares `out`; every process learns the first row to encode (or the error)."""
-  error, start = None, 0
-  if jax.process_index() == 0:
-    # A failure goes out through the broadcast the others wait in, so that all stop together.
-    try:
-      start = _prepare(out, meta)
-    except ConfigError as e:
-      error, start = e, -1
-    except OSError as e:
-      error = ConfigError(f"--out={out!r} cannot be written ({e}); choose a writable directory.")
-      start = -1
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    start = int(multihost_utils.broadcast_one_to_all(np.int64(start)))
-  if error is not None:
-    raise error
-  if start < 0:
-    raise ConfigError(f"Process 0 could not prepare --out={out!r}; its log says why.")
-  return start
+  return distributed.on_process_0(
+    lambda: _prepare(out, meta), f"write into --out={out!r}", "choose a writable directory."
+  )
 
 
 def _stored(x: np.ndarray, dtype: str, what: str) -> np.ndarray:
