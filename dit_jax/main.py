@@ -7,13 +7,13 @@ Any config field can be set with --config.<field>=<value>; unknown fields are er
 """
 
 import json
-import logging as std_logging
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dit_jax import utils
 from dit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -30,16 +30,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_addre
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _LibraryInfoFilter(std_logging.Filter):
-  """Keeps dit_jax's own INFO lines; other libraries (Orbax, grain) only speak up from WARNING."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/dit_jax/" in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  utils.quiet_library_logs()
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     from dit_jax.parallel import distributed

@@ -1,13 +1,27 @@
 """Small host-side helpers: images to uint8, PNG grids, and metric writers (process 0 only)."""
 
 import json
+import logging as std_logging
 import math
 import os
 import time
 
 import jax
 import numpy as np
+from absl import logging
 from PIL import Image
+
+
+class _LibraryInfoFilter(std_logging.Filter):
+  """Keeps dit_jax's own INFO lines; other libraries (Orbax, grain) only speak up from WARNING."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/dit_jax/" in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """For command-line programs: absl logs dit_jax's INFO lines and other libraries' warnings."""
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

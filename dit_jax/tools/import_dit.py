@@ -12,7 +12,6 @@ DIR then holds the weights only: sample from it on any mesh, or fine-tune from i
 with --config.train.init_from=DIR. Needs torch to read the .pt (`pip install torch`).
 """
 
-import logging as std_logging
 import os
 import sys
 from typing import Any
@@ -22,15 +21,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_jax import checkpoint
+from dit_jax import checkpoint, utils
 from dit_jax.errors import ConfigError
-
-
-class LibraryInfoFilter(std_logging.Filter):
-  """Keeps dit_jax's own INFO lines; other libraries (Orbax) only speak up from WARNING."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/dit_jax/" in record.pathname
 
 
 def _define_flags() -> None:
@@ -56,10 +48,7 @@ def save_imported(
   """
   from dit_jax.train import setup
 
-  layout = (layout_config or config).copy_and_resolve_references()
-  # The import trains nothing: any batch that divides the devices will do for the mesh checks.
-  layout.train.batch_size = jax.device_count()
-  exp = setup.build(layout, training=False)
+  exp = setup.build(layout_config or config, training=False)
   path = checkpoint.save_weights(
     workdir, 0, params, config, source=source, abstract=exp.abstract_state.params
   )
@@ -81,7 +70,7 @@ def import_dit(checkpoint_path: str, config: ml_collections.ConfigDict, workdir:
 
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(LibraryInfoFilter())
+  utils.quiet_library_logs()
   try:
     import_dit(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.workdir)
   except ConfigError as e:

@@ -17,12 +17,12 @@ import sys
 from typing import Any
 
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from dit_jax import checkpoint
+from dit_jax import checkpoint, utils
 from dit_jax.errors import ConfigError
-from dit_jax.tools.import_dit import LibraryInfoFilter, save_imported
+from dit_jax.tools.import_dit import save_imported
 
 
 def _define_flags() -> None:
@@ -110,7 +110,7 @@ def import_sd3(transformer: str, config: ml_collections.ConfigDict, workdir: str
 
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(LibraryInfoFilter())
+  utils.quiet_library_logs()
   try:
     import_sd3(flags.FLAGS.transformer, flags.FLAGS.config, flags.FLAGS.workdir)
   except ConfigError as e:
