@@ -10,7 +10,7 @@
 Meant for: a TPU pod slice or an 8-GPU host (the paper trains XL/2 with global batch 256, AdamW
 lr 1e-4, no weight decay, EMA 0.9999, learned sigma, 400k-7M steps; FID-50K 2.27 with cfg 1.5).
 Arg string: variant=<S|B|L|XL>/<2|4|8>, objective=eps|v|rectified_flow, runlocal (shrinks the
-run to seconds on a CPU with `synthetic` latents of the same shape).
+run to seconds on a CPU with `synthetic` latents of the same shape); any other arg is an error.
 Data: `latents` reads <data.path>/latents.npy [N, 32, 32, 4] and labels.npy [N] as
 dit_jax.tools.encode_latents writes them (ADM center crop to 256, SD-VAE posterior mean x 0.18215;
 with --flip also the flipped images' latents, one of the two picked at random per read, as the
@@ -21,10 +21,14 @@ of the 4 latent channels (sample.guided_channels=3), as the official sampler doe
 """
 
 from dit_jax.config_defaults import base_config, parse_arg
+from dit_jax.errors import ConfigError
 
 
 def get_config(arg: str | None = None):
   args = parse_arg(arg, {"variant": "XL/2", "objective": "eps", "runlocal": False})
+  patch = args["variant"].partition("/")[2]
+  if not patch:
+    raise ConfigError(f"Config arg variant={args['variant']!r} is not <size>/<patch>, e.g. XL/2.")
   c = base_config()
   c.model.variant = args["variant"]
   c.model.num_classes = 1000
@@ -54,7 +58,7 @@ def get_config(arg: str | None = None):
   c.sample.batch_size = 256
   c.eval.num_images = 50_000
   if args["runlocal"]:
-    c.model.variant = "tiny/" + c.model.variant.split("/")[1]
+    c.model.variant = "tiny/" + patch
     c.data.name = "synthetic"
     c.data.synthetic_size = 256
     c.train.batch_size = 16

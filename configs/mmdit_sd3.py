@@ -18,7 +18,7 @@ Data: `latents` reads <data.path>/latents.npy [N, 32, 32, 16] (SD3's VAE: (mean 
 must follow) plus the text embeddings written by dit_jax.tools.encode_text into the same
 directory. Sampling decodes with --config.vae.path=/models/sd3/vae.
 Arg string: variant=d<depth>, runlocal (a seconds-long CPU run on synthetic data of the same
-structure, with a tiny model and short text).
+structure, with a tiny model and short text); any other arg is an error.
 """
 
 from dit_jax.config_defaults import base_config, parse_arg

@@ -8,13 +8,14 @@ Meant for: one CPU (2 cores suffice). An MMDiT (width 128, 4 joint blocks, QK-no
 draw "a red circle at the top left" and the like at 16x16 with rectified flow and logit-normal
 timesteps; `--mode=evaluate` draws the 8 caption combinations held out of training and reads
 colour, shape and position back with the shapes checker (see README.md for the figures).
+Arg string: none (any is an error); set fields with --config.<field>=<value>.
 """
 
-from dit_jax.config_defaults import base_config
+from dit_jax.config_defaults import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-  del arg
+  parse_arg(arg, {})
   c = base_config()
   c.model.name = "mmdit"
   c.model.variant = "d4"

@@ -23,10 +23,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import conditioning, parallel, utils
+from dit_jax import cli, conditioning, parallel, utils
 from dit_jax.config_defaults import base_config
 from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
@@ -212,4 +212,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,22 +3,28 @@
   --mode=train     train (resuming from the newest checkpoint in DIR), then sample a grid.
   --mode=sample    restore the EMA parameters and write DIR/samples/<sample.name>.npz + PNG grid.
   --mode=evaluate  restore, sample and score; writes DIR/eval/<eval.name>.json.
-Any config field can be set with --config.<field>=<value>; unknown fields are errors.
+  --overwrite      let sample / evaluate replace an existing samples/<sample.name>.npz or
+                   eval/<eval.name>.json (without it they stop with an error and keep the file).
+Any config field can be set with --config.<field>=<value>; unknown fields are errors. A bad
+command line ends in one line `Error: ...` (dit_jax.cli).
 """
 
 import json
+import os
 import sys
 
-import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from dit_jax import utils
+from dit_jax import cli
 from dit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"], "What to run.")
+_OVERWRITE = flags.DEFINE_bool(
+  "overwrite", False, "Let sample / evaluate replace the samples or scores of the same name."
+)
 _COORDINATOR = flags.DEFINE_string(
   "coordinator_address",
   None,
@@ -32,8 +38,22 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  utils.quiet_library_logs()
   config, workdir = _CONFIG.value, _WORKDIR.value
+  existing = workdir  # The workdir or the nearest of its parents that exists.
+  while existing and not os.path.exists(existing) and existing != os.path.dirname(existing):
+    existing = os.path.dirname(existing)
+  if os.path.isfile(existing):
+    where = "is a file" if existing == workdir else f"is inside {existing}, which is a file"
+    sys.exit(
+      f"Error: --workdir={workdir} {where}, not a directory; pass a new directory or the "
+      "workdir of a run."
+    )
+  # JAX is imported only now, so that a bad command line is reported at once.
+  import jax
+
+  from dit_jax import utils
+
+  utils.quiet_library_logs()
   try:
     from dit_jax.parallel import distributed
 
@@ -47,11 +67,11 @@ def main(argv):
     elif _MODE.value == "sample":
       from dit_jax.evaluation import runner
 
-      runner.sample(config, workdir)
+      runner.sample(config, workdir, overwrite=_OVERWRITE.value)
     else:
       from dit_jax.evaluation import runner
 
-      scores = runner.evaluate(config, workdir)
+      scores = runner.evaluate(config, workdir, overwrite=_OVERWRITE.value)
       if jax.process_index() == 0:
         print(json.dumps(scores, indent=2))
   except ConfigError as e:
@@ -59,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,10 +18,10 @@ import math
 import sys
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import aot, utils
+from dit_jax import aot, cli, utils
 from dit_jax.aot import GiB
 from dit_jax.errors import ConfigError
 
@@ -125,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,11 +10,12 @@ that joins a job through the same flags, chosen with --module:
 
 The processes join through `jax.distributed` at 127.0.0.1 (gloo collectives on CPU), exactly as
 the hosts of a pod slice do; process 0 writes logs, metrics and images, all of them write their
-checkpoint shards. Each process's output is prefixed with `[p<i>]`; if one fails, the others
-are stopped.
+checkpoint shards. Each process's output is prefixed with `[p<i>]` (without gloo's connection
+messages); if one fails, the others are stopped.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,17 +23,9 @@ import sys
 import threading
 import time
 
-from absl import app, flags
+from absl import flags
 
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
-_DEVICES = flags.DEFINE_integer("devices_per_process", 4, "Fake CPU devices per process.")
-_PORT = flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: pick a free one).")
-_MODULE = flags.DEFINE_string(
-  "module",
-  "dit_jax.main",
-  "Program every process runs as `python -m MODULE`; it must take --coordinator_address, "
-  "--num_processes and --process_id.",
-)
+from dit_jax import cli
 
 
 def free_port() -> int:
@@ -41,10 +34,40 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# Gloo prints "[Gloo] Rank R is connected to N peer ranks. Expected number of connected peer
+# ranks is : N" for every collective group (~16 per process). It writes the message in these
+# pieces, from several threads at once, so a message can be split over two lines or glued to a
+# progress bar.
+_GLOO_PIECES = (
+  r"\[Gloo\] Rank ",
+  r"\d+",
+  r" is connected to ",
+  r"\d+",
+  r" peer ranks\. ",
+  r"Expected number of connected peer ranks is : ",
+  r"\d+",
+)
+_GLOO_MESSAGE = re.compile("".join(_GLOO_PIECES))
+# The start of a message at the end of a line, and the rest of one at the start of the next.
+_GLOO_HEAD = re.compile("(?:" + "|".join("".join(_GLOO_PIECES[:k]) for k in range(1, 7)) + ")$")
+_GLOO_TAIL = re.compile(r"^\s*(?:" + "|".join("".join(_GLOO_PIECES[k:]) for k in (2, 4, 5)) + ")")
+
+
+def drop_gloo_messages(line: str) -> str | None:
+  """`line` without gloo's connection messages (or pieces of them); None if nothing else is
+  left of it."""
+  kept = _GLOO_TAIL.sub("", _GLOO_HEAD.sub("", _GLOO_MESSAGE.sub("", line.rstrip("\n"))))
+  if kept == line.rstrip("\n"):
+    return line
+  return f"{kept}\n" if kept.strip() else None
+
+
 def _forward(prefix: str, stream, sink) -> None:
   for line in iter(stream.readline, ""):
-    sink.write(f"{prefix} {line}")
-    sink.flush()
+    line = drop_gloo_messages(line)
+    if line is not None:
+      sink.write(f"{prefix} {line}")
+      sink.flush()
 
 
 def launch(
@@ -105,12 +128,33 @@ def launch(
   return codes
 
 
+def _define_flags() -> None:
+  """Defines the flags only when run as a program, so that importing the module defines none."""
+  flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
+  flags.DEFINE_integer("devices_per_process", 4, "Fake CPU devices per process.", lower_bound=1)
+  flags.DEFINE_integer(
+    "port",
+    0,
+    "Coordinator port on 127.0.0.1 (0: pick a free one).",
+    lower_bound=0,
+    upper_bound=65535,
+  )
+  flags.DEFINE_string(
+    "module",
+    "dit_jax.main",
+    "Program every process runs as `python -m MODULE`; it must take --coordinator_address, "
+    "--num_processes and --process_id.",
+  )
+
+
 def main(argv):
-  codes = launch(argv[1:], _NUM_PROCESSES.value, _DEVICES.value, _PORT.value, _MODULE.value)
-  failed = [(i, c) for i, c in enumerate(codes) if c]
+  f = flags.FLAGS
+  codes = launch(argv[1:], f.num_processes, f.devices_per_process, f.port, f.module)
+  failed = ", ".join(f"p{i} exit code {c}" for i, c in enumerate(codes) if c)
   if failed:
-    sys.exit(f"launch.local: process(es) {failed} failed (index, exit code).")
+    sys.exit(f"Error: launch.local: {failed}; the cause is in the [p<i>] lines above.")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _define_flags()
+  cli.run(main, positional=True)

@@ -8,3 +8,18 @@ os.environ["XLA_FLAGS"] = (
 # Where libtpu is installed (for the ahead-of-time compile test) no TPU is used: let processes
 # load it side by side instead of locking it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A tiny quickstart run trained once through the CLI (checkpoints at steps 2, 4 and 6, one
+  device); read it, or copy it (`_cli.copy_workdir`) before changing anything in it."""
+  import _cli
+
+  workdir = str(tmp_path_factory.mktemp("trained") / "run")
+  proc = _cli.run(*_cli.TINY, f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.output[-3000:]
+  return workdir

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from dit_jax import parallel
+from dit_jax import cli, parallel
 from dit_jax.data import latents, sources
 from dit_jax.errors import ConfigError
 from dit_jax.parallel import distributed
@@ -405,4 +405,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

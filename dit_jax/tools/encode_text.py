@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
+from dit_jax import cli
 from dit_jax.data import text
 from dit_jax.errors import ConfigError
 
@@ -400,4 +401,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -18,10 +18,10 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from dit_jax import checkpoint, utils
+from dit_jax import checkpoint, cli, utils
 from dit_jax.errors import ConfigError
 
 
@@ -79,4 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -17,10 +17,10 @@ import sys
 from typing import Any
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import checkpoint, utils
+from dit_jax import checkpoint, cli, utils
 from dit_jax.errors import ConfigError
 from dit_jax.tools.import_dit import save_imported
 
@@ -119,4 +119,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

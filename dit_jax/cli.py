@@ -1,0 +1,193 @@
+"""How every command-line program of the package starts: `cli.run(main)` instead of `app.run(main)`.
+
+A bad command line ends in one last line `Error: <problem and fix>` and exit status 1, never in a
+traceback or absl's "FATAL Flags parsing error". absl and ml_collections report these mistakes in
+different ways, each handled here:
+
+- absl's `flags.Error`: an unknown flag, a value of the wrong type (also of a `--config.<field>`),
+  a missing required flag, a config file whose `get_config` raised (wrapped with its traceback
+  as text; the message of the original exception is kept, ConfigError's as it is);
+- KeyError / AttributeError / OSError / SyntaxError, which ml_collections lets through while it
+  loads a config file and applies the `--config.<field>` overrides: they are explained by
+  checking the file and the field paths again; one that cannot be explained (a bug) goes on as
+  it is;
+- a config file that cannot be read, which ml_collections reports only when the config is first
+  used: checked right after parsing.
+
+The program's own ConfigError and `app.UsageError` end the same way.
+"""
+
+import difflib
+import importlib.machinery
+import os
+import re
+import sys
+import types
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import ml_collections
+from absl import app, flags
+from ml_collections.config_flags.config_flags import is_config_flag
+
+from dit_jax.errors import ConfigError
+
+_CONTRACT = "(README: Config contract)"
+_HELP = "pass --helpshort to list the flags"
+# ml_collections wraps an exception of get_config into one of the same type with this text and
+# the traceback (the original is its context); absl wraps that into a flag error.
+_WRAPPER_TEXT = "Error whilst parsing config file:"
+
+
+def run(main: Callable[[list[str]], Any], *, positional: bool = False) -> None:
+  """Runs `main` as `absl.app.run` does, ending a bad command line in one `Error: ...` line.
+
+  Args:
+    main: the program; it gets the arguments left after the flags (argv[0] first).
+    positional: whether the program takes arguments that are not flags (those after `--`);
+      if False, any is an error.
+  """
+
+  def main_with_clear_errors(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except ConfigError as e:
+      _fail(str(e))
+    except app.UsageError as e:
+      _fail(f"{e}; {_HELP}.")
+
+  app.run(main_with_clear_errors, flags_parser=lambda argv: parse_flags(argv, positional))
+
+
+def parse_flags(argv: Sequence[str], positional: bool = False) -> list[str]:
+  """Parses `argv` into absl's FLAGS and returns the arguments left; exits with `Error: ...` on
+  a mistake in the command line."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(flag_error_message(e))
+  except (KeyError, AttributeError, OSError, SyntaxError):
+    message = explain_config_flags(argv)
+    if message is None:
+      raise
+    _fail(message)
+  for flag in _config_flags():
+    # ml_collections keeps a config file that it could not read as a placeholder that raises
+    # when first used, which would be deep inside the program.
+    if flag.present and not isinstance(flag.value, ml_collections.ConfigDict):
+      message = explain_config_flags(argv)
+      _fail(message or f"--{flag.name}={flag.config_filename}: get_config returned no ConfigDict.")
+  if len(rest) > 1 and not positional:
+    _fail(f"unexpected arguments {rest[1:]}; every option is a --flag=value ({_HELP}).")
+  return rest
+
+
+def flag_error_message(error: flags.Error) -> str:
+  """The one-line message for an error of absl's flag parsing."""
+  text = str(error)
+  flag, wrapped, _ = text.partition(f": {_WRAPPER_TEXT}")
+  if wrapped:
+    flag = flag.removeprefix("flag ")
+    cause = _original(error)
+    if isinstance(cause, ConfigError):
+      return f"{flag}: {cause}"
+    return f"{flag}: get_config raised {type(cause).__name__}: {cause}"
+  return f"{' '.join(text.split()).rstrip('.')}; {_HELP}."
+
+
+def explain_config_flags(argv: Sequence[str]) -> str | None:
+  """Checks every config flag's file and `--<name>.<field>` overrides in `argv` again; returns
+  the message for the first problem found, or None if there is none."""
+  args = flags.FLAGS.read_flags_from_files(list(argv[1:]), force_gnu=False)
+  if "--" in args:
+    args = args[: args.index("--")]
+  for flag in _config_flags():
+    argument = _flag_argument(args, flag.name)
+    if argument is None:
+      continue
+    overrides = [
+      a.split("=", 1)[0].split(".", 1)[1]
+      for a in args
+      if re.match(rf"--?(no)?{re.escape(flag.name)}\.", a)
+    ]
+    message = _explain_config_file(flag.name, argument, overrides)
+    if message:
+      return message
+  return None
+
+
+def _explain_config_file(name: str, argument: str, overrides: list[str]) -> str | None:
+  path, has_arg, arg = argument.partition(":")
+  flag = f"--{name}={argument}"
+  if os.path.isdir(path):
+    return f"{flag}: {path} is a directory; pass a config file such as configs/quickstart.py."
+  if not os.path.isfile(path):
+    where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+    return f"{flag}: there is no file {path}{where}; the shipped configs are in configs/."
+  loader = importlib.machinery.SourceFileLoader(f"_dit_jax_cli_{name}", path)
+  module = types.ModuleType(loader.name)
+  module.__file__ = path
+  try:
+    loader.exec_module(module)
+  except SyntaxError as e:
+    return f"{flag}: {e.msg} in {e.filename}, line {e.lineno}; fix the config file."
+  if not callable(getattr(module, "get_config", None)):
+    return (
+      f"{flag}: {path} has no get_config; a config file defines get_config(arg) that returns "
+      "the ConfigDict (see configs/quickstart.py)."
+    )
+  try:
+    config = module.get_config(*([arg] if has_arg else []))
+  except (ConfigError, OSError) as e:
+    return f"{flag}: {e}"
+  except Exception:  # A bug in the config file: the caller lets the original error go on.
+    return None
+  for override in overrides:
+    message = _explain_field(config, name, override)
+    if message:
+      return message
+  return None
+
+
+def _explain_field(config: Any, name: str, path: str) -> str | None:
+  """The message for an override `--<name>.<path>` that names no field of `config`, else None."""
+  node, walked = config, name
+  for key in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return (
+        f"{walked} is a value, not a group of fields, so --{name}.{path} cannot be set {_CONTRACT}."
+      )
+    if key not in node:
+      close = difflib.get_close_matches(key, list(node.keys()), n=1)
+      hint = f"did you mean {walked}.{close[0]}?" if close else f"{walked} has {', '.join(node)}."
+      return f"{walked}.{key} is not a config field; {hint} {_CONTRACT}"
+    node, walked = node[key], f"{walked}.{key}"
+  return None
+
+
+def _flag_argument(args: list[str], name: str) -> str | None:
+  """The last value given to --name in `args` (as `--name=v`, `-name=v` or `--name v`)."""
+  value = None
+  for i, a in enumerate(args):
+    m = re.fullmatch(rf"--?{re.escape(name)}(=(.*))?", a)
+    if m and m.group(1):
+      value = m.group(2)
+    elif m and i + 1 < len(args):
+      value = args[i + 1]
+  return value
+
+
+def _config_flags() -> list[flags.Flag]:
+  found = {id(f): f for f in (flags.FLAGS[n] for n in flags.FLAGS) if is_config_flag(f)}
+  return list(found.values())
+
+
+def _original(error: BaseException) -> BaseException:
+  """The exception that get_config raised, behind absl's and ml_collections' wrappers."""
+  while not str(error).startswith(_WRAPPER_TEXT) and error.__context__ is not None:
+    error = error.__context__
+  return error.__context__ or error
+
+
+def _fail(message: str) -> NoReturn:
+  sys.exit(f"Error: {message}")
