@@ -4,9 +4,12 @@ Every field a user may set lives here with its default, so that a locked config 
 The README's "Config contract" documents the public names.
 """
 
+import difflib
+
 import ml_collections
 
 from dit_jax.axes import LOGICAL_AXES
+from dit_jax.errors import ConfigError
 
 # Names accepted by the registries; the JAX-side registries validate against the same tuples.
 OBJECTIVES = ("eps", "v", "rectified_flow")
@@ -18,6 +21,8 @@ LOSS_WEIGHTINGS = ("none", "min_snr", "auto")
 PRECONDITIONINGS = ("none", "edm")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+_TRUE = ("", "1", "true", "yes")
+_FALSE = ("0", "false", "no")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -161,15 +166,43 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def parse_arg(arg: str | None, defaults: dict) -> dict:
-  """Parses a config arg string `key=value,flag` against `defaults` (bools may be bare flags)."""
+  """Parses a config arg string `key=value,flag` against `defaults` (bools may be bare flags).
+
+  Raises:
+    ConfigError: for a key not in `defaults`, or a value that does not parse as its default's
+      type (bools: 1/true/yes or 0/false/no).
+  """
   out = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, eq, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"Unknown config arg {key!r}; expected one of {sorted(defaults)}.")
+      if not defaults:
+        raise ConfigError(
+          f"Unknown config arg {key!r}: this config takes no args; set fields with "
+          "--config.<field>=<value>."
+        )
+      close = difflib.get_close_matches(key, list(defaults), n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(
+        f"Unknown config arg {key!r}{hint}; this config takes {', '.join(defaults)} "
+        "(see its docstring)."
+      )
     default = defaults[key]
     if isinstance(default, bool):
-      out[key] = value.lower() in ("", "1", "true", "yes") if eq else True
+      if not eq or value.lower() in _TRUE:
+        out[key] = True
+      elif value.lower() in _FALSE:
+        out[key] = False
+      else:
+        raise ConfigError(f"Config arg {key}={value!r} is not a bool; write {key} or {key}=false.")
+    elif not eq:
+      raise ConfigError(f"Config arg {key!r} needs a value, e.g. {key}={default}.")
     else:
-      out[key] = type(default)(value)
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        kind = type(default).__name__
+        raise ConfigError(
+          f"Config arg {key}={value!r} is not a {kind}; e.g. {key}={default}."
+        ) from None
   return out

@@ -143,6 +143,19 @@ def read_captions(path: str) -> list[str]:
   return captions
 
 
+def inline_prompts(prompt_text: str) -> list[str]:
+  """The prompts of `config.sample.prompt_text`: its "|"-separated parts, stripped, empty ones
+  left out; a ConfigError if none is left."""
+  prompts = [p.strip() for p in prompt_text.split("|") if p.strip()]
+  if not prompts:
+    raise ConfigError(
+      f"config.sample.prompt_text={prompt_text!r} has no prompts between '|'; write them as "
+      "'a red circle at the top left | a blue square at the bottom right', or leave it empty "
+      "for the default prompts."
+    )
+  return prompts
+
+
 def single_encoder_spec(context_len: int, context_dim: int, pooled_dim: int) -> TextSpec:
   """A spec with one encoder filling everything and an all-zero empty caption (synthetic data)."""
   return TextSpec(

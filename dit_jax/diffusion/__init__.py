@@ -172,32 +172,54 @@ def resolve_loss_weighting(name: str, objective: str) -> str:
   return name
 
 
-def build_diffusion(config: ml_collections.ConfigDict) -> Diffusion:
-  """The diffusion process `config.diffusion` describes, for images of `config.data`."""
+def _require(
+  d: ml_collections.ConfigDict, field: str, ok: Callable[[float], bool], accepted: str
+) -> None:
+  value = d[field]
+  if not (math.isfinite(value) and ok(value)):
+    raise ConfigError(f"config.diffusion.{field}={value} must be {accepted}.")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError naming the field, the value and the accepted ones for a name or number
+  in `config.diffusion` that cannot work (NaN and infinity included), whether or not the chosen
+  parts use it."""
   d = config.diffusion
   check_choice(d.objective, config_defaults.OBJECTIVES, "diffusion.objective")
+  check_choice(d.schedule, config_defaults.VP_SCHEDULES, "diffusion.schedule")
   check_choice(d.timestep_sampler, config_defaults.TIMESTEP_SAMPLERS, "diffusion.timestep_sampler")
   check_choice(d.loss_weighting, config_defaults.LOSS_WEIGHTINGS, "diffusion.loss_weighting")
   check_choice(d.preconditioning, config_defaults.PRECONDITIONINGS, "diffusion.preconditioning")
-  if d.sigma_data <= 0:
-    raise ConfigError(
-      f"config.diffusion.sigma_data={d.sigma_data} must be > 0 (the data's standard deviation; "
-      "0.5 suits images in [-1, 1])."
-    )
+  _require(d, "num_timesteps", lambda v: v >= 2, ">= 2")
+  _require(d, "logit_mean", lambda v: True, "a finite number")
+  _require(d, "logit_std", lambda v: v > 0, "> 0 (the spread of the logit-normal timesteps)")
+  lo, hi = timesteps.MODE_SCALE_RANGE
+  _require(
+    d,
+    "mode_scale",
+    lambda v: lo <= v <= hi,
+    f"in [{lo:g}, 2/(pi-2) = {hi:.4f}], where the mode sampler maps [0, 1] onto [0, 1] "
+    "monotonically",
+  )
+  _require(d, "shift", lambda v: v > 0, "> 0 (1.0 = no shift)")
+  _require(d, "shift_base_resolution", lambda v: v >= 0, ">= 0 (0 = no resolution shift)")
+  _require(d, "min_snr_gamma", lambda v: v > 0, "> 0 (the SNR at which min-SNR caps the weight)")
+  _require(
+    d,
+    "sigma_data",
+    lambda v: v > 0,
+    "> 0 (the data's standard deviation; 0.5 suits images in [-1, 1])",
+  )
+
+
+def build_diffusion(config: ml_collections.ConfigDict) -> Diffusion:
+  """The diffusion process `config.diffusion` describes, for images of `config.data`."""
+  check_config(config)
+  d = config.diffusion
   if d.objective == "rectified_flow":
     schedule = FlowSchedule()
   else:
-    check_choice(d.schedule, config_defaults.VP_SCHEDULES, "diffusion.schedule")
-    if d.num_timesteps < 2:
-      raise ConfigError(f"config.diffusion.num_timesteps={d.num_timesteps} must be >= 2.")
     schedule = vp_schedule(d.schedule, d.num_timesteps)
-  if d.shift <= 0:
-    raise ConfigError(f"config.diffusion.shift={d.shift} must be > 0 (1.0 = no shift).")
-  if d.timestep_sampler == "mode" and not -1.0 <= d.mode_scale <= 2.0 / (math.pi - 2):
-    raise ConfigError(
-      f"config.diffusion.mode_scale={d.mode_scale} must lie in [-1, 2/(pi-2)] so that the mode "
-      "sampler maps [0, 1] onto [0, 1] monotonically."
-    )
   return Diffusion(
     schedule=schedule,
     objective=d.objective,

@@ -15,6 +15,12 @@ import jax.numpy as jnp
 
 SAMPLERS = ("uniform", "logit_normal", "mode", "cosmap")
 
+# The mode map f(u) = 1 - u - s (cos^2(pi/2 u) - 1 + u) has f(0) = 1, f(1) = 0 and
+# f'(u) = -1 - s + s pi/2 sin(pi u); it is a decreasing map of [0, 1] onto itself (a density)
+# iff f' <= 0 on [0, 1]: at sin(pi u) = 0 for s < 0 (s >= -1) and at sin(pi u) = 1 for s > 0
+# (s <= 2 / (pi - 2) ~ 1.752).
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
+
 
 def mode_transform(u: jax.Array, scale: float) -> jax.Array:
   return 1.0 - u - scale * (jnp.cos(math.pi / 2 * u) ** 2 - 1.0 + u)

@@ -4,6 +4,7 @@ evaluation and benchmarks so that they all run exactly the same model and step."
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -11,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from jax.sharding import Mesh
 
-from dit_jax import data, models, parallel
+from dit_jax import config_defaults, data, models, parallel
 from dit_jax import diffusion as diffusion_lib
 from dit_jax.conditioning import Conditioner, build_conditioner
+from dit_jax.data import text
 from dit_jax.errors import ConfigError, check_choice
 from dit_jax.train import step as step_lib
 from dit_jax.train.state import TrainState, learning_rate, optimizer
@@ -96,23 +99,174 @@ class Experiment:
     return {"image": image, **cond}
 
 
+# What each number in config.model, .train, .sample and .eval accepts, as (field, a key of
+# _ACCEPTS, what the value means). config.diffusion's are checked by diffusion.check_config;
+# sample.guided_channels, whose bound depends on the data, by sampling.
+_ACCEPTS = {
+  "> 0": lambda v: v > 0,
+  ">= 0": lambda v: v >= 0,
+  "in [0, 1)": lambda v: 0 <= v < 1,
+  "in [0, 1]": lambda v: 0 <= v <= 1,
+  "in [0, 2**32)": lambda v: 0 <= v < 2**32,  # JAX keys take 32 bits; numpy's seeds are >= 0.
+  "a finite number": lambda v: True,
+}
+_NUMBERS = (
+  ("model.num_classes", "> 0", ""),
+  ("model.class_dropout", "in [0, 1)", " (the probability of training without the label)"),
+  ("model.text_dropout", "in [0, 1)", " (the probability of dropping each text encoder)"),
+  ("model.width", ">= 0", " (0 = the variant's)"),
+  ("model.depth", ">= 0", " (0 = the variant's)"),
+  ("model.heads", ">= 0", " (0 = the variant's)"),
+  ("model.mlp_ratio", "> 0", ""),
+  ("model.scan_unroll", "> 0", " (blocks per scan iteration)"),
+  ("model.pos_embed_max_size", ">= 0", " (0 = the image's grid)"),
+  ("model.pos_embed_base_size", ">= 0", " (0 = pos_embed_max_size)"),
+  ("model.context_len", ">= 0", " (0 = the data's)"),
+  ("model.context_dim", ">= 0", " (0 = the data's)"),
+  ("model.pooled_dim", ">= 0", " (0 = the data's)"),
+  ("train.batch_size", "> 0", ""),
+  ("train.num_steps", "> 0", ""),
+  ("train.seed", "in [0, 2**32)", ""),
+  ("train.lr", "> 0", ""),
+  ("train.warmup_steps", ">= 0", ""),
+  ("train.weight_decay", ">= 0", ""),
+  ("train.b1", "in [0, 1)", " (Adam's decay rate of the gradient's mean)"),
+  ("train.b2", "in [0, 1)", " (Adam's decay rate of the squared gradient's mean)"),
+  ("train.grad_clip", ">= 0", " (0 = no clipping)"),
+  ("train.ema_decay", "in [0, 1)", ""),
+  ("train.log_every", "> 0", ""),
+  ("train.checkpoint_every", "> 0", ""),
+  ("train.keep_checkpoints", "> 0", ""),
+  ("train.keep_every", ">= 0", " (0 = off)"),
+  ("train.sample_every", ">= 0", " (0 = only at the end)"),
+  ("sample.num_images", "> 0", ""),
+  ("sample.batch_size", "> 0", ""),
+  ("sample.num_steps", "> 0", " (solver steps)"),
+  ("sample.guidance_scale", "a finite number", " (1 = no guidance)"),
+  ("sample.eta", "in [0, 1]", " (DDIM's noise: 0 = deterministic, 1 = DDPM's variance)"),
+  ("sample.seed", "in [0, 2**32)", ""),
+  ("eval.num_images", "> 0", ""),
+)
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+  for field, accepted, meaning in _NUMBERS:
+    section, name = field.split(".")
+    value = config[section][name]
+    if not (math.isfinite(value) and _ACCEPTS[accepted](value)):
+      raise ConfigError(f"config.{field}={value} must be {accepted}{meaning}.")
+
+
+def _check_prompts(config: ml_collections.ConfigDict) -> None:
+  s = config.sample
+  if not data.wants_text(config):
+    for field in ("prompts", "prompt_text"):
+      if s[field]:
+        raise ConfigError(
+          f"config.sample.{field}={s[field]!r} is for text models, but "
+          f"config.model.name={config.model.name!r} takes class labels; leave it empty and "
+          "choose the labels with config.sample.labels ('balanced' or 'random')."
+        )
+  elif s.prompt_text:
+    text.inline_prompts(s.prompt_text)
+
+
+def unusual_settings(config: ml_collections.ConfigDict) -> list[str]:
+  """One sentence for each legal setting in a valid `config` that is probably a mistake: guidance
+  that cannot work as meant, or a field changed from its base_config() default that the chosen
+  parts never read."""
+  default = config_defaults.base_config()
+  d, m, s = config.diffusion, config.model, config.sample
+  out = []
+
+  def unused(section: str, names: tuple[str, ...], reader: str, setting: str) -> None:
+    for name in names:
+      value = config[section][name]
+      if value != default[section][name]:
+        out.append(
+          f"config.{section}.{name}={value!r} has no effect: only {reader} reads it, and {setting}."
+        )
+
+  g = s.guidance_scale
+  if g < 0:
+    out.append(
+      f"config.sample.guidance_scale={g} is negative, which steers samples away from their "
+      "condition; 1 = no guidance, above 1 = stronger guidance."
+    )
+  dropout = "text_dropout" if data.wants_text(config) else "class_dropout"
+  if g != 1 and m[dropout] == 0:
+    out.append(
+      f"config.sample.guidance_scale={g} mixes in the unconditional model, but "
+      f"config.model.{dropout}=0 never trains it; train with {dropout} > 0 (e.g. 0.1) or sample "
+      "with guidance_scale=1."
+    )
+  name = f"config.model.name={m.name!r}"
+  if data.wants_text(config):
+    unused("model", ("num_classes", "class_dropout", "conditioning"), "dit", name)
+    unused("sample", ("labels",), "a class-conditional model (dit)", f"{name} takes prompts")
+  else:
+    text_fields = ("text_dropout", "qk_norm", "pos_embed_max_size", "pos_embed_base_size")
+    unused("model", text_fields + ("context_len", "context_dim", "pooled_dim"), "mmdit", name)
+  sampler = f"config.diffusion.timestep_sampler={d.timestep_sampler!r}"
+  if d.timestep_sampler != "mode":
+    unused("diffusion", ("mode_scale",), "the 'mode' timestep sampler", sampler)
+  if d.timestep_sampler != "logit_normal":
+    unused("diffusion", ("logit_mean", "logit_std"), "the 'logit_normal' timestep sampler", sampler)
+  if d.objective == "rectified_flow":
+    unused(
+      "diffusion",
+      ("schedule", "num_timesteps"),
+      "a VP objective (eps, v)",
+      "config.diffusion.objective='rectified_flow'",
+    )
+  elif s.num_steps > d.num_timesteps:
+    out.append(
+      f"config.sample.num_steps={s.num_steps} exceeds config.diffusion.num_timesteps="
+      f"{d.num_timesteps}; sampling takes {d.num_timesteps} steps."
+    )
+  # "auto" reads the gamma whenever the objective is eps, so a config that picks "auto" sets it
+  # for that case whatever objective it trains now (the quickstart does).
+  if d.loss_weighting == "none":
+    unused(
+      "diffusion",
+      ("min_snr_gamma",),
+      "loss_weighting 'min_snr' (or 'auto' with objective eps)",
+      "config.diffusion.loss_weighting='none'",
+    )
+  if d.preconditioning == "none":
+    unused(
+      "diffusion",
+      ("sigma_data",),
+      "preconditioning 'edm'",
+      "config.diffusion.preconditioning='none'",
+    )
+  solver = diffusion_lib.resolve_sampler(config)
+  if solver != "ddim":
+    picked = f" (which picks {solver!r})" if s.sampler == "auto" else ""
+    unused("sample", ("eta",), "the ddim sampler", f"config.sample.sampler={s.sampler!r}{picked}")
+  if g == 1:
+    unused("sample", ("guided_channels",), "guidance", "config.sample.guidance_scale=1")
+  if s.clip_denoised and not data.is_pixel_data(config):
+    out.append(
+      "config.sample.clip_denoised=True clips these latents to [-1, 1], which suits pixels in "
+      "[-1, 1] only; set it False."
+    )
+  return out
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the names and numbers in `config` that need no devices or data."""
-  t = config.train
-  for field in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-    if t[field] <= 0:
-      raise ConfigError(f"config.train.{field}={t[field]} must be > 0.")
-  check_choice(t.nonfinite, ("stop", "skip"), "train.nonfinite")
-  if t.keep_every < 0:
-    raise ConfigError(f"config.train.keep_every={t.keep_every} must be >= 0 (0 = off).")
-  if not 0.0 <= t.ema_decay < 1.0:
-    raise ConfigError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1).")
+  """Checks the names and numbers in `config` that need no devices or data, raising a
+  ConfigError for one that cannot work; then warns (on process 0, one line each) about the
+  `unusual_settings`. Training, sampling and evaluation all call it (through `build`)."""
+  check_choice(config.train.nonfinite, ("stop", "skip"), "train.nonfinite")
   check_choice(config.sample.labels, ("balanced", "random"), "sample.labels")
-  if config.sample.num_images <= 0 or config.sample.batch_size <= 0:
-    raise ConfigError("config.sample.num_images and config.sample.batch_size must be > 0.")
-  if config.model.num_classes <= 0:
-    raise ConfigError(f"config.model.num_classes={config.model.num_classes} must be > 0.")
+  _check_numbers(config)
+  diffusion_lib.check_config(config)
+  _check_prompts(config)
   diffusion_lib.resolve_sampler(config)
+  if jax.process_index() == 0:
+    for message in unusual_settings(config):
+      logging.warning(message)
 
 
 def build(config: ml_collections.ConfigDict, devices=None, *, training: bool = True) -> Experiment:
