@@ -11,16 +11,27 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+# (file path fragment, message format) of library warnings that ask nothing of the user.
+_HARMLESS = (
+  # Sampling and evaluation open the checkpoints read-only on purpose.
+  ("/orbax/checkpoint/", "Given directory is read only=%s"),
+)
+
 
 class _LibraryInfoFilter(std_logging.Filter):
-  """Keeps dit_jax's own INFO lines; other libraries (Orbax, grain) only speak up from WARNING."""
+  """Keeps dit_jax's own INFO lines; other libraries (Orbax, grain) only speak up from WARNING,
+  and not with the warnings in `_HARMLESS`."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/dit_jax/" in record.pathname
+    if "/dit_jax/" in record.pathname:
+      return True
+    harmless = any(part in record.pathname and record.msg == msg for part, msg in _HARMLESS)
+    return record.levelno >= std_logging.WARNING and not harmless
 
 
 def quiet_library_logs() -> None:
-  """For command-line programs: absl logs dit_jax's INFO lines and other libraries' warnings."""
+  """For command-line programs: absl logs dit_jax's INFO lines and other libraries' warnings
+  (less the harmless ones)."""
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
 
 

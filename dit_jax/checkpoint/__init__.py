@@ -9,9 +9,12 @@ Sampling restores it like any other; training cannot resume it, but starts from 
 workdir with `train.init_from` (`restore_weights`).
 """
 
+import asyncio
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -26,6 +29,8 @@ from etils import epath
 from dit_jax.errors import ConfigError
 
 ORIGIN = "origin"  # The item that marks a weights-only (imported) checkpoint.
+# How long a failed read of a damaged checkpoint waits for its other array reads to finish.
+_SETTLE_S = 60.0
 
 
 def _restore_args(abstract: Any) -> Any:
@@ -34,6 +39,56 @@ def _restore_args(abstract: Any) -> Any:
 
 class CheckpointError(ConfigError):
   """No checkpoint in the workdir can be restored (and none was silently skipped)."""
+
+
+def _run_settled(coro):
+  """Runs an Orbax coroutine in a fresh event loop, as Orbax does, but if it fails, lets the tasks
+  it started finish before the loop is closed."""
+  loop = asyncio.new_event_loop()
+  try:
+    asyncio.set_event_loop(loop)
+    return loop.run_until_complete(coro)
+  except Exception:
+    left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if left:
+      done, _ = loop.run_until_complete(asyncio.wait(left, timeout=_SETTLE_S))
+      for task in done:  # Their errors repeat the one raised; retrieved, asyncio logs none.
+        if not task.cancelled():
+          task.exception()
+    raise
+  finally:
+    asyncio.set_event_loop(None)
+    loop.close()
+
+
+@contextlib.contextmanager
+def _settled_failed_reads() -> Iterator[None]:
+  """While checkpoints that may be damaged are read: a failed read leaves no reads in flight.
+
+  Orbax runs each restore in a new event loop and closes it as soon as one array read fails, with
+  the reads of the other arrays still in flight. Each of those, when it finishes, has tensorstore
+  post its result to the closed loop from one of its threads, which prints a "RuntimeError: Event
+  loop is closed" traceback: up to hundreds per damaged checkpoint, some after the program's last
+  line. Orbax has no option for this, so its private runner is swapped for `_run_settled`
+  meanwhile (if it still has one).
+  """
+  from orbax.checkpoint._src import asyncio_utils
+
+  original = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+  if original is None:
+    yield
+    return
+  asyncio_utils._run_sync_via_new_loop = _run_settled
+  try:
+    yield
+  finally:
+    asyncio_utils._run_sync_via_new_loop = original
+
+
+def _brief(e: Exception, limit: int = 400) -> str:
+  """`Type: message` of a failed read, without the tensorstore spec (a long JSON) it appends."""
+  text = f"{type(e).__name__}: {str(e).split(' [tensorstore_spec=')[0]}"
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Checkpointer:
@@ -52,9 +107,10 @@ class Checkpointer:
     """`config`: the run's config, named in error messages next to a checkpoint's own."""
     self.config = config
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    # Read-only: no retention policy (Orbax would drop it with a warning).
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep,
-      keep_period=keep_every or None,
+      max_to_keep=None if read_only else keep,
+      keep_period=None if read_only else keep_every or None,
       create=not read_only,
       read_only=read_only,
       save_interval_steps=0 if read_only else 1,
@@ -127,42 +183,47 @@ class Checkpointer:
 
   def _newest(self, restore, *, set_aside: bool):
     damaged = []
-    for step in reversed(self.all_steps()):
-      try:
-        value = restore(step)
-      except ConfigError:
-        raise
-      except Exception as e:  # Unreadable: fall back to the previous checkpoint.
-        logging.warning("Checkpoint %d in %s cannot be restored: %s", step, self.directory, e)
-        damaged.append((step, e))
-        continue
-      if damaged:
-        steps = [s for s, _ in damaged]
-        if set_aside:
-          self._set_aside(steps)
-        logging.warning("Using checkpoint %d: the newer checkpoint(s) %s are damaged.", step, steps)
-      return step, value
+    with _settled_failed_reads():
+      for step in reversed(self.all_steps()):
+        try:
+          value = restore(step)
+        except ConfigError:
+          raise
+        except Exception as e:  # Unreadable: fall back to the previous checkpoint.
+          logging.warning(
+            "Checkpoint %d in %s cannot be restored: %s", step, self.directory, _brief(e)
+          )
+          damaged.append((step, e))
+          continue
+        if damaged:  # Each was named in its own warning already.
+          steps = [s for s, _ in damaged]
+          moved = f"; they are moved aside to {self._set_aside(steps)}" if set_aside else ""
+          logging.info("Using checkpoint %d, as %s cannot be restored%s.", step, steps, moved)
+        return step, value
     if damaged:
       step, e = damaged[0]
       raise CheckpointError(
         f"None of the {len(damaged)} checkpoint(s) in {self.directory} can be restored (newest, "
-        f"{step}: {type(e).__name__}: {str(e)[:300]}). Not starting from scratch over them: "
+        f"{step}: {_brief(e, 300)}). Not starting from scratch over them: "
         "repair them, or move the directory aside to start a new run."
       )
     return None
 
-  def _set_aside(self, steps: list[int]) -> None:
-    """Renames damaged step directories so that new saves at those steps do not collide."""
+  def _set_aside(self, steps: list[int]) -> list[str]:
+    """Renames damaged step directories so that new saves at those steps do not collide; returns
+    the new names."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    names = [f"{step}.damaged-{stamp}" for step in steps]
     if jax.process_index() == 0:
-      stamp = time.strftime("%Y%m%d-%H%M%S")
-      for step in steps:
+      for step, name in zip(steps, names, strict=True):
         path = epath.Path(self.directory) / str(step)
-        path.rename(path.parent / f"{step}.damaged-{stamp}")
+        path.rename(path.parent / name)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices("dit_jax: damaged checkpoints moved aside")
     self.manager.reload()
+    return names
 
   def restore_params(self, step: int, abstract_params: Any, *, ema: bool = True) -> Any:
     """Restores only the (EMA) parameters, e.g. onto another mesh for sampling.
