@@ -53,10 +53,30 @@ def _named(sizes) -> dict[str, int]:
   return dict(zip(MESH_AXES, sizes, strict=True))
 
 
+DEFAULT_MESH = (-1, 1, 1)  # config.parallel.mesh as config_defaults sets it.
+
+
+def _split_axes(rules) -> dict[str, list[str]]:
+  """{mesh axis: the logical axes other than the batch that `rules` split over it}."""
+  out = {a: [] for a in MESH_AXES}
+  for logical, targets in rules:
+    for target in (targets,) if isinstance(targets, str) else tuple(targets or ()):
+      if logical != axes.BATCH:
+        out[target].append(logical)
+  return out
+
+
 def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
   """Per-slice sizes of (data, fsdp, tensor) for `num_devices` devices in each slice; one -1
-  entry takes the remaining devices."""
+  entry takes the remaining devices.
+
+  The default mesh (data=-1, fsdp=1, tensor=1) under rules that split parameters over fsdp
+  (presets fsdp and fsdp_tp) becomes data=1, fsdp=-1: otherwise `preset=fsdp` alone would be
+  data parallelism, with every device holding the whole state.
+  """
   sizes = [int(config.parallel.mesh[a]) for a in MESH_AXES]
+  if tuple(sizes) == DEFAULT_MESH and _split_axes(axis_rules(config))["fsdp"]:
+    sizes = [1, -1, 1]
   if sizes.count(-1) > 1:
     raise ConfigError(f"Only one of config.parallel.mesh.{{{','.join(MESH_AXES)}}} may be -1.")
   fixed = math.prod(s for s in sizes if s != -1)
@@ -109,6 +129,48 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
       )
     array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
   return Mesh(array, MESH_AXES)
+
+
+def layout_warnings(config: ml_collections.ConfigDict, mesh: Mesh) -> list[str]:
+  """Sentences (empty if none) on mesh axes that the rules leave idle: an axis the rules split
+  parameters over but of size 1, so nothing is split (e.g. preset fsdp_tp with mesh.tensor=1),
+  or an axis of size > 1 that no rule names, so its devices repeat each other's work."""
+  if mesh.size == 1:
+    return []
+  rules = axis_rules(config)
+  split = _split_axes(rules)
+  named = {a for _, t in rules for a in ((t,) if isinstance(t, str) else tuple(t or ()))}
+  preset, shape = config.parallel.preset, dict(mesh.shape)
+  out = []
+  for a in MESH_AXES:
+    if split[a] and mesh.shape[a] == 1:
+      out.append(
+        f"config.parallel.preset={preset} splits the {', '.join(split[a])} dimensions over the "
+        f"mesh axis {a!r}, which has size 1 in the mesh {shape}, so they are not split; set "
+        f"--config.parallel.mesh.{a} to a size that divides them (and another axis to -1)."
+      )
+    if a not in named and mesh.shape[a] > 1:
+      out.append(
+        f"The mesh {shape} gives the axis {a!r} {mesh.shape[a]} devices, but "
+        f"config.parallel.preset={preset} splits nothing over it, so they repeat each other's "
+        f"work; set --config.parallel.mesh.{a}=1 or choose a preset that uses it."
+      )
+  return out
+
+
+def device_fraction(abstract_tree, device) -> float:
+  """The fraction of the bytes of `abstract_tree` (shaped leaves carrying NamedShardings, such as
+  `Experiment.abstract_state`) that `device` holds: 1 when all is replicated, 1/n when all is
+  split n ways."""
+  total = held = 0
+  for x in jax.tree.leaves(abstract_tree):
+    itemsize = np.dtype(x.dtype).itemsize
+    total += math.prod(x.shape) * itemsize
+    index = x.sharding.devices_indices_map(x.shape)[device]
+    held += math.prod(len(range(*s.indices(n))) for s, n in zip(index, x.shape, strict=True)) * (
+      itemsize
+    )
+  return held / max(total, 1)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

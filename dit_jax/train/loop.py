@@ -2,8 +2,10 @@
 
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -15,21 +17,56 @@ from dit_jax.evaluation import sampling
 from dit_jax.train import setup
 
 
-def _save_grid(grid, state, workdir, step, writer):
+class Interrupted(TrainingStopped):
+  """Ctrl-C stopped the run after it saved a checkpoint; the message says which and how to resume.
+
+  A ConfigError, so the command line ends with it as its `Error: ...` line and exit status 1: a
+  script that chains commands (`train && evaluate`, `set -e`) stops there instead of going on as
+  if training had finished. (A preemption's SIGTERM returns normally, status 0.)
+  """
+
+
+def _save_grid(grid, state, workdir, step, writer) -> str | None:
   """Writes images/step_<step>.png and a TensorBoard image of `grid(ema_params)` (pixels, decoded
-  for latent models; nothing for a latent model without a VAE)."""
+  for latent models); returns the PNG's path, or None for a latent model without a VAE."""
   u8 = grid(state.ema_params)
-  if jax.process_index() == 0 and u8 is not None:
+  if u8 is None:
+    return None
+  path = os.path.join(workdir, "images", f"step_{step:07d}.png")
+  if jax.process_index() == 0:
     upscale = max(1, 128 // u8.shape[1])
-    utils.save_grid(os.path.join(workdir, "images", f"step_{step:07d}.png"), u8, upscale=upscale)
+    utils.save_grid(path, u8, upscale=upscale)
     writer.write_image(step, "samples", utils.image_grid(u8))
+  return path
+
+
+def _warn_above(bar) -> Callable[..., None]:
+  """logging.warning that first clears the progress bar (if any) so the line stands on its own
+  and the bar is redrawn below it. No lock: it is also called from signal handlers."""
+  if bar is None:
+    return logging.warning
+
+  def warn(msg, *args):
+    with bar.external_write_mode(file=sys.stderr, nolock=True):
+      logging.warning(msg, *args)
+
+  return warn
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains until `config.train.num_steps`, resuming from the newest checkpoint in `workdir`.
 
-  Returns the metrics of the last logged step.
+  SIGTERM (a preemption) or a first Ctrl-C stops the run at the end of the current step with a
+  checkpoint: after SIGTERM this returns (with "preempted_at"), after Ctrl-C it raises
+  `Interrupted`. A second Ctrl-C ends the process at once, saving nothing (see `Preemption`).
+
+  Returns the metrics of the last logged step (none if the run was already at num_steps).
   """
+  with Preemption() as preemption:
+    return _train(config, workdir, preemption)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preemption") -> dict:
   exp = setup.build(config)
   t = config.train
   proc, nproc = jax.process_index(), jax.process_count()
@@ -44,71 +81,104 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     async_save=t.async_checkpoints,
     config=config,
   )
-  restored = ckpt.restore_latest(exp.abstract_state, iterator)
-  if restored is None:
-    state = exp.init_state()
-    if t.init_from:
-      # A new run (step 0, fresh optimizer and data order) from another run's weights.
-      step, params, ema_params = checkpoint.restore_weights(
-        t.init_from, exp.abstract_state.params, config
-      )
-      state = state.replace(params=params, ema_params=ema_params)
-      logging.info(
-        "Starting in %s from the parameters and EMA of checkpoint %d of %s (init_from).",
-        workdir,
-        step,
-        t.init_from,
-      )
-    else:
-      logging.info("Starting from scratch in %s.", workdir)
-  else:
-    state = restored[1]
-    checkpoint.log_restore(restored[0], ckpt.directory)
-    if t.init_from:
-      logging.info("Resuming %s; config.train.init_from=%s is ignored.", workdir, t.init_from)
-  start = int(state.step)
-  skipped = int(state.skipped)
-  n_params = sum(x.size for x in jax.tree.leaves(exp.abstract_state.params))
-  logging.info(
-    "Model %s: %.2fM parameters; mesh %s.",
-    config.model.variant,
-    n_params / 1e6,
-    dict(exp.mesh.shape),
-  )
-
-  step_fn = exp.jit_train_step()
-  grid = sampling.grid_sampler(exp)
-  writer = utils.MetricWriter(workdir, resume_step=start)
-  bar = None
-  if proc == 0:
-    from tqdm import tqdm
-
-    bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-  last = {}
-  window_start, window_steps = time.perf_counter(), 0
-  preemption = Preemption()
-
-  def check_finite(step: int, count: int) -> None:
-    nonlocal skipped
-    if count == skipped:
-      return
-    if t.nonfinite == "stop":
-      raise TrainingStopped(
-        f"The loss or gradient became non-finite by step {step} (its update was dropped, so no "
-        f"bad state was saved). Stopped; the last checkpoint ({ckpt.latest_step()}) in "
-        f"{ckpt.directory} is good. Lower config.train.lr, set config.train.grad_clip, or set "
-        "config.train.nonfinite=skip to skip such steps and go on."
-      )
-    logging.warning(
-      "%d step(s) with a non-finite loss or gradient skipped by step %d (%d in all).",
-      count - skipped,
-      step,
-      count,
-    )
-    skipped = count
-
+  bar = writer = None
   try:
-    with exp.context(), preemption:
+    restored = ckpt.restore_latest(exp.abstract_state, iterator)
+    if restored is None:
+      state = exp.init_state()
+      if t.init_from:
+        # A new run (step 0, fresh optimizer and data order) from another run's weights.
+        step, params, ema_params = checkpoint.restore_weights(
+          t.init_from, exp.abstract_state.params, config
+        )
+        state = state.replace(params=params, ema_params=ema_params)
+        logging.info(
+          "Starting in %s from the parameters and EMA of checkpoint %d of %s (init_from).",
+          workdir,
+          step,
+          t.init_from,
+        )
+      else:
+        logging.info("Starting from scratch in %s.", workdir)
+    else:
+      state = restored[1]
+      preemption.note_checkpoint(restored[0], ckpt.directory, complete=True)
+      checkpoint.log_restore(restored[0], ckpt.directory)
+      if t.init_from:
+        logging.info("Resuming %s; config.train.init_from=%s is ignored.", workdir, t.init_from)
+    start = int(state.step)
+    if start >= t.num_steps:
+      # Before the metric writer and the grid: nothing in the workdir may change.
+      logging.warning(
+        "The run in %s is already at step %d >= config.train.num_steps=%d, so nothing was "
+        "trained and its checkpoints, metrics and images are as they were; raise "
+        "--config.train.num_steps to train further.",
+        workdir,
+        start,
+        t.num_steps,
+      )
+      return {}
+    skipped = int(state.skipped)
+    if proc == 0:
+      n_params = sum(x.size for x in jax.tree.leaves(exp.abstract_state.params))
+      fraction = parallel.device_fraction(exp.abstract_state, exp.mesh.devices.flat[0])
+      logging.info(
+        "Model %s: %.2fM parameters; mesh %s (preset %s); each device holds %.1f%% of the train "
+        "state (parameters, EMA and optimizer).",
+        config.model.variant,
+        n_params / 1e6,
+        dict(exp.mesh.shape),
+        config.parallel.preset,
+        100 * fraction,
+      )
+      for warning in parallel.layout_warnings(config, exp.mesh):
+        logging.warning("%s", warning)
+
+    step_fn = exp.jit_train_step()
+    grid = sampling.grid_sampler(exp)
+    if preemption.requested():
+      # The signal came during setup: nothing new to save.
+      return _stop_before_training(preemption, start, ckpt.directory)
+    writer = utils.MetricWriter(workdir, resume_step=start)
+    if proc == 0:
+      from tqdm import tqdm
+
+      bar = tqdm(total=t.num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    warn = _warn_above(bar)
+    preemption.warn = warn
+    last = {}
+    window_start, window_steps = time.perf_counter(), 0
+
+    def check_finite(step: int, count: int) -> None:
+      nonlocal skipped
+      if count == skipped:
+        return
+      if t.nonfinite == "stop":
+        newest = ckpt.latest_step()
+        if newest is None:
+          where = f"no checkpoint was written yet in {ckpt.directory}"
+        else:
+          where = f"the last checkpoint ({newest}) in {ckpt.directory} is good"
+        raise TrainingStopped(
+          f"The loss or gradient became non-finite by step {step} (its update was dropped, so no "
+          f"bad state was saved). Stopped; {where}. Lower config.train.lr, set "
+          "config.train.grad_clip, or set config.train.nonfinite=skip to skip such steps and go "
+          "on."
+        )
+      warn(
+        "%d step(s) with a non-finite loss or gradient skipped by step %d (%d in all).",
+        count - skipped,
+        step,
+        count,
+      )
+      skipped = count
+
+    def save(step: int) -> None:
+      check_finite(step, int(state.skipped))
+      ckpt.save(step, state, config, iterator)
+      preemption.note_checkpoint(step, ckpt.directory, complete=not t.async_checkpoints)
+
+    with exp.context():
       for step in range(start, t.num_steps):
         batch = parallel.global_batch(next(iterator), exp.mesh)
         state, metrics = step_fn(state, batch)
@@ -127,73 +197,161 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           window_start, window_steps = time.perf_counter(), 0
           check_finite(done, int(metrics["skipped_steps"]))
         if preemption.reached(done):
-          check_finite(done, int(state.skipped))
-          ckpt.save(done, state, config, iterator)
+          save(done)
           ckpt.wait()
-          logging.warning(
-            "Preempted (%s): saved checkpoint %d in %s and stopped. Rerun the same command to "
-            "resume.",
-            preemption.reason,
-            done,
-            ckpt.directory,
-          )
+          preemption.note_checkpoint(done, ckpt.directory, complete=True)
+          if bar is not None:
+            bar.close()  # Before the last line, so that it stands on its own.
+          resume = f"saved checkpoint {done} in {ckpt.directory}. Rerun the same command to resume."
+          if preemption.interrupted:
+            raise Interrupted(f"Stopped by {preemption.reason}: {resume}")
+          logging.warning("Preempted (%s): %s", preemption.reason, resume)
           return {**last, "preempted_at": float(done)}
         if done % t.checkpoint_every == 0 and done != t.num_steps:
-          check_finite(done, int(state.skipped))
-          ckpt.save(done, state, config, iterator)
+          save(done)
         if t.sample_every and done % t.sample_every == 0 and done != t.num_steps:
           _save_grid(grid, state, workdir, done, writer)
       final = int(state.step)
       check_finite(final, int(state.skipped))
       if ckpt.latest_step() != final:
-        ckpt.save(final, state, config, iterator)
-      _save_grid(grid, state, workdir, final, writer)
+        save(final)
+      grid_path = _save_grid(grid, state, workdir, final, writer)
       ckpt.wait()
   finally:
     if bar is not None:
       bar.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
     ckpt.close()
-  logging.info("Finished at step %d; checkpoint in %s.", int(state.step), ckpt.directory)
+  images = (
+    f"samples in {grid_path}"
+    if grid_path
+    else "no image grid (a latent model without config.vae.path makes no pixels)"
+  )
+  logging.info("Finished at step %d; checkpoint in %s; %s.", final, ckpt.directory, images)
   return last
 
 
-class Preemption:
-  """Notices that the run should stop: SIGTERM (one process) or JAX's preemption notice, which
-  every process of a multi-host job sees at the same step.
+def _stop_before_training(preemption: "Preemption", step: int, directory: str) -> dict:
+  resume = f"nothing new to save (at step {step}). Rerun the same command to resume."
+  if preemption.interrupted:
+    raise Interrupted(f"Stopped by {preemption.reason} before the first step; {resume}")
+  logging.warning("Preempted (%s) before the first step; %s", preemption.reason, resume)
+  return {"preempted_at": float(step)}
 
-  Use as a context manager around the loop and call `reached(step)` after every step.
+
+class Preemption:
+  """Notices that the run should stop at the end of the current step, with a checkpoint.
+
+  One process: SIGTERM (a preemption) or a first Ctrl-C (SIGINT), caught here. Several processes
+  must stop at the same step, or they would wait for each other in collectives: SIGTERM is left
+  to JAX's preemption service, which makes them agree on one, and a Ctrl-C is passed on to it as
+  a SIGTERM to this process. A second Ctrl-C ends the process at once with status 130 (128 +
+  SIGINT, the shell's code for Ctrl-C) and saves nothing; one within `SAME_PRESS_S` of the first
+  is the same press delivered twice (a terminal reaches every process of its group, and
+  launch.local forwards the signal to its processes again).
+
+  Use as a context manager around the run (in the main thread), call `reached(step)` after every
+  step, and `note_checkpoint` after every save (for the message of a second Ctrl-C).
   """
+
+  SAME_PRESS_S = 1.0
 
   def __init__(self):
     self.reason = ""
+    self.interrupted = False  # By Ctrl-C, rather than by a preemption.
+    self.warn = logging.warning  # The loop routes it above its progress bar.
     self._sigterm = False
-    self._previous = None
+    self._first_sigint = None
+    self._multi = False
+    self._previous = {}
+    self._directory = ""
+    self._complete = None  # The newest checkpoint known to be fully written.
+    self._writing = None  # A newer one whose asynchronous save may still be going on.
 
   def __enter__(self):
-    # Multi-process jobs leave SIGTERM to JAX's preemption service, which makes every process
-    # stop at the same step; a single process handles it here.
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    # jax.process_count() is read here, not in a handler, which may run in the middle of anything.
+    self._multi = jax.process_count() > 1
+    if threading.current_thread() is threading.main_thread():
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+      if not self._multi:
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
     return self
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    self._previous = {}
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
     self._sigterm = True
 
-  def reached(self, step: int) -> bool:
-    if self._sigterm:
-      self.reason = "SIGTERM"
-      return True
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
+  def _on_sigint(self, signum, frame):
+    del signum, frame
+    now = time.monotonic()
+    if self._first_sigint is None:
+      self._first_sigint = now
+      self.interrupted = True
+      if self._multi:
+        os.kill(os.getpid(), signal.SIGTERM)  # Caught by JAX's preemption notifier.
+      self.warn(
+        "Ctrl-C: stopping at the end of this step with a checkpoint; press Ctrl-C again to stop "
+        "at once without one."
+      )
+      return
+    if now - self._first_sigint < self.SAME_PRESS_S:
+      return
+    self.warn("Second Ctrl-C: stopped at once without saving; %s.", self._newest())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not an exception: it could surface inside a checkpoint save or a collective, and the
+    # cleanup it would run waits for those to finish, which is what the user wants to skip.
+    os._exit(130)
 
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.reason = "preemption notice, all processes"
-        return True
+  def _newest(self) -> str:
+    if self._writing is not None:
+      before = "none" if self._complete is None else str(self._complete)
+      return (
+        f"the newest checkpoint in {self._directory} is {self._writing} (or {before}, if its "
+        "save had not finished); rerun the same command to resume from it"
+      )
+    if self._complete is not None:
+      return (
+        f"the newest checkpoint in {self._directory} is {self._complete}; rerun the same "
+        "command to resume from it"
+      )
+    return "no checkpoint was written yet, so a rerun starts from scratch"
+
+  def note_checkpoint(self, step: int, directory: str, *, complete: bool) -> None:
+    """Records a checkpoint that was restored or saved; `complete=False` for an asynchronous save,
+    which Orbax finishes before it starts the next."""
+    self._directory = directory
+    if complete:
+      self._complete, self._writing = step, None
+    else:
+      if self._writing is not None:
+        self._complete = self._writing
+      self._writing = step
+
+  def requested(self) -> bool:
+    """Whether this process alone was asked to stop (one process only; several agree on a step
+    through `reached`)."""
+    if self._sigterm or (self.interrupted and not self._multi):
+      self.reason = "Ctrl-C" if self.interrupted else "SIGTERM"
+      return True
+    return False
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step`; with several processes, a collective that every
+    process calls after every step."""
+    if not self._multi:
+      return self.requested()
+    from jax.experimental import multihost_utils
+
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.reason = (
+        "Ctrl-C, all processes" if self.interrupted else "preemption notice, all processes"
+      )
+      return True
     return False
