@@ -90,7 +90,7 @@ def test_latent_scale_or_channels_of_another_vae_are_clear_errors(run):
   other = config.copy_and_resolve_references()
   other.data.latent_scale = 1.0
   with pytest.raises(ConfigError, match=r"latent_scale=1.0 but .* scaling_factor=0.18215"):
-    runner.sample(other, workdir)
+    runner.sample(other, workdir, overwrite=True)
   mesh = parallel.make_mesh(config, jax.devices()[:1])
   other = config.copy_and_resolve_references()
   other.data.channels = 3

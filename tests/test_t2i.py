@@ -59,8 +59,8 @@ def test_shapes_train_sample_evaluate(tmp_path):
     ]
   prompts.write_text("a purple circle at the top left\n")
   with pytest.raises(ConfigError, match="purple"):
-    runner.sample(config, workdir)
-  config.sample.prompts = ""
+    runner.sample(config, workdir, overwrite=True)
+  config.sample.prompts, config.sample.name = "", "inline"
   config.sample.prompt_text = "a green circle at the bottom left | a yellow square at the top right"
   with np.load(runner.sample(config, workdir)) as f:
     assert list(f["captions"])[:2] == [
@@ -125,4 +125,4 @@ def test_latents_with_encoded_text_train_and_sample(tmp_path):
   encode_text.write(["x"], clip_only, str(tmp_path / "other"), dtype="float32")
   config.sample.prompts = str(tmp_path / "other")
   with pytest.raises(ConfigError, match="encode the prompts with the encoders"):
-    runner.sample(config, workdir)
+    runner.sample(config, workdir, overwrite=True)

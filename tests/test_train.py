@@ -94,7 +94,7 @@ def test_train_resume_sample_evaluate(tmp_path):
   other = tiny_config()
   other.model.variant = "tiny/2"  # Another patch size: the patch projections differ in shape.
   with pytest.raises(ConfigError, match="variant='tiny/4'"):
-    runner.sample(other, workdir)
+    runner.sample(other, workdir, overwrite=True)
 
   results = runner.evaluate(config, workdir)
   assert 0.0 <= results["class_accuracy"] <= 1.0 and np.isfinite(results["frechet_distance"])

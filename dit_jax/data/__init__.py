@@ -7,6 +7,7 @@ from dit_jax.data.sources import (
   Source,
   build_source,
   is_pixel_data,
+  open_array,
   text_spec,
   wants_text,
 )
@@ -18,6 +19,7 @@ __all__ = [
   "build_source",
   "build_train_iterator",
   "is_pixel_data",
+  "open_array",
   "real_images",
   "text_spec",
   "wants_text",

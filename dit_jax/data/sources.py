@@ -60,6 +60,88 @@ class Source(Protocol):
   def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_DTYPE_KINDS = {
+  "U": "strings",
+  "S": "bytes",
+  "V": "records",
+  "b": "booleans",
+  "c": "complex numbers",
+  "M": "dates",
+  "m": "time deltas",
+}
+
+
+def describe_array(array: np.ndarray) -> str:
+  """`float32 [3, 4, 4, 1]`, or for non-numbers e.g. `strings (<U5) [3]`."""
+  kind = _DTYPE_KINDS.get(array.dtype.kind)
+  if kind:
+    return f"{kind} ({array.dtype.str}) {list(array.shape)}"
+  return f"{array.dtype} {list(array.shape)}"
+
+
+def _not_npy(head: bytes) -> str:
+  """What a file that begins with `head` (not the .npy magic) is, in words."""
+  if not head:
+    return "is empty"
+  if head.startswith(b"PK\x03\x04"):
+    return "is an .npz archive (np.savez), not a .npy array"
+  if head.startswith(b"\x80"):
+    return "is a Python pickle, not a .npy array"
+  try:
+    first_line = head.decode("utf-8").splitlines()[0]
+  except UnicodeDecodeError:
+    return f"is not a .npy file (it begins {head[:8]!r})"
+  return f"is a text file (it begins {first_line[:24]!r}), not a .npy array"
+
+
+def _npy_problem(path: str) -> str | None:
+  """Why `path` is not a whole .npy array of numbers (its header and size say), or None."""
+  with open(path, "rb") as f:
+    head = f.read(len(_NPY_MAGIC) + 26)
+    if not head.startswith(_NPY_MAGIC):
+      return _not_npy(head)
+    f.seek(0)
+    try:
+      version = np.lib.format.read_magic(f)
+      read = np.lib.format.read_array_header_1_0
+      if version != (1, 0):
+        read = np.lib.format.read_array_header_2_0
+      shape, _, dtype = read(f)
+    except (ValueError, OSError) as e:
+      return f"has a damaged .npy header ({e})"
+    if dtype.hasobject:
+      return "holds Python objects (an array saved with allow_pickle=True), not numbers"
+    want = f.tell() + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+  size = os.path.getsize(path)
+  if size < want:
+    return f"is truncated ({size} of the {want} bytes of {dtype} {list(shape)})"
+  return None
+
+
+def open_array(path: str, expect: str) -> np.ndarray:
+  """Memory-maps the .npy file `path`.
+
+  Args:
+    path: the file.
+    expect: what it should hold and how to make it, for the error message.
+
+  Raises:
+    DataError: naming the file, what it holds and `expect`, if it is not a whole .npy array of
+      plain values (numbers, or strings, which the caller may reject).
+  """
+  try:
+    problem = _npy_problem(path)
+    array = None if problem else np.load(path, mmap_mode="r", allow_pickle=False)
+  except OSError as e:
+    problem = f"cannot be read ({e})"
+  except ValueError as e:
+    problem = f"cannot be read as a .npy array ({e})"
+  if problem:
+    raise DataError(f"{path!r} {problem}; {expect}")
+  return array
+
+
 def _element(image: np.ndarray, label: Any) -> dict[str, np.ndarray]:
   return {"image": image, "label": np.int32(label)}
 
@@ -277,7 +359,7 @@ class LatentsSource:
   ):
     self._path = path
     self._latents_path = os.path.join(path, latents.LATENTS_FILE)
-    labels_path = os.path.join(path, latents.LABELS_FILE)
+    self.labels_path = labels_path = os.path.join(path, latents.LABELS_FILE)
     self.text_spec = text_spec
     want_text = text_spec is not None
     cond_files = (
@@ -307,14 +389,13 @@ class LatentsSource:
     shape, dtype = self._latents.shape, self._latents.dtype
     if len(shape) != 4 or dtype not in (np.float16, np.float32) or not shape[0]:
       raise DataError(
-        f"{self._latents_path!r} holds {dtype} {list(shape)}; expected float16 or float32 "
-        "[N, H, W, C] with N > 0."
+        f"{self._latents_path!r} holds {describe_array(self._latents)}; {_LATENTS_EXPECT}"
       )
     for key, array in self._extra.items():
       if array.shape != shape or array.dtype not in (np.float16, np.float32):
         raise DataError(
-          f"{self._file(key)!r} holds {array.dtype} {list(array.shape)}; expected float16 or "
-          f"float32 {list(shape)} like {self._latents_path!r}."
+          f"{self._file(key)!r} holds {describe_array(array)}; expected float16 or float32 "
+          f"{list(shape)} like {self._latents_path!r}: {_REENCODE}"
         )
     if shape[1:] != (image_size, image_size, channels):
       raise DataError(
@@ -339,14 +420,21 @@ class LatentsSource:
       self._labels = None
       self.num_classes = None
       return
-    labels = np.load(labels_path, mmap_mode="r")
+    expect = (
+      f"expected integer class ids [{shape[0]}] (one per row of {latents.LATENTS_FILE}) in "
+      "0..K-1 for config.model.num_classes=K: write them with np.save(path, "
+      "labels.astype(np.int32)), or encode the data with `python -m dit_jax.tools.encode_latents`."
+    )
+    labels = np.asarray(open_array(labels_path, expect))
     if labels.shape != shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+      raise DataError(f"{labels_path!r} holds {describe_array(labels)}; {expect}")
+    if labels.min() < 0:
+      row = int(np.argmin(labels))
       raise DataError(
-        f"{labels_path!r} holds {labels.dtype} {list(labels.shape)}; expected an integer array "
-        f"[{shape[0]}] matching {self._latents_path!r}."
+        f"{labels_path!r} holds negative class ids ({labels[row]} in row {row}); {expect}"
       )
-    self._labels = np.asarray(labels, np.int32)
-    self.num_classes = int(self._labels.max()) + 1
+    self.num_classes = int(labels.max()) + 1
+    self._labels = labels.astype(np.int32)
 
   def _check_metadata(self, scale: float, vae_path: str) -> None:
     meta, path = self.metadata, self._path
@@ -393,13 +481,15 @@ class LatentsSource:
     return os.path.join(self._path, _LATENT_VARIANT_FILES[key])
 
   def _open(self) -> None:
-    self._latents = np.load(self._latents_path, mmap_mode="r")
+    self._latents = open_array(self._latents_path, _LATENTS_EXPECT)
     present = {"latent_std": self.has_std, "latent_flip": self.has_flip}
     present["latent_flip_std"] = self.has_std and self.has_flip
-    self._extra = {k: np.load(self._file(k), mmap_mode="r") for k, on in present.items() if on}
+    expect = f"expected float16 or float32 latents like {latents.LATENTS_FILE}: {_REENCODE}"
+    self._extra = {k: open_array(self._file(k), expect) for k, on in present.items() if on}
     if self.text_spec is not None:
-      self._context = np.load(self._context_path, mmap_mode="r")
-      self._pooled = np.load(self._pooled_path, mmap_mode="r")
+      expect = "expected text embeddings; re-run dit_jax.tools.encode_text into this directory."
+      self._context = open_array(self._context_path, expect)
+      self._pooled = open_array(self._pooled_path, expect)
 
   def __getstate__(self) -> dict[str, Any]:
     # Pickling a memmap copies the whole array into every grain worker; reopen it there instead.
@@ -434,6 +524,11 @@ class LatentsSource:
     return _LatentVariants(self)
 
 
+_LATENTS_EXPECT = (
+  "expected float16 or float32 [N, H, W, C] with N > 0: encode the images with `python -m "
+  "dit_jax.tools.encode_latents`, or write such an array with np.save."
+)
+_REENCODE = "re-run dit_jax.tools.encode_latents into a new directory."
 _LATENT_VARIANT_FILES = {
   "latent_std": latents.STD_FILE,
   "latent_flip": latents.FLIP_FILE,
@@ -575,10 +670,24 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
   else:
     raise DataError(f"config.data.name={name!r} is unknown; use one of {SOURCE_NAMES}.")
   if num_classes and source.num_classes is not None and source.num_classes > num_classes:
+    where = f" in {source.labels_path!r}" if isinstance(source, LatentsSource) else ""
     raise DataError(
-      f"config.data.name={name!r} has {source.num_classes} classes, but the model has "
-      f"{num_classes} (config.model.num_classes); set config.model.num_classes="
-      f"{source.num_classes}."
+      f"config.data.name={name!r} has {source.num_classes} classes (class ids up to "
+      f"{source.num_classes - 1}{where}), but the model has {num_classes} "
+      f"(config.model.num_classes); set config.model.num_classes={source.num_classes}, or "
+      f"relabel the data with ids 0..{num_classes - 1}."
+    )
+  if num_classes and source.num_classes is not None and source.num_classes < num_classes:
+    logging.warning(
+      "config.data.name=%r has %d classes but config.model.num_classes=%d: classes %d..%d are "
+      "never trained, yet balanced samples draw them; set config.model.num_classes=%d unless "
+      "the data lacks them on purpose.",
+      name,
+      source.num_classes,
+      num_classes,
+      source.num_classes,
+      num_classes - 1,
+      source.num_classes,
     )
   logging.info("Data %r: %d examples, %s classes.", name, len(source), source.num_classes)
   return source

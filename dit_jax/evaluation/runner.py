@@ -9,9 +9,13 @@ import ml_collections
 from absl import logging
 
 from dit_jax import checkpoint, data
+from dit_jax import diffusion as diffusion_lib
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import sampling
+from dit_jax.parallel import distributed
 from dit_jax.train import setup
+
+_RETRY = "make room there or make it writable, then rerun the same command."
 
 
 def restore_params(exp: setup.Experiment, workdir: str):
@@ -32,17 +36,30 @@ def restore_params(exp: setup.Experiment, workdir: str):
   return params, step
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str, devices=None) -> str | None:
+def sample(
+  config: ml_collections.ConfigDict, workdir: str, devices=None, *, overwrite: bool = False
+) -> str | None:
   """Writes `workdir/samples/<config.sample.name>.npz` and a PNG grid, chunk by chunk, resuming a
   killed run of the same command; returns the npz path (on process 0).
 
   Latent models' samples are decoded by the VAE of config.vae.path, if set. `devices` (default:
   all) is the mesh to sample on.
+
+  Raises:
+    ConfigError: among others, if samples of that name are there from a finished run and not
+      `overwrite` (checked first, before anything is built or written).
   """
+  name = config.sample.name
+  npz, png, _ = sampling.sample_files(workdir, name)
+  if not overwrite:
+    distributed.on_process_0(
+      lambda: sampling.check_new_samples(workdir, name), f"read {workdir}", _RETRY
+    )
   exp = setup.build(config, devices=devices, training=False)
   params, step = restore_params(exp, workdir)
   decoder = sampling.load_decoder(config, exp.mesh)
-  if decoder is None and not data.is_pixel_data(config):
+  pixels = decoder is not None or data.is_pixel_data(config)
+  if not pixels:
     logging.info(
       "The model makes latents and config.vae.path is empty, so latents are written, not images; "
       "to decode them, set --config.vae.path=DIR (a diffusers AutoencoderKL directory)."
@@ -52,28 +69,44 @@ def sample(config: ml_collections.ConfigDict, workdir: str, devices=None) -> str
     exp,
     params,
     workdir,
-    name=config.sample.name,
+    name=name,
     num_images=config.sample.num_images,
     seed=config.sample.seed,
     step=step,
     decoder=decoder,
+    overwrite=overwrite,
   )
-  logging.info(
-    "Sampled %d images at step %d in %.1fs.",
-    config.sample.num_images,
-    step,
-    time.perf_counter() - start,
-  )
+  if jax.process_index() == 0:
+    seconds, n = time.perf_counter() - start, config.sample.num_images
+    if pixels:
+      grid = f"a grid of the first {min(sampling.GRID_IMAGES, n)} to {png}"
+      logging.info("Wrote %d samples (step %d, %.1fs) to %s and %s.", n, step, seconds, npz, grid)
+    else:
+      logging.info(
+        "Wrote %d samples (latents; step %d, %.1fs) to %s, and no image grid (config.vae.path "
+        "is empty).",
+        n,
+        step,
+        seconds,
+        npz,
+      )
   return path
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Scores conditional samples with the built-in metrics of the data:
+def evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
+) -> dict[str, float]:
+  """Scores conditional samples with the built-in metrics of the data, and writes the scores and
+  the sampling settings used to `workdir/eval/<config.eval.name>.json`:
 
   - digits: class accuracy (a classifier trained on the real digits) and a Fréchet distance in
     its feature space;
   - shapes: the fraction of images whose colour, shape and position (read back by
     `shapes_checker`) all match their prompt, by default the captions held out of training.
+
+  Raises:
+    ConfigError: among others, if that json is there from an earlier run and not `overwrite`
+      (checked first, before anything is built or written).
   """
   if config.data.name not in ("digits", "shapes"):
     raise ConfigError(
@@ -81,6 +114,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
       f"(got {config.data.name!r}); for other data, run --mode=sample and score the .npz with "
       "the ADM evaluator."
     )
+  path = os.path.join(workdir, "eval", f"{config.eval.name}.json")
+
+  def check_new() -> None:
+    if os.path.exists(path):
+      raise ConfigError(
+        f"{path} exists (from an earlier run); set another --config.eval.name=..., or pass "
+        "--overwrite to replace it."
+      )
+
+  if not overwrite:
+    distributed.on_process_0(check_new, f"read {workdir}", _RETRY)
   exp = setup.build(config, training=False)
   params, step = restore_params(exp, workdir)
   start = time.perf_counter()
@@ -102,14 +146,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     scores = shapes_checker.score(images, [str(c) for c in meta["captions"]])
     results.update({k: float(v) for k, v in scores.items()})
     results["prompts"] = config.sample.prompts or "held-out captions"
+  # The settings as sampled with ("auto" resolved), so that the scores say what made them.
   results.update(
-    guidance_scale=config.sample.guidance_scale,
-    sampler=config.sample.sampler,
+    sampler=diffusion_lib.resolve_sampler(config),
     num_steps=config.sample.num_steps,
+    guidance_scale=config.sample.guidance_scale,
+    guided_channels=sampling.guided_channels(config),
+    eta=config.sample.eta,
+    seed=config.sample.seed,
+    use_ema=config.sample.use_ema,
   )
-  if jax.process_index() == 0:
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{config.eval.name}.json"), "w") as f:
+
+  def write() -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
       json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+  distributed.on_process_0(write, f"write {path}", _RETRY)
+  if jax.process_index() == 0:
+    logging.info("Wrote the scores of %d images at step %d to %s.", len(images), step, path)
   return results

@@ -8,6 +8,10 @@ always whole), beside `fingerprint.json`, which records everything the images de
 run rerun with the same command continues after the last chunk on disk; with another config it
 stops with an error rather than mix images of two configs. At the end the chunks are streamed
 into the .npz (never all in memory) and removed.
+
+Samples of an earlier run are not replaced unless asked (`overwrite`): a finished
+`samples/<name>.npz` (or its PNG) stops a new run of that name at once, while a `.parts` directory
+marks an unfinished run, which a rerun finishes whatever `overwrite` says.
 """
 
 import dataclasses
@@ -105,8 +109,9 @@ def text_conditions(config: ml_collections.ConfigDict, num: int) -> Conditions:
         f"pooled_dim)={got_sizes}, but the model takes {want_sizes}; encode the prompts with "
         "the encoders and max lengths used for the training data."
       )
-    context = np.load(os.path.join(directory, text.CONTEXT_FILE), mmap_mode="r")
-    pooled = np.load(os.path.join(directory, text.POOLED_FILE), mmap_mode="r")
+    expect = "expected encoded prompts; write them with dit_jax.tools.encode_text."
+    context = data.open_array(os.path.join(directory, text.CONTEXT_FILE), expect)
+    pooled = data.open_array(os.path.join(directory, text.POOLED_FILE), expect)
     captions_path = os.path.join(directory, text.CAPTIONS_FILE)
     captions = text.read_captions(captions_path) if os.path.isfile(captions_path) else None
     index = np.arange(num) % len(pooled)
@@ -373,6 +378,27 @@ def fingerprint(
   return json.loads(json.dumps(out))  # Tuples as lists, as they read back.
 
 
+def sample_files(workdir: str, name: str) -> tuple[str, str, str]:
+  """(npz, png grid, chunk directory) of the samples named `name` in `workdir`."""
+  out_dir = os.path.join(workdir, "samples")
+  return tuple(os.path.join(out_dir, f"{name}{ext}") for ext in (".npz", ".png", ".parts"))
+
+
+def check_new_samples(workdir: str, name: str) -> None:
+  """Raises a ConfigError if samples named `name` are already in `workdir` from a finished run.
+
+  An unfinished run's chunk directory is no obstacle: rerunning the command finishes it (and a
+  run killed while it wrote its .npz has both).
+  """
+  npz, png, parts_dir = sample_files(workdir, name)
+  done = [p for p in (npz, png) if os.path.isfile(p)]
+  if done and not os.path.isdir(parts_dir):
+    raise ConfigError(
+      f"{done[0]} exists (from an earlier run); set another --config.sample.name=..., or pass "
+      "--overwrite to replace it."
+    )
+
+
 def _parts(parts_dir: str) -> list[tuple[int, int, str]]:
   """(start, end, path) of the whole chunk files in `parts_dir`, sorted."""
   found = []
@@ -383,39 +409,53 @@ def _parts(parts_dir: str) -> list[tuple[int, int, str]]:
   return sorted(found)
 
 
-def _resume(parts_dir: str, want: dict, item_shape: tuple, dtype: np.dtype) -> int:
+def _unusable(parts_dir: str, want: dict) -> str | None:
+  """Why the chunks in `parts_dir` cannot be continued by a run of fingerprint `want` (None if
+  they can, or if there are none)."""
+  fp_path = os.path.join(parts_dir, FINGERPRINT_FILE)
+  if not os.path.isfile(fp_path):
+    return f"holds chunks but no {FINGERPRINT_FILE}" if _parts(parts_dir) else None
+  try:
+    with open(fp_path) as f:
+      have = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"has a {FINGERPRINT_FILE} that cannot be read ({e})"
+  if not isinstance(have, dict):
+    return f"has a {FINGERPRINT_FILE} that is not a JSON object"
+  keys = sorted(set(have) | set(want))
+  diff = [
+    "other labels or captions"
+    if k == "conditions_sha256"
+    else f"{k}={have.get(k)!r} there, {want.get(k)!r} here"
+    for k in keys
+    if have.get(k) != want.get(k)
+  ]
+  if diff:
+    return f"holds the chunks of a sampling run with another config ({'; '.join(diff)})"
+  return None
+
+
+def _resume(
+  parts_dir: str, want: dict, item_shape: tuple, dtype: np.dtype, overwrite: bool = False
+) -> int:
   """Process 0: the number of samples already on disk as a chain of whole chunks from 0 on
   (removing chunk files that do not continue it), after checking that they were made with the
-  same fingerprint (written on the first run)."""
+  same fingerprint (written on the first run). Chunks of another config are an error, or, with
+  `overwrite`, removed."""
   fp_path = os.path.join(parts_dir, FINGERPRINT_FILE)
   if not os.path.isdir(parts_dir):
     os.makedirs(parts_dir)
-  if os.path.isfile(fp_path):
-    try:
-      with open(fp_path) as f:
-        have = json.load(f)
-    except (OSError, ValueError) as e:
-      raise ConfigError(
-        f"{fp_path} cannot be read ({e}); delete {parts_dir} to start over."
-      ) from None
-    diff = [
-      "other labels or captions"
-      if k == "conditions_sha256"
-      else f"{k}={have.get(k)!r} there, {want.get(k)!r} here"
-      for k in sorted(set(have) | set(want))
-      if have.get(k) != want.get(k)
-    ]
-    if diff:
-      raise ConfigError(
-        f"{parts_dir} holds the chunks of a sampling run with another config ({'; '.join(diff)}); "
-        "set another config.sample.name, or delete that directory to start over."
-      )
-  elif _parts(parts_dir):
+  problem = _unusable(parts_dir, want)
+  if problem and not overwrite:
     raise ConfigError(
-      f"{parts_dir} holds chunks but no {FINGERPRINT_FILE}; set another config.sample.name, or "
-      "delete that directory to start over."
+      f"{parts_dir} {problem}; set another --config.sample.name=..., delete that directory to "
+      "start over, or pass --overwrite to replace it."
     )
-  else:
+  if problem:
+    logging.warning("Removing %s, which %s (overwrite is set).", parts_dir, problem)
+    shutil.rmtree(parts_dir)
+    os.makedirs(parts_dir)
+  if not os.path.isfile(fp_path):
     _write_atomic(fp_path, lambda f: f.write(json.dumps(want, indent=1).encode()))
   done = 0
   for start, end, path in _parts(parts_dir):
@@ -474,6 +514,7 @@ def write_samples(
   decoder=None,
   progress: bool = True,
   run=None,
+  overwrite: bool = False,
 ) -> str | None:
   """Samples `num_images` chunk by chunk into `workdir/samples/<name>.npz` and a PNG grid of the
   first 100, resuming a killed run of the same config (see the module docstring).
@@ -482,15 +523,18 @@ def write_samples(
   `latents` float32 [N, h, w, c], and `labels` or `captions` [N]. Every process takes part;
   process 0 writes and returns the path (None on the others). `run` reuses a
   `make_sampler(exp)`.
+
+  Raises:
+    ConfigError: the samples `name` are there from a finished run (unless `overwrite`, which
+      replaces them once the new ones are whole), or chunks of another config are (which
+      `overwrite` removes).
   """
   cfg = exp.config
   proc0 = jax.process_index() == 0
   pixels = decoder is not None or data.is_pixel_data(cfg)
   key, dtype = ("arr_0", np.uint8) if pixels else ("latents", np.float32)
   conds = conditions(cfg, num_images, seed)
-  out_dir = os.path.join(workdir, "samples")
-  parts_dir = os.path.join(out_dir, f"{name}.parts")
-  path = os.path.join(out_dir, f"{name}.npz")
+  path, png, parts_dir = sample_files(workdir, name)
   want = fingerprint(cfg, step=step, num_images=num_images, seed=seed, key=key, meta=conds.meta)
   run = run or make_sampler(exp)
   size, channels = cfg.data.image_size, cfg.data.channels
@@ -498,11 +542,13 @@ def write_samples(
     size, channels = size * decoder.downsample_factor, decoder.config.out_channels
   # Process 0 writes; its file errors stop every process (see distributed.on_process_0).
   retry = "make room there or make it writable, then rerun the same command, which resumes."
-  first = distributed.on_process_0(
-    lambda: _resume(parts_dir, want, (size, size, channels), np.dtype(dtype)),
-    f"prepare {parts_dir}",
-    retry,
-  )
+
+  def prepare() -> int:
+    if not overwrite:
+      check_new_samples(workdir, name)
+    return _resume(parts_dir, want, (size, size, channels), np.dtype(dtype), overwrite)
+
+  first = distributed.on_process_0(prepare, f"prepare {parts_dir}", retry)
   if first:
     logging.info("Resuming: %d of %d samples are in %s.", first, num_images, parts_dir)
   bar = _progress(num_images, first, progress)
@@ -534,11 +580,10 @@ def write_samples(
         if got == GRID_IMAGES:
           break
       grid = np.concatenate(grid)
-      utils.save_grid(
-        os.path.join(out_dir, f"{name}.png"), grid, upscale=max(1, 128 // grid.shape[1])
-      )
+      utils.save_grid(png, grid, upscale=max(1, 128 // grid.shape[1]))
+    elif os.path.isfile(png):
+      os.remove(png)  # The grid of the samples just replaced.
     shutil.rmtree(parts_dir)
-    logging.info("Wrote %d samples to %s", num_images, path)
 
   distributed.on_process_0(finish, f"write {path}", retry)
   return path if proc0 else None
