@@ -8,9 +8,11 @@ setup(
   description="JAX/Flax, TPU-first training framework for Diffusion Transformers (DiT, MMDiT).",
   packages=find_packages(include=["dit_jax", "dit_jax.*"]),
   package_data={"dit_jax.evaluation": ["assets/*.npz"]},
-  python_requires=">=3.10",
+  # jax.set_mesh came in jax 0.7.1, and jax >= 0.7 needs Python 3.11 (on 3.10 pip picks jax
+  # 0.6.2, which lacks it).
+  python_requires=">=3.11",
   install_requires=[
-    "jax>=0.4.35",
+    "jax>=0.7.1",
     "flax>=0.10",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.10",
@@ -23,7 +25,8 @@ setup(
     "scipy",
     "Pillow",
     "tqdm",
-    "tensorboardX",
+    "tensorboardX",  # writes WORKDIR/tensorboard
+    "tensorboard",  # views it: tensorboard --logdir WORKDIR/tensorboard
     "safetensors",  # reads diffusers checkpoints (dit_jax.models.convert)
   ],
   extras_require={
