@@ -14,6 +14,13 @@ with the block scan fully unrolled; the times are those of the program training 
 times the autoencoder instead: encoding images and decoding latents with the real architecture
 of Stable Diffusion's VAE ("sd", f8, 4 latent channels) or SD3's ("sd3", 16 channels) and random
 weights, the batch split over all devices.
+
+  python -m dit_jax.benchmark --inception --inception_batch_size=16 --inception_image_size=256
+
+times the FID Inception (random weights of the real architecture): uint8 images of that size,
+resized to 299x299 as TensorFlow 1 does, through to pool3, the sFID features and the logits, the
+batch split over all devices. This is the featurization rate of `--mode=evaluate` and of
+`python -m dit_jax.evaluation.fid`.
 """
 
 import statistics
@@ -43,7 +50,15 @@ _VAE = flags.DEFINE_enum(
 _VAE_BATCH = flags.DEFINE_integer("vae_batch_size", 8, "Images per encode / decode call.")
 _VAE_SIZE = flags.DEFINE_integer("vae_image_size", 256, "Side of the (square) images.")
 _VAE_DTYPE = flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.mark_flags_as_mutual_exclusive(["config", "vae"], required=True)
+_INCEPTION = flags.DEFINE_bool(
+  "inception", None, "Time the FID Inception network (random weights), not --config."
+)
+_INC_BATCH = flags.DEFINE_integer("inception_batch_size", 16, "Images per Inception call.")
+_INC_SIZE = flags.DEFINE_integer("inception_image_size", 256, "Side of the (square) images.")
+_INC_DTYPE = flags.DEFINE_enum(
+  "inception_dtype", "float32", ["float32", "bfloat16"], "The Inception's compute dtype."
+)
+flags.mark_flags_as_mutual_exclusive(["config", "vae", "inception"], required=True)
 
 
 def _time(fn, args, steps: int, warmup: int, carry: bool) -> float:
@@ -167,6 +182,52 @@ def benchmark_vae(
   return results
 
 
+def benchmark_inception(
+  batch_size: int = 16,
+  image_size: int = 256,
+  dtype: str = "float32",
+  steps: int = 10,
+  warmup: int = 2,
+) -> dict[str, float]:
+  """Seconds per batch, images/s, FLOPs per image and FLOP/s of the FID Inception (random weights,
+  resize included) on uint8 images [batch_size, image_size, image_size, 3] over all devices."""
+  from dit_jax.evaluation import inception
+
+  net = inception.Inception(inception.random_params(), dtype=dtype)
+  n = parallel.data_parallel_size(net.mesh)
+  if batch_size <= 0 or batch_size % n or image_size <= 0:
+    raise ConfigError(
+      f"--inception_batch_size={batch_size} must be a positive multiple of the {n} devices and "
+      f"--inception_image_size={image_size} positive."
+    )
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
+  images = jax.device_put(images, parallel.batch_sharding(net.mesh))
+  flops = net.flops(images.shape)
+  seconds = _time(net.features_sharded, (images,), steps, warmup, carry=False)
+  return {
+    "seconds": seconds,
+    "flops": flops,
+    "images_per_sec": batch_size / seconds,
+    "gflops_per_image": flops / batch_size / 1e9,
+    "tflops_per_sec": flops / seconds / 1e12,
+  }
+
+
+def _main_inception():
+  b, size, dtype = _INC_BATCH.value, _INC_SIZE.value, _INC_DTYPE.value
+  r = benchmark_inception(b, size, dtype, _STEPS.value, _WARMUP.value)
+  print(
+    f"FID Inception (random weights), batch {b}, {size}x{size}x3 uint8 -> 299x299, "
+    f"{jax.device_count()} x {jax.devices()[0].device_kind}, dtype {dtype}"
+  )
+  print(f"{'':12}{'s/batch':>10}{'images/s':>11}{'GFLOP/img':>11}{'TFLOP/s':>9}")
+  print(
+    f"{'featurize':12}{r['seconds']:>10.4f}{r['images_per_sec']:>11.2f}"
+    f"{r['gflops_per_image']:>11.2f}{r['tflops_per_sec']:>9.3f}"
+  )
+
+
 def _main_vae():
   name, b, size, dtype = _VAE.value, _VAE_BATCH.value, _VAE_SIZE.value, _VAE_DTYPE.value
   config = autoencoder.PRESETS[name]
@@ -187,9 +248,9 @@ def _main_vae():
 
 def main(argv):
   del argv
-  if _VAE.value:
+  if _VAE.value or _INCEPTION.value:
     try:
-      _main_vae()
+      _main_vae() if _VAE.value else _main_inception()
     except ConfigError as e:
       sys.exit(f"Error: {e}")
     return
