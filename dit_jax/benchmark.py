@@ -42,19 +42,27 @@ from dit_jax.models.autoencoder import AutoencoderKL
 from dit_jax.train import setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed repetitions (after warm-up).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed repetitions after compilation.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed repetitions (after warm-up).", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed repetitions after compilation.", lower_bound=0)
 _VAE = flags.DEFINE_enum(
   "vae", None, list(autoencoder.PRESETS), "Time this autoencoder (random weights), not --config."
 )
-_VAE_BATCH = flags.DEFINE_integer("vae_batch_size", 8, "Images per encode / decode call.")
-_VAE_SIZE = flags.DEFINE_integer("vae_image_size", 256, "Side of the (square) images.")
+_VAE_BATCH = flags.DEFINE_integer(
+  "vae_batch_size", 8, "Images per encode / decode call.", lower_bound=1
+)
+_VAE_SIZE = flags.DEFINE_integer(
+  "vae_image_size", 256, "Side of the (square) images.", lower_bound=1
+)
 _VAE_DTYPE = flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _INCEPTION = flags.DEFINE_bool(
   "inception", None, "Time the FID Inception network (random weights), not --config."
 )
-_INC_BATCH = flags.DEFINE_integer("inception_batch_size", 16, "Images per Inception call.")
-_INC_SIZE = flags.DEFINE_integer("inception_image_size", 256, "Side of the (square) images.")
+_INC_BATCH = flags.DEFINE_integer(
+  "inception_batch_size", 16, "Images per Inception call.", lower_bound=1
+)
+_INC_SIZE = flags.DEFINE_integer(
+  "inception_image_size", 256, "Side of the (square) images.", lower_bound=1
+)
 _INC_DTYPE = flags.DEFINE_enum(
   "inception_dtype", "float32", ["float32", "bfloat16"], "The Inception's compute dtype."
 )

@@ -7,21 +7,26 @@ different ways, each handled here:
 - absl's `flags.Error`: an unknown flag, a value of the wrong type (also of a `--config.<field>`),
   a missing required flag, a config file whose `get_config` raised (wrapped with its traceback
   as text; the message of the original exception is kept, ConfigError's as it is);
-- KeyError / AttributeError / OSError / SyntaxError, which ml_collections lets through while it
-  loads a config file and applies the `--config.<field>` overrides: they are explained by
-  checking the file and the field paths again; one that cannot be explained (a bug) goes on as
-  it is;
+- any other exception (KeyError, AttributeError, NameError, OSError, SyntaxError, ...), which
+  ml_collections lets through while it loads a config file, runs its `get_config` and applies the
+  `--config.<field>` overrides: they are explained by checking the file and the field paths
+  again (a mistake in the file's own code is named with its line); one that cannot be explained
+  (a bug, e.g. raised inside this package) goes on as it is;
+- absl's message when not exactly one of a group of flags is given, without the values it lists
+  (a config flag's is the whole config);
 - a config file that cannot be read, which ml_collections reports only when the config is first
   used: checked right after parsing.
 
 The program's own ConfigError and `app.UsageError` end the same way.
 """
 
+import ast
 import difflib
 import importlib.machinery
 import os
 import re
 import sys
+import traceback
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -66,7 +71,7 @@ def parse_flags(argv: Sequence[str], positional: bool = False) -> list[str]:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
     _fail(flag_error_message(e))
-  except (KeyError, AttributeError, OSError, SyntaxError):
+  except Exception:  # What ml_collections lets through, e.g. a NameError in a config file.
     message = explain_config_flags(argv)
     if message is None:
       raise
@@ -85,6 +90,17 @@ def parse_flags(argv: Sequence[str], positional: bool = False) -> list[str]:
 def flag_error_message(error: flags.Error) -> str:
   """The one-line message for an error of absl's flag parsing."""
   text = str(error)
+  one_of = re.search(
+    r"(Exactly|At most) one of \(([^)]*)\) must have a value other than None", text
+  )
+  if one_of:
+    # absl names the value of every flag, which for a config flag is the whole config.
+    names = one_of.group(2).split(", ")
+    given = [f"--{n}" for n in names if n in flags.FLAGS and flags.FLAGS[n].value is not None]
+    return (
+      f"pass {one_of.group(1).lower()} one of {', '.join(f'--{n}' for n in names)} "
+      f"(got {', '.join(given) or 'none'}); {_HELP}."
+    )
   flag, wrapped, _ = text.partition(f": {_WRAPPER_TEXT}")
   if wrapped:
     flag = flag.removeprefix("flag ")
@@ -140,8 +156,16 @@ def _explain_config_file(name: str, argument: str, overrides: list[str]) -> str 
     config = module.get_config(*([arg] if has_arg else []))
   except (ConfigError, OSError) as e:
     return f"{flag}: {e}"
-  except Exception:  # A bug in the config file: the caller lets the original error go on.
-    return None
+  except Exception as e:
+    # A mistake in the config file's own code (a NameError, a misspelt field of a ConfigDict):
+    # one line naming its line. One raised inside this package is a bug and goes on as it is.
+    frames = traceback.extract_tb(e.__traceback__)
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    if os.path.abspath(frames[-1].filename).startswith(package):
+      return None
+    line = [f.lineno for f in frames if os.path.abspath(f.filename) == os.path.abspath(path)]
+    where = f" ({path}, line {line[-1]})" if line else ""
+    return f"{flag}: get_config raised {type(e).__name__}: {_plain(e)}{where}; fix the config file."
   for override in overrides:
     message = _explain_field(config, name, override)
     if message:
@@ -163,6 +187,18 @@ def _explain_field(config: Any, name: str, path: str) -> str | None:
       return f"{walked}.{key} is not a config field; {hint} {_CONTRACT}"
     node, walked = node[key], f"{walked}.{key}"
   return None
+
+
+def _plain(error: BaseException) -> str:
+  """The message of `error` on one line; a repr of a text of several lines (ml_collections'
+  AttributeError, made from a KeyError's message) is unquoted."""
+  text = str(error)
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" and "\\n" in text:
+    try:
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      pass
+  return " ".join(text.split())
 
 
 def _flag_argument(args: list[str], name: str) -> str | None:
@@ -187,6 +223,22 @@ def _original(error: BaseException) -> BaseException:
   while not str(error).startswith(_WRAPPER_TEXT) and error.__context__ is not None:
     error = error.__context__
   return error.__context__ or error
+
+
+def workdir_error(error: OSError, workdir: str) -> str | None:
+  """The one-line message for an OSError about `workdir`, a file in it or a directory on the way
+  to it (one that cannot be created or written: no permission, a read-only or missing file
+  system, a full disk); None for an error about another file."""
+  if not error.filename or not workdir:
+    return None
+  path, root = os.path.abspath(os.fsdecode(error.filename)), os.path.abspath(workdir)
+  inside, on_the_way = path.startswith(root + os.sep), root.startswith(path.rstrip(os.sep) + os.sep)
+  if path != root and not inside and not on_the_way:
+    return None
+  return (
+    f"{error.strerror or error}: {path} (in --workdir={workdir}); check that it can be written "
+    "(permissions, free space) or pass another --workdir."
+  )
 
 
 def _fail(message: str) -> NoReturn:

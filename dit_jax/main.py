@@ -76,6 +76,11 @@ def main(argv):
         print(json.dumps(scores, indent=2))
   except ConfigError as e:
     sys.exit(f"Error: {e}")
+  except OSError as e:
+    message = cli.workdir_error(e, workdir)
+    if message is None:
+      raise
+    sys.exit(f"Error: {message}")
 
 
 if __name__ == "__main__":

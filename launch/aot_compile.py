@@ -27,7 +27,9 @@ from dit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "e.g. v5p-8, v5e-16, v4-64, v5p:2x2x4.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (multi-slice).")
+_NUM_SLICES = flags.DEFINE_integer(
+  "num_slices", 1, "Slices joined by DCN (multi-slice).", lower_bound=1
+)
 _FLOPS = flags.DEFINE_bool(
   "flops",
   True,

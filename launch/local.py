@@ -62,12 +62,15 @@ def drop_gloo_messages(line: str) -> str | None:
   return f"{kept}\n" if kept.strip() else None
 
 
-def _forward(prefix: str, stream, sink) -> None:
+def _forward(prefix: str, stream, sink, last: list[str], index: int) -> None:
+  """Copies `stream` to `sink` line by line with `prefix`; keeps its last line in last[index]."""
   for line in iter(stream.readline, ""):
     line = drop_gloo_messages(line)
     if line is not None:
       sink.write(f"{prefix} {line}")
       sink.flush()
+      if line.strip():
+        last[index] = line.strip()
 
 
 def launch(
@@ -76,9 +79,10 @@ def launch(
   devices_per_process: int,
   port: int = 0,
   module: str = "dit_jax.main",
+  last_lines: list[str] | None = None,
 ) -> list[int]:
   """Starts `python -m module main_args` as the processes, streams their output, waits; returns
-  the exit codes."""
+  the exit codes (and fills `last_lines`, if given, with each process's last line of output)."""
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError("--num_processes and --devices_per_process must be >= 1.")
   address = f"127.0.0.1:{port or free_port()}"
@@ -89,6 +93,7 @@ def launch(
     + [f"--xla_force_host_platform_device_count={devices_per_process}"]
   )
   procs, threads = [], []
+  last = [""] * num_processes
   for i in range(num_processes):
     cmd = [sys.executable, "-m", module, *main_args]
     if num_processes > 1:
@@ -100,7 +105,9 @@ def launch(
     p = subprocess.Popen(
       cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
-    t = threading.Thread(target=_forward, args=(f"[p{i}]", p.stdout, sys.stdout), daemon=True)
+    t = threading.Thread(
+      target=_forward, args=(f"[p{i}]", p.stdout, sys.stdout, last, i), daemon=True
+    )
     t.start()
     procs.append(p)
     threads.append(t)
@@ -125,6 +132,8 @@ def launch(
   codes = [p.returncode for p in procs]
   for t in threads:
     t.join()
+  if last_lines is not None:
+    last_lines[:] = last
   return codes
 
 
@@ -149,10 +158,24 @@ def _define_flags() -> None:
 
 def main(argv):
   f = flags.FLAGS
-  codes = launch(argv[1:], f.num_processes, f.devices_per_process, f.port, f.module)
+  last: list[str] = []
+  codes = launch(argv[1:], f.num_processes, f.devices_per_process, f.port, f.module, last)
   failed = ", ".join(f"p{i} exit code {c}" for i, c in enumerate(codes) if c)
   if failed:
-    sys.exit(f"Error: launch.local: {failed}; the cause is in the [p<i>] lines above.")
+    sys.exit(f"Error: launch.local: {failed}; {failure_cause(codes, last)}")
+
+
+def failure_cause(codes: list[int], last: list[str]) -> str:
+  """Where the failure of a launch shows: the last line of the process that failed on its own
+  (its error line if it wrote one; the processes stopped after it exit with a signal's code)."""
+  failed = [i for i, c in enumerate(codes) if c and last[i]]
+  ranked = [i for i in failed if last[i].startswith("Error: ")] + [
+    i for i in failed if codes[i] > 0
+  ]
+  if not ranked:
+    return "the cause is in the [p<i>] lines above."
+  i = ranked[0]
+  return f"p{i} ended with: {last[i].removeprefix('Error: ')}"
 
 
 if __name__ == "__main__":

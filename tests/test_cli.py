@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dit_jax import cli
 from dit_jax.config_defaults import parse_arg
 from dit_jax.errors import ConfigError
 from launch import local
@@ -64,6 +65,16 @@ CASES = {
     ["--config={tmp}/syntax.py"],
     ["{tmp}/syntax.py, line 2"],
   ),
+  "config_name_error": (
+    "dit_jax.main",
+    ["--config={tmp}/nameerror.py"],
+    ["get_config raised NameError: name 'undefined_name'", "({tmp}/nameerror.py, line 2)"],
+  ),
+  "config_misspelt_field": (
+    "dit_jax.main",
+    ["--config={tmp}/misspelt.py"],
+    ["get_config raised AttributeError: 'modle' Did you mean", "({tmp}/misspelt.py, line 6)"],
+  ),
   "config_without_get_config": (
     "dit_jax.main",
     ["--config={tmp}/noget.py"],
@@ -89,6 +100,11 @@ CASES = {
     [QS, "--workdir={tmp}/file"],
     ["--workdir={tmp}/file is a file, not a directory"],
   ),
+  "workdir_cannot_be_created": (
+    "dit_jax.main",
+    [QS, "--config.model.variant=tiny/4", "--workdir=/proc/dit_jax_no_such_dir/run"],
+    ["No such file or directory: /proc/dit_jax_no_such_dir", "--workdir=/proc/dit_jax_no_such_dir"],
+  ),
   "workdir_inside_a_file": (
     "dit_jax.main",
     [QS, "--workdir={tmp}/file/run"],
@@ -99,9 +115,27 @@ CASES = {
   "import_dit": ("dit_jax.tools.import_dit", BAD_FIELD, ["did you mean"]),
   "import_sd3": ("dit_jax.tools.import_sd3", BAD_FIELD, ["did you mean"]),
   "benchmark": ("dit_jax.benchmark", BAD_FIELD, ["did you mean"]),
+  # absl's message listed every flag's value, for --config the whole config.
+  "benchmark_nothing_to_time": (
+    "dit_jax.benchmark",
+    [],
+    ["pass exactly one of --config, --vae, --inception (got none)"],
+  ),
+  "benchmark_config_and_vae": ("dit_jax.benchmark", [QS, "--vae=sd"], ["(got --config, --vae)"]),
+  "benchmark_no_steps": ("dit_jax.benchmark", [QS, "--steps=0"], ["--steps=0"]),
   "aot_compile": ("launch.aot_compile", BAD_FIELD, ["did you mean"]),
+  "aot_compile_no_slices": (
+    "launch.aot_compile",
+    [QS, "--topology=v5p-8", "--num_slices=0"],
+    ["--num_slices=0"],
+  ),
   "encode_text": ("dit_jax.tools.encode_text", ["--batch_size=abc"], ["--batch_size=abc"]),
   "launch_local": ("launch.local", ["--num_processes=0"], ["--num_processes=0"]),
+  "launch_local_failed_processes": (
+    "launch.local",
+    ["--num_processes=2", "--devices_per_process=1", "--", *BAD_FIELD, "--workdir={tmp}/workdir"],
+    ["p0 exit code 1", "p0 ended with: config.train.batch_sz is not a config field"],
+  ),
 }
 TAKES_WORKDIR = ("dit_jax.main", "dit_jax.tools.import_dit", "dit_jax.tools.import_sd3")
 
@@ -116,6 +150,13 @@ def bad_runs(tmp_path_factory):
     f.write("import ml_collections\n\nCONFIG = ml_collections.ConfigDict()\n")
   with open(f"{tmp}/file", "w") as f:
     f.write("not a workdir\n")
+  with open(f"{tmp}/nameerror.py", "w") as f:
+    f.write("def get_config(arg=None):\n  return undefined_name\n")
+  with open(f"{tmp}/misspelt.py", "w") as f:
+    f.write(
+      "from dit_jax.config_defaults import base_config\n\n\ndef get_config(arg=None):\n"
+      "  c = base_config()\n  c.modle.variant = 'S/2'\n  return c\n"
+    )
 
   def start(case):
     module, args, fragments = CASES[case]
@@ -193,6 +234,26 @@ def test_parse_arg_checks_keys_and_types():
       parse_arg(arg, defaults)
   with pytest.raises(ConfigError, match="takes no args"):
     parse_arg("runlocal", {})
+
+
+def test_workdir_error_names_only_errors_on_the_way_to_or_in_the_workdir():
+  denied = PermissionError(13, "Permission denied", "/data/run/checkpoints")
+  message = cli.workdir_error(denied, "/data/run")
+  assert message.startswith("Permission denied: /data/run/checkpoints (in --workdir=/data/run)")
+  assert cli.workdir_error(OSError(30, "Read-only file system", "/data"), "/data/run")
+  assert cli.workdir_error(OSError(2, "No such file", "/data/runs"), "/data/run") is None
+  assert cli.workdir_error(OSError(2, "No such file", "/weights.pth"), "/data/run") is None
+  assert cli.workdir_error(OSError(28, "No space left on device"), "/data/run") is None
+
+
+def test_launch_local_names_the_process_that_failed_first():
+  # The process that failed ends with its error line; the one stopped after it, with a signal.
+  cause = local.failure_cause([-15, 1], ["I1201 step 3", "Error: config.x is not a config field"])
+  assert cause == "p1 ended with: config.x is not a config field"
+  assert local.failure_cause([1, -15], ["ValueError: boom", "I1201 step 3"]) == (
+    "p0 ended with: ValueError: boom"
+  )
+  assert local.failure_cause([1, 1], ["", ""]) == "the cause is in the [p<i>] lines above."
 
 
 GLOO = "[Gloo] Rank {} is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"

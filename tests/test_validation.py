@@ -116,6 +116,20 @@ BAD = [
   (dict(eval__num_images=0), "eval.num_images=0 must be > 0"),
   (dict(sample__prompts="prompts.txt"), r"sample.prompts='prompts.txt' is for text models.*"),
   (dict(sample__prompt_text="a cat"), r"prompt_text='a cat' .*takes class labels.*sample.labels"),
+  # Checked here, before the model is built from them (a negative size was a JAX traceback).
+  (dict(data__image_size=-16), "data.image_size=-16 must be > 0"),
+  (dict(data__channels=0), "data.channels=0 must be > 0"),
+  (dict(data__num_workers=-1), r"data.num_workers=-1 must be >= 0 \(0 = threads"),
+  (dict(data__latent_scale=0.0), "data.latent_scale=0.0 must be > 0"),
+  # Not "needs text-conditioned data", which the data's checks said of any unknown name.
+  (
+    dict(model__name="unet"),
+    r"model.name='unet' is not supported; choose one of \['dit', 'mmdit'\]",
+  ),
+  # The samples were written to samples/.npz, or not at all (PIL: "unknown file extension").
+  (dict(sample__name=""), "sample.name='' names no file; .*--config.sample.name=samples"),
+  (dict(sample__name="sub/"), "sample.name='sub/' names no file"),
+  (dict(eval__name=" "), "eval.name=' ' names no file; .*--config.eval.name=eval"),
 ]
 
 
@@ -265,6 +279,7 @@ def test_cli_sample_with_zero_steps_is_one_clear_line(trained_workdir):
       "config.diffusion.logit_std=0.0 must be > 0",
     ),
     (["--config.sample.prompt_text=a cat"], "takes class labels"),
+    (["--config.data.channels=0"], "config.data.channels=0 must be > 0"),
   ],
 )
 def test_cli_bad_config_is_one_clear_line_and_writes_nothing(flags, says, tmp_path):
