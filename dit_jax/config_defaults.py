@@ -111,6 +111,11 @@ def base_config() -> ml_collections.ConfigDict:
   # "skip": go on and count it (metrics.jsonl: skipped_steps).
   c.train.nonfinite = "stop"
   c.train.sample_every = 0  # Steps between PNG grids of samples (0 = only at the end).
+  # Steps between scores of the EMA parameters (FID etc. as in --mode=evaluate, with the FID
+  # Inception of config.eval; digits/shapes without it: their built-in metrics), logged to
+  # metrics.jsonl and TensorBoard; 0 = off. Never changes the losses or checkpoints of a run.
+  c.train.eval_every = 0
+  c.train.eval_num_images = 5000  # Samples per evaluation during training (at least 2).
   # Start a new run (step 0, fresh optimizer and data order) from the parameters and EMA of the
   # newest checkpoint in this workdir (another run, or dit_jax.tools.import_dit / import_sd3).
   c.train.init_from = ""
@@ -139,6 +144,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.name = "eval"
   c.eval.num_images = 1000
+  # An ADM reference batch (.npz with arr_0 images and/or mu, sigma, mu_s, sigma_s) to score
+  # against; "" = the config's own training data (min(its size, eval.num_images) images spread
+  # evenly through it), featurized once and cached as workdir/eval/reference_<key>.npz.
+  c.eval.reference = ""
+  # The FID Inception's weights: pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release) or
+  # the .npz converted from it; "" = none (then only digits/shapes can be scored, without FID).
+  c.eval.inception_weights = ""
+  c.eval.batch_size = 64  # Images per Inception step over the whole mesh.
 
   # The autoencoder between pixels and latents (latent models only).
   c.vae = ml_collections.ConfigDict()

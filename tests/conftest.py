@@ -23,3 +23,13 @@ def trained_workdir(tmp_path_factory):
   proc = _cli.run(*_cli.TINY, f"--workdir={workdir}")
   assert proc.returncode == 0, proc.output[-3000:]
   return workdir
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+  """Random weights of the real FID Inception, as the converted .npz (no torch), written once."""
+  from dit_jax.evaluation import inception
+
+  path = str(tmp_path_factory.mktemp("inception") / "inception.npz")
+  inception.random_weights(path, seed=0)
+  return path

@@ -373,6 +373,9 @@ def test_bad_files_raise_clear_errors(tmp_path):
   }
   (tmp_path / "junk.npz").write_bytes(b"\x00" * 100)
   cases["junk"] = (str(tmp_path / "junk.npz"), "not a readable .npz")
+  # Not "contains pickled (object) data", which np.load says of any file it cannot place.
+  (tmp_path / "text.npz").write_text("this is not an npz\n")
+  cases["text"] = (str(tmp_path / "text.npz"), r"not a zip archive \(it begins b'this is not an")
   np.save(tmp_path / "single.npy", _images(4))
   cases["npy"] = (str(tmp_path / "single.npy"), "not an .npz")
   for name, (path, fragment) in cases.items():

@@ -51,7 +51,7 @@ CACHE_SUFFIX = ".dit_jax_stats.npz"
 # Bumped when what the cache holds, or how it is computed, changes.
 _CACHE_VERSION = 1
 _CHUNK_IMAGES = 1024
-_WEIGHTS_HELP = (
+WEIGHTS_HELP = (
   f"{inception_lib.WEIGHTS_NAME} (pytorch-fid's, from {inception_lib.WEIGHTS_URL}) or the .npz "
   "converted from it"
 )
@@ -110,6 +110,14 @@ def npz_keys(path: str) -> list[str]:
   """The names of the arrays in an .npz, or a ConfigError if it is missing or not an .npz."""
   if not os.path.isfile(path):
     raise ConfigError(f"There is no file {path}; pass the path of an .npz (ADM's layout).")
+  with open(path, "rb") as f:
+    head = f.read(16)
+  # Else np.load takes any other file for a pickle, and says that it refuses pickles.
+  if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", np.lib.format.MAGIC_PREFIX)):
+    raise ConfigError(
+      f"{path} is not a readable .npz: it is not a zip archive (it begins {head!r}); write it "
+      "again with np.savez."
+    )
   try:
     # mmap_mode: a plain .npy is mapped, not read, just to say that it is not an .npz.
     loaded = np.load(path, mmap_mode="r")
@@ -223,7 +231,7 @@ def _featurize_chunks(chunks: Iterator[np.ndarray], featurize: Featurizer, name:
 def weights_hash(path: str) -> str:
   """sha256 of a weights file (what keys the reference cache), or a ConfigError if it is missing."""
   if not os.path.isfile(path):
-    raise ConfigError(f"There is no Inception weights file {path}; pass {_WEIGHTS_HELP}.")
+    raise ConfigError(f"There is no Inception weights file {path}; pass {WEIGHTS_HELP}.")
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -429,7 +437,7 @@ def _define_flags() -> None:
   # Defined only when run as a program, so that importing this module adds no flags.
   flags.DEFINE_string("reference", None, "ADM reference batch .npz (arr_0 and/or mu, sigma, ...).")
   flags.DEFINE_string("samples", None, "Samples .npz with arr_0 uint8 [N, H, W, 3].")
-  flags.DEFINE_string("inception", None, f"Weights of the FID Inception: {_WEIGHTS_HELP}.")
+  flags.DEFINE_string("inception", None, f"Weights of the FID Inception: {WEIGHTS_HELP}.")
   flags.DEFINE_string("out", None, "Also write the scores to this JSON file.")
   flags.DEFINE_integer("batch_size", 64, "Images per Inception batch.")
   flags.mark_flags_as_required(["reference", "samples"])
@@ -439,7 +447,7 @@ def main(argv) -> None:
   del argv
   args = flags.FLAGS
   if not args.inception:
-    raise ConfigError(f"Pass --inception=PATH, the weights of the FID Inception: {_WEIGHTS_HELP}.")
+    raise ConfigError(f"Pass --inception=PATH, the weights of the FID Inception: {WEIGHTS_HELP}.")
   if args.batch_size < 1:
     raise ConfigError(f"--batch_size={args.batch_size} must be at least 1.")
   if args.out:

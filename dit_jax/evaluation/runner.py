@@ -8,10 +8,10 @@ import jax
 import ml_collections
 from absl import logging
 
-from dit_jax import checkpoint, data
+from dit_jax import checkpoint, data, utils
 from dit_jax import diffusion as diffusion_lib
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import sampling
+from dit_jax.evaluation import sampling, scoring
 from dit_jax.parallel import distributed
 from dit_jax.train import setup
 
@@ -96,28 +96,32 @@ def sample(
 def evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False
 ) -> dict[str, float]:
-  """Scores conditional samples with the built-in metrics of the data, and writes the scores and
-  the sampling settings used to `workdir/eval/<config.eval.name>.json`:
+  """Scores the samples of the newest checkpoint and writes the scores and the sampling settings
+  used to `workdir/eval/<config.eval.name>.json`.
 
-  - digits: class accuracy (a classifier trained on the real digits) and a Fréchet distance in
-    its feature space;
-  - shapes: the fraction of images whose colour, shape and position (read back by
-    `shapes_checker`) all match their prompt, by default the captions held out of training.
+  - digits and shapes: their built-in metrics (`scoring.builtin_scorer`) of config.eval.num_images
+    conditional samples; and, if config.eval.inception_weights is set, also the FID Inception's
+    scores below, of the same samples.
+  - any other data: the FID Inception's `fid`, `sfid`, `inception_score`, `precision` and
+    `recall` of config.eval.num_images samples (decoded by the VAE of config.vae.path for latent
+    models) against config.eval.reference, or the statistics of the config's own data (see
+    `scoring`). The samples are featurized chunk by chunk into `eval/<name>.parts`, so that a
+    killed evaluation resumes after its last whole chunk when rerun, and gives the same scores.
 
   Raises:
-    ConfigError: among others, if that json is there from an earlier run and not `overwrite`
-      (checked first, before anything is built or written).
+    ConfigError: among others, if that json is there from a finished run and not `overwrite`
+      (checked first, before anything is built or written), or if the Inception is needed and
+      config.eval.inception_weights is not given.
   """
-  if config.data.name not in ("digits", "shapes"):
-    raise ConfigError(
-      f"--mode=evaluate has built-in metrics for config.data.name='digits' and 'shapes' only "
-      f"(got {config.data.name!r}); for other data, run --mode=sample and score the .npz with "
-      "the ADM evaluator."
-    )
-  path = os.path.join(workdir, "eval", f"{config.eval.name}.json")
+  builtin = config.data.name in setup.BUILTIN_METRICS_DATA
+  inception = bool(config.eval.inception_weights) or not builtin
+  if inception:
+    setup.check_inception_eval(config, config.eval.num_images, "eval.num_images")
+  path, parts_dir = scoring.eval_files(workdir, config.eval.name)
 
   def check_new() -> None:
-    if os.path.exists(path):
+    # Chunks beside the json: a run killed after writing it, which a rerun finishes.
+    if os.path.exists(path) and not os.path.isdir(parts_dir):
       raise ConfigError(
         f"{path} exists (from an earlier run); set another --config.eval.name=..., or pass "
         "--overwrite to replace it."
@@ -127,25 +131,23 @@ def evaluate(
     distributed.on_process_0(check_new, f"read {workdir}", _RETRY)
   exp = setup.build(config, training=False)
   params, step = restore_params(exp, workdir)
+  scorer = scoring.Scorer(exp, workdir) if inception else None
+  num = config.eval.num_images
   start = time.perf_counter()
-  images, meta = sampling.generate(exp, params, config.eval.num_images, seed=config.sample.seed)
-  results = {"step": step, "num_images": len(images)}
-  results["sample_seconds"] = time.perf_counter() - start
-  if config.data.name == "digits":
-    from dit_jax.evaluation import digits_classifier, metrics
-
-    classifier = digits_classifier.load_classifier()
-    real, _ = data.real_images(config)
-    mu_r, sig_r = metrics.feature_statistics(classifier.features(real))
-    mu_g, sig_g = metrics.feature_statistics(classifier.features(images))
-    results["class_accuracy"] = float(metrics.accuracy(classifier.predict(images), meta["labels"]))
-    results["frechet_distance"] = float(metrics.frechet_distance(mu_g, sig_g, mu_r, sig_r))
+  results = {"step": step, "num_images": num}
+  if builtin:
+    images, meta = sampling.generate(exp, params, num, seed=config.sample.seed)
+    results["sample_seconds"] = time.perf_counter() - start
+    results.update(scoring.builtin_scorer(config)(images, meta))
+    if config.data.name == "shapes":
+      results["prompts"] = config.sample.prompts or "held-out captions"
+    scores = scorer.score_images(utils.to_uint8(images)) if scorer else None
   else:
-    from dit_jax.evaluation import shapes_checker
-
-    scores = shapes_checker.score(images, [str(c) for c in meta["captions"]])
-    results.update({k: float(v) for k, v in scores.items()})
-    results["prompts"] = config.sample.prompts or "held-out captions"
+    scores = scorer.score(
+      params, step=step, num_images=num, parts_dir=parts_dir, overwrite=overwrite
+    )
+    results["sample_seconds"] = time.perf_counter() - start
+  results.update(scores or {})
   # The settings as sampled with ("auto" resolved), so that the scores say what made them.
   results.update(
     sampler=diffusion_lib.resolve_sampler(config),
@@ -164,6 +166,8 @@ def evaluate(
     os.replace(path + ".tmp", path)
 
   distributed.on_process_0(write, f"write {path}", _RETRY)
+  if scorer is not None:
+    scorer.finish(parts_dir)
   if jax.process_index() == 0:
-    logging.info("Wrote the scores of %d images at step %d to %s.", len(images), step, path)
+    logging.info("Wrote the scores of %d images at step %d to %s.", num, step, path)
   return results

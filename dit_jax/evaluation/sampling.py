@@ -160,8 +160,9 @@ def guided_channels(config: ml_collections.ConfigDict) -> int:
 
 
 def make_sampler(exp: Experiment):
-  """Returns run(params, cond, indices [B], key) -> samples [B, H, W, C] (host numpy on every
-  process), sampled with `config.sample`'s sampler, steps and guidance in one jitted call over the
+  """Returns run(params, cond, indices [B], key, gather=True) -> samples [B, H, W, C], host numpy
+  on every process (with gather=False: the global array, split over the mesh's data axes as it was
+  sampled), sampled with `config.sample`'s sampler, steps and guidance in one jitted call over the
   mesh.
 
   The starting noise of sample i depends on the seed and i only, so the deterministic samplers
@@ -199,12 +200,14 @@ def make_sampler(exp: Experiment):
     sample, in_shardings=(exp.param_shardings, batch, batch, None), out_shardings=batch
   )
 
-  def run(params, cond: dict, indices: np.ndarray, key: jax.Array) -> np.ndarray:
+  def run(params, cond: dict, indices: np.ndarray, key: jax.Array, gather: bool = True):
     with exp.context():
       cond, indices = jax.device_put(
         jax.tree.map(jnp.asarray, (cond, indices)), parallel.batch_sharding(exp.mesh)
       )
       out = jitted(params, cond, indices, key)
+    if not gather:
+      return out
     return np.asarray(multihost_utils.process_allgather(out, tiled=True))
 
   return run
@@ -270,9 +273,15 @@ def _sample_chunks(
   seed: int,
   first: int = 0,
   decoder=None,
-) -> Iterator[tuple[int, np.ndarray]]:
+  gather: bool = True,
+) -> Iterator[tuple[int, np.ndarray | jax.Array]]:
   """Yields (start, samples [<= chunk, H, W, C]) for the chunks from `first` on; decoded to
-  pixels if a decoder is given."""
+  pixels if a decoder is given.
+
+  With gather=False the samples stay on the devices that made them (and are decoded there): a
+  global array [padded chunk, H, W, C] split over the mesh's data axes, whose first
+  min(chunk, num_images - start) rows are the samples.
+  """
   batch = chunk_size(exp.config, num_images)
   n_dev = parallel.data_parallel_size(exp.mesh)
   padded = -(-batch // n_dev) * n_dev
@@ -280,7 +289,10 @@ def _sample_chunks(
   for start in range(first, num_images, batch):
     # Padding rows (the next indices, conditions wrapped around) are sampled and dropped.
     indices = np.arange(start, start + padded)
-    out = run(params, conds.take(indices % num_images), indices, key)
+    out = run(params, conds.take(indices % num_images), indices, key, gather=gather)
+    if not gather:
+      yield start, (out if decoder is None else decoder.decode_sharded(out))
+      continue
     out = out[: min(batch, num_images - start)]
     yield start, (out if decoder is None else decoder.decode(out))
 
@@ -319,16 +331,16 @@ def generate(
   return np.concatenate(out), conds.meta
 
 
-def grid_sampler(exp: Experiment) -> Callable[[object], np.ndarray | None]:
+def grid_sampler(exp: Experiment, run=None) -> Callable[[object], np.ndarray | None]:
   """The training loop's hook: returns grid(params) -> uint8 [n, H, W, 3 or 1], the first
   min(100, sample.num_images) samples as pixels, or None for a latent model without a VAE.
 
   Built once (before training, so that a bad VAE or guidance setting stops the run at once); the
-  sampler is compiled on the first call.
+  sampler (`run`, a `make_sampler(exp)` to share, or a new one) is compiled on the first call.
   """
   cfg = exp.config
   decoder = load_decoder(cfg, exp.mesh)
-  run = make_sampler(exp)
+  run = run or make_sampler(exp)
   if decoder is None and not data.is_pixel_data(cfg):
     logging.info(
       "The model makes latents and config.vae.path is empty, so training writes no image grids; "
@@ -431,24 +443,29 @@ def _unusable(parts_dir: str, want: dict) -> str | None:
     if have.get(k) != want.get(k)
   ]
   if diff:
-    return f"holds the chunks of a sampling run with another config ({'; '.join(diff)})"
+    return f"holds the chunks of a run with another config ({'; '.join(diff)})"
   return None
 
 
 def _resume(
-  parts_dir: str, want: dict, item_shape: tuple, dtype: np.dtype, overwrite: bool = False
+  parts_dir: str,
+  want: dict,
+  item_shape: tuple,
+  dtype: np.dtype,
+  overwrite: bool = False,
+  field: str = "sample.name",
 ) -> int:
-  """Process 0: the number of samples already on disk as a chain of whole chunks from 0 on
-  (removing chunk files that do not continue it), after checking that they were made with the
-  same fingerprint (written on the first run). Chunks of another config are an error, or, with
-  `overwrite`, removed."""
+  """Process 0: the number of items (samples, or their features) already on disk as a chain of
+  whole chunks from 0 on (removing chunk files that do not continue it), after checking that they
+  were made with the same fingerprint (written on the first run). Chunks of another config are an
+  error naming config.`field` (what names the directory), or, with `overwrite`, removed."""
   fp_path = os.path.join(parts_dir, FINGERPRINT_FILE)
   if not os.path.isdir(parts_dir):
     os.makedirs(parts_dir)
   problem = _unusable(parts_dir, want)
   if problem and not overwrite:
     raise ConfigError(
-      f"{parts_dir} {problem}; set another --config.sample.name=..., delete that directory to "
+      f"{parts_dir} {problem}; set another --config.{field}=..., delete that directory to "
       "start over, or pass --overwrite to replace it."
     )
   if problem:

@@ -1,4 +1,4 @@
-"""The training loop: set up, resume, step, log, checkpoint, sample."""
+"""The training loop: set up, resume, step, log, evaluate, checkpoint, sample."""
 
 import os
 import signal
@@ -13,7 +13,7 @@ from absl import logging
 
 from dit_jax import checkpoint, data, parallel, utils
 from dit_jax.errors import TrainingStopped
-from dit_jax.evaluation import sampling
+from dit_jax.evaluation import sampling, scoring
 from dit_jax.train import setup
 
 
@@ -40,15 +40,15 @@ def _save_grid(grid, state, workdir, step, writer) -> str | None:
   return path
 
 
-def _warn_above(bar) -> Callable[..., None]:
-  """logging.warning that first clears the progress bar (if any) so the line stands on its own
-  and the bar is redrawn below it. No lock: it is also called from signal handlers."""
+def _warn_above(bar, log: Callable[..., None] = logging.warning) -> Callable[..., None]:
+  """`log` (logging.warning) that first clears the progress bar (if any) so the line stands on
+  its own and the bar is redrawn below it. No lock: it is also called from signal handlers."""
   if bar is None:
-    return logging.warning
+    return log
 
   def warn(msg, *args):
     with bar.external_write_mode(file=sys.stderr, nolock=True):
-      logging.warning(msg, *args)
+      log(msg, *args)
 
   return warn
 
@@ -59,6 +59,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   SIGTERM (a preemption) or a first Ctrl-C stops the run at the end of the current step with a
   checkpoint: after SIGTERM this returns (with "preempted_at"), after Ctrl-C it raises
   `Interrupted`. A second Ctrl-C ends the process at once, saving nothing (see `Preemption`).
+
+  With `config.train.eval_every` > 0 the EMA parameters are scored after every eval_every-th
+  step (`scoring.training_evaluator`: FID and the rest, or the toy data's built-in metrics) and
+  the scores logged at that step. Evaluation reads the parameters and nothing else of the state,
+  draws its randomness from config.sample.seed and never from the training key, and reads no
+  training batch, so the losses and checkpoints are those of a run without it. It runs before
+  that step's checkpoint is saved and before a stop request is acted on, so a checkpoint at step
+  s always comes after the scores of step s were logged: a run killed during the evaluation of
+  step s resumes from an earlier checkpoint (dropping the log lines after it), repeats the steps
+  to s exactly, and evaluates step s again, reusing the chunks of features the killed run left in
+  eval/during_training.parts (keyed by a checksum of the parameters, so only features of the very
+  same parameters are reused): it logs the same numbers. A Ctrl-C or SIGTERM during an
+  evaluation takes effect when it is done.
 
   Returns the metrics of the last logged step (none if the run was already at num_steps).
   """
@@ -135,7 +148,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
         logging.warning("%s", warning)
 
     step_fn = exp.jit_train_step()
-    grid = sampling.grid_sampler(exp)
+    run = sampling.make_sampler(exp)  # One compile serves the grids and the evaluations.
+    grid = sampling.grid_sampler(exp, run)
+    # Built now (the Inception, the VAE, the reference), so that a bad file stops the run here.
+    evaluate = scoring.training_evaluator(exp, workdir, run)
     if preemption.requested():
       # The signal came during setup: nothing new to save.
       return _stop_before_training(preemption, start, ckpt.directory)
@@ -196,6 +212,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
           last = metrics
           window_start, window_steps = time.perf_counter(), 0
           check_finite(done, int(metrics["skipped_steps"]))
+        if evaluate is not None and done % t.eval_every == 0:
+          # Before the checkpoint of this step (see the docstring).
+          scores = evaluate(state.ema_params, done)
+          writer.write(done, scores)
+          if scores:
+            text = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+            _warn_above(bar, logging.info)("Evaluation at step %d: %s.", done, text)
         if preemption.reached(done):
           save(done)
           ckpt.wait()

@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -124,6 +125,10 @@ _NUMBERS = (
   ("model.context_len", ">= 0", " (0 = the data's)"),
   ("model.context_dim", ">= 0", " (0 = the data's)"),
   ("model.pooled_dim", ">= 0", " (0 = the data's)"),
+  ("data.image_size", "> 0", ""),
+  ("data.channels", "> 0", ""),
+  ("data.latent_scale", "> 0", " (the factor pre-encoded latents are multiplied by)"),
+  ("data.num_workers", ">= 0", " (0 = threads in this process)"),
   ("train.batch_size", "> 0", ""),
   ("train.num_steps", "> 0", ""),
   ("train.seed", "in [0, 2**32)", ""),
@@ -139,6 +144,8 @@ _NUMBERS = (
   ("train.keep_checkpoints", "> 0", ""),
   ("train.keep_every", ">= 0", " (0 = off)"),
   ("train.sample_every", ">= 0", " (0 = only at the end)"),
+  ("train.eval_every", ">= 0", " (0 = off)"),
+  ("train.eval_num_images", "> 0", ""),
   ("sample.num_images", "> 0", ""),
   ("sample.batch_size", "> 0", ""),
   ("sample.num_steps", "> 0", " (solver steps)"),
@@ -146,7 +153,11 @@ _NUMBERS = (
   ("sample.eta", "in [0, 1]", " (DDIM's noise: 0 = deterministic, 1 = DDPM's variance)"),
   ("sample.seed", "in [0, 2**32)", ""),
   ("eval.num_images", "> 0", ""),
+  ("eval.batch_size", "> 0", " (images per Inception step)"),
 )
+
+# The data whose samples --mode=evaluate scores with built-in metrics (no Inception needed).
+BUILTIN_METRICS_DATA = ("digits", "shapes")
 
 
 def _check_numbers(config: ml_collections.ConfigDict) -> None:
@@ -155,6 +166,17 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
     value = config[section][name]
     if not (math.isfinite(value) and _ACCEPTS[accepted](value)):
       raise ConfigError(f"config.{field}={value} must be {accepted}{meaning}.")
+
+
+def _check_output_names(config: ml_collections.ConfigDict) -> None:
+  for field in ("sample.name", "eval.name"):
+    section, key = field.split(".")
+    name = config[section][key]
+    if not name.strip() or os.path.basename(name) in ("", ".", ".."):
+      raise ConfigError(
+        f"config.{field}={name!r} names no file; give the results a name such as "
+        f"--config.{field}={config_defaults.base_config()[section][key]}."
+      )
 
 
 def _check_prompts(config: ml_collections.ConfigDict) -> None:
@@ -169,6 +191,49 @@ def _check_prompts(config: ml_collections.ConfigDict) -> None:
         )
   elif s.prompt_text:
     text.inline_prompts(s.prompt_text)
+
+
+def check_inception_eval(config: ml_collections.ConfigDict, num_images: int, field: str) -> None:
+  """Raises a ConfigError unless the FID Inception can score `num_images` samples of `config`
+  (config.`field`): its weights file is given and there, the images number at least 2, and a
+  latent model has a VAE to decode its samples with."""
+  from dit_jax.evaluation.fid import WEIGHTS_HELP  # Here: only evaluations need it.
+
+  weights = config.eval.inception_weights
+  if not weights:
+    raise ConfigError(
+      f"Scoring the samples of config.data.name={config.data.name!r} (FID, IS, precision, "
+      f"recall) takes the FID Inception: set config.eval.inception_weights to {WEIGHTS_HELP} "
+      f"(only {' and '.join(BUILTIN_METRICS_DATA)} have built-in metrics without it)."
+    )
+  if not os.path.isfile(weights):
+    raise ConfigError(
+      f"config.eval.inception_weights={weights!r} does not exist; pass {WEIGHTS_HELP}."
+    )
+  if num_images < 2:
+    raise ConfigError(
+      f"config.{field}={num_images} must be at least 2: FID needs the covariance of the samples."
+    )
+  if not data.is_pixel_data(config) and not config.vae.path:
+    raise ConfigError(
+      "The model makes latents and config.vae.path is empty, but the FID Inception scores "
+      "images: set --config.vae.path=DIR (the diffusers AutoencoderKL whose latents the model "
+      "was trained on) to decode the samples."
+    )
+
+
+def _check_training_eval(config: ml_collections.ConfigDict) -> None:
+  t = config.train
+  if not t.eval_every:
+    return
+  if t.eval_num_images < 2:
+    raise ConfigError(
+      f"config.train.eval_num_images={t.eval_num_images} must be at least 2 when "
+      f"config.train.eval_every={t.eval_every} (a covariance needs 2 images)."
+    )
+  # digits and shapes fall back on their built-in metrics; other data need the Inception.
+  if config.data.name not in BUILTIN_METRICS_DATA or config.eval.inception_weights:
+    check_inception_eval(config, t.eval_num_images, "train.eval_num_images")
 
 
 def unusual_settings(config: ml_collections.ConfigDict) -> list[str]:
@@ -246,6 +311,12 @@ def unusual_settings(config: ml_collections.ConfigDict) -> list[str]:
     unused("sample", ("eta",), "the ddim sampler", f"config.sample.sampler={s.sampler!r}{picked}")
   if g == 1:
     unused("sample", ("guided_channels",), "guidance", "config.sample.guidance_scale=1")
+  if not config.train.eval_every:
+    unused("train", ("eval_num_images",), "evaluation during training", "config.train.eval_every=0")
+  if not config.eval.inception_weights:
+    unused(
+      "eval", ("reference", "batch_size"), "the FID Inception", "config.eval.inception_weights=''"
+    )
   if s.clip_denoised and not data.is_pixel_data(config):
     out.append(
       "config.sample.clip_denoised=True clips these latents to [-1, 1], which suits pixels in "
@@ -255,14 +326,19 @@ def unusual_settings(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the names and numbers in `config` that need no devices or data, raising a
+  """Checks the names and numbers in `config` that need no devices or data (and that the FID
+  Inception's weights file of an evaluation during training is there), raising a
   ConfigError for one that cannot work; then warns (on process 0, one line each) about the
   `unusual_settings`. Training, sampling and evaluation all call it (through `build`)."""
+  # The model's name first: the data's checks read it (e.g. whether the data needs text).
+  check_choice(config.model.name, models.MODELS, "model.name")
   check_choice(config.train.nonfinite, ("stop", "skip"), "train.nonfinite")
   check_choice(config.sample.labels, ("balanced", "random"), "sample.labels")
   _check_numbers(config)
+  _check_output_names(config)
   diffusion_lib.check_config(config)
   _check_prompts(config)
+  _check_training_eval(config)
   diffusion_lib.resolve_sampler(config)
   if jax.process_index() == 0:
     for message in unusual_settings(config):
