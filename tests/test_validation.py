@@ -130,6 +130,8 @@ BAD = [
   (dict(sample__name=""), "sample.name='' names no file; .*--config.sample.name=samples"),
   (dict(sample__name="sub/"), "sample.name='sub/' names no file"),
   (dict(eval__name=" "), "eval.name=' ' names no file; .*--config.eval.name=eval"),
+  (dict(sample__name="../../x"), "sample.name='../../x' would write outside the workdir"),
+  (dict(eval__name="/tmp/x"), "eval.name='/tmp/x' would write outside the workdir"),
 ]
 
 

@@ -177,6 +177,11 @@ def _check_output_names(config: ml_collections.ConfigDict) -> None:
         f"config.{field}={name!r} names no file; give the results a name such as "
         f"--config.{field}={config_defaults.base_config()[section][key]}."
       )
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
+      raise ConfigError(
+        f"config.{field}={name!r} would write outside the workdir; give a name relative to it "
+        f"(sub-folders are fine, e.g. --config.{field}=sweep/{os.path.basename(name)})."
+      )
 
 
 def _check_prompts(config: ml_collections.ConfigDict) -> None:
