@@ -41,6 +41,7 @@ def _popen(*args: str) -> subprocess.Popen:
   )
 
 
+@pytest.mark.slow  # A training subprocess interrupted and rerun.
 def test_ctrl_c_saves_at_the_next_step_and_a_rerun_resumes_there(trained_workdir, tmp_path):
   workdir = _cli.copy_workdir(trained_workdir, str(tmp_path / "run"))
   # Steps 1-6 are done; no periodic checkpoint can land before the run's end.
