@@ -8,6 +8,7 @@ CLI with checkpoints at steps 2, 4 and 6; tests that damage or add files copy it
 """
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -92,3 +93,21 @@ def snapshot(directory: str) -> dict[str, str]:
 def copy_workdir(source: str, target: str) -> str:
   shutil.copytree(source, target)
   return target
+
+
+def tiny_config(**fields):
+  """The config of `TINY` (the run of the `trained_workdir` fixture), built in-process, with
+  `section__name=value` fields set on top."""
+  path = os.path.join(REPO, TINY[0].removeprefix("--config="))
+  spec = importlib.util.spec_from_file_location("quickstart_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for flag in TINY[1:]:
+    key, value = flag.removeprefix("--config.").split("=")
+    section, name = key.split(".")
+    config[section][name] = type(config[section][name])(value)
+  for key, value in fields.items():
+    section, name = key.split("__")
+    config[section][name] = value
+  return config

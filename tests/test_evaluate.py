@@ -12,7 +12,6 @@ two covariances (exact for fewer samples than dimensions; checked against
 `metrics.frechet_distance` below).
 """
 
-import importlib.util
 import json
 import logging
 import math
@@ -242,32 +241,15 @@ def test_killed_evaluate_resumes_to_the_scores_of_the_samples_it_would_write(fol
 # --- The toy data keep their built-in metrics ----------------------------------------------------
 
 
-def _quickstart(**fields):
-  """The config of `_cli.TINY` (the `trained_workdir` run) with `section__name=value` fields."""
-  path = os.path.join(_cli.REPO, _cli.TINY[0].removeprefix("--config="))
-  spec = importlib.util.spec_from_file_location("quickstart_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for flag in _cli.TINY[1:]:
-    key, value = flag.removeprefix("--config.").split("=")
-    section, name = key.split(".")
-    config[section][name] = type(config[section][name])(value)
-  for key, value in fields.items():
-    section, name = key.split("__")
-    config[section][name] = value
-  return config
-
-
 def test_digits_keep_their_metrics_and_add_the_inceptions(
   trained_workdir, tmp_path, inception_weights
 ):
   workdir = _cli.copy_workdir(trained_workdir, str(tmp_path / "run"))
-  config = _quickstart(eval__inception_weights=inception_weights)
+  config = _cli.tiny_config(eval__inception_weights=inception_weights)
   scores = runner.evaluate(config, workdir)
   assert all(math.isfinite(scores[k]) for k in scoring.SCORE_KEYS), scores
   # Their built-in metrics, as training logs them without weights: the same numbers.
-  config = _quickstart(train__eval_every=2, train__eval_num_images=scores["num_images"])
+  config = _cli.tiny_config(train__eval_every=2, train__eval_num_images=scores["num_images"])
   exp = setup.build(config, training=False)
   params, _ = runner.restore_params(exp, workdir)
   logged = scoring.training_evaluator(exp, workdir)(params, 6)
@@ -327,7 +309,7 @@ def test_evaluation_during_training_is_validated_up_front(folder, fields, says):
 
 
 def test_digits_evaluate_during_training_without_weights():
-  setup.validate(_quickstart(train__eval_every=2))
+  setup.validate(_cli.tiny_config(train__eval_every=2))
 
 
 def test_eval_fields_that_nothing_reads_log_one_warning_each(caplog):

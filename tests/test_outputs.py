@@ -2,7 +2,6 @@
 log line names what a run wrote, and latents data that is not a numeric array, or holds negative
 class ids, is one clear error naming the file."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -19,20 +18,6 @@ from dit_jax.errors import ConfigError
 from dit_jax.evaluation import runner, sampling
 
 
-def tiny_config():
-  """The config of `_cli.TINY` (the run of the `trained_workdir` fixture), built in-process."""
-  path = os.path.join(_cli.REPO, _cli.TINY[0].removeprefix("--config="))
-  spec = importlib.util.spec_from_file_location("quickstart_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for flag in _cli.TINY[1:]:
-    key, value = flag.removeprefix("--config.").split("=")
-    section, field = key.split(".")
-    config[section][field] = type(config[section][field])(value)
-  return config
-
-
 @pytest.fixture
 def workdir(trained_workdir, tmp_path):
   return _cli.copy_workdir(trained_workdir, str(tmp_path / "run"))
@@ -47,7 +32,7 @@ def _no_build(*args, **kwargs):
 
 
 def test_sample_keeps_earlier_samples_unless_overwrite(workdir, monkeypatch, caplog):
-  config = tiny_config()
+  config = _cli.tiny_config()
   npz, png, parts = sampling.sample_files(workdir, config.sample.name)
   with caplog.at_level(logging.INFO):
     assert runner.sample(config, workdir) == npz
@@ -85,7 +70,7 @@ def test_sample_keeps_earlier_samples_unless_overwrite(workdir, monkeypatch, cap
 
 
 def test_killed_sampling_resumes_without_overwrite(workdir, monkeypatch):
-  config = tiny_config()
+  config = _cli.tiny_config()
   config.sample.name, config.sample.num_images = "killed", 16  # Two chunks of 8.
   npz, png, parts = sampling.sample_files(workdir, "killed")
   real, firsts = sampling._sample_chunks, []
@@ -129,7 +114,7 @@ def test_evaluate_cli_records_the_sampler_used_and_keeps_the_scores(workdir):
   assert logs and path in logs[-1], proc.output[-3000:]
   with open(path) as f:
     scores = json.load(f)
-  config = tiny_config()
+  config = _cli.tiny_config()
   assert config.sample.sampler == "auto"
   assert scores["sampler"] == diffusion_lib.resolve_sampler(config) != "auto"
   assert scores["num_steps"] == config.sample.num_steps == 2
