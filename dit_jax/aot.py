@@ -23,15 +23,16 @@ class Generation:
   hbm_bytes: int  # Per chip (one JAX device per chip: megacore on v4/v5p).
   dims: int  # 2D or 3D torus.
   cores_per_chip: int  # How the accelerator type counts: TensorCores (v4, v5p) or chips.
+  peak_flops: float  # Per chip, bfloat16 dense matmul (the vendor's figure).
   chip_config: str = "default"
 
 
 GENERATIONS = {
-  "v4": Generation("v4", 32 * GiB, 3, 2, "megacore"),
-  "v5p": Generation("v5p", 95 * GiB, 3, 2),
-  "v5e": Generation("v5e", 16 * GiB, 2, 1),
-  "v5litepod": Generation("v5e", 16 * GiB, 2, 1),
-  "v6e": Generation("v6e", 32 * GiB, 2, 1),
+  "v4": Generation("v4", 32 * GiB, 3, 2, 275e12, "megacore"),
+  "v5p": Generation("v5p", 95 * GiB, 3, 2, 459e12),
+  "v5e": Generation("v5e", 16 * GiB, 2, 1, 197e12),
+  "v5litepod": Generation("v5e", 16 * GiB, 2, 1, 197e12),
+  "v6e": Generation("v6e", 32 * GiB, 2, 1, 918e12),
 }
 
 
@@ -155,4 +156,55 @@ def report(compiled, hbm: int) -> Report:
     code=mem.generated_code_size_in_bytes,
     hbm=hbm,
     flops=utils.xla_flops(compiled),
+  )
+
+
+def twin_config(config, batch_size: int | None = None):
+  """The program the step's cost is read from: `config` with its blocks fully unrolled (XLA counts
+  a loop body once) and XLA's attention (XLA cannot see inside a Pallas kernel), at global
+  `batch_size` if given."""
+  twin = utils.fully_unrolled(config)
+  twin.model.attention = "xla"
+  if batch_size:
+    twin.train.batch_size = batch_size
+  return twin
+
+
+def roofline_seconds(compiled) -> float | None:
+  """XLA's roofline time ("optimal_seconds") of one device's program, or None if it gives none."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list | tuple):
+    cost = cost[0] if cost else {}
+  seconds = float((cost or {}).get("optimal_seconds", 0.0))
+  return seconds if seconds > 0 and math.isfinite(seconds) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """The compiler's view of one train step on one chip: estimates, not measurements."""
+
+  flops: float  # XLA's count per device (multiply-add = 2), remat's recomputation included.
+  seconds: float | None  # XLA's roofline time per device; None if it gives none.
+  images: float  # Per chip per step.
+  peak_flops: float  # The chip's bfloat16 peak.
+
+  @property
+  def mfu(self) -> float | None:
+    """FLOPs over the roofline time, as a fraction of the chip's peak."""
+    return self.flops / self.seconds / self.peak_flops if self.seconds else None
+
+  @property
+  def images_per_second(self) -> float | None:
+    return self.images / self.seconds if self.seconds else None
+
+
+def estimate(twin_compiled, gen: Generation, images_per_chip: float, scale: float = 1.0):
+  """The Estimate read from a `twin_config` program, its counts multiplied by `scale` (the real
+  batch over the twin's, when the twin was compiled at a smaller batch)."""
+  seconds = roofline_seconds(twin_compiled)
+  return Estimate(
+    flops=utils.xla_flops(twin_compiled) * scale,
+    seconds=None if seconds is None else seconds * scale,
+    images=images_per_chip,
+    peak_flops=gen.peak_flops,
   )

@@ -21,6 +21,7 @@ LOSS_WEIGHTINGS = ("none", "min_snr", "auto")
 PRECONDITIONINGS = ("none", "edm")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTIONS = ("xla", "cudnn", "splash")
 _TRUE = ("", "1", "true", "yes")
 _FALSE = ("0", "false", "no")
 
@@ -39,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
   c.model.remat = "none"
   c.model.scan_unroll = 1  # Blocks per scan iteration (depth = fully unrolled).
+  # Attention kernel: xla (any device) | cudnn (GPU flash attention, bfloat16) | splash (TPU
+  # Pallas splash attention). Same numerics; the kernels never hold the L x L logits.
+  c.model.attention = "xla"
   # Overrides of the variant table (0 = take the variant's value).
   c.model.width = 0
   c.model.depth = 0
@@ -88,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.latent_scale = 1.0  # Multiplier applied to pre-encoded latents (SD-VAE: 0.18215).
   c.data.synthetic_size = 4096  # Number of distinct synthetic examples.
   c.data.num_workers = 0  # grain worker processes (0 = threads in this process).
+  # Global batches a background thread reads and places on the devices ahead of the running step
+  # (0 = off: each step reads its batch itself). Checkpoints keep the position of the batches
+  # consumed, so resuming is exact with any depth.
+  c.data.prefetch = 2
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64  # Global batch size, over all devices and processes.

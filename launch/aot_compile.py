@@ -9,7 +9,12 @@
 The step is built by the same factory training uses (`setup.build` + `jit_train_step`: same
 model, shardings, donation) over the devices of libtpu's description of the topology, lowered
 with abstract inputs and compiled. Prints per-device memory (arguments, outputs, temporaries,
-total against the chip's HBM), XLA's FLOP estimate and a verdict; exits 0 if it fits, 1 if not.
+total against the chip's HBM) and a verdict; exits 0 if it fits, 1 if not. With --flops (the
+default) it also prints the compiler's estimates of speed, read from a twin of the step with the
+blocks unrolled and XLA's attention: FLOPs per step, XLA's roofline time per step
+(`optimal_seconds`), and the MFU and images/s per chip they imply against the chip's bfloat16
+peak. They are XLA's cost model, not measurements. If the twin does not fit at the real batch,
+--flops_batch=N compiles it at global batch N and scales its counts up in proportion.
 Topologies: accelerator types (v4-64, v5p-32: TensorCores; v5e-16, v6e-8: chips) or explicit
 `<generation>:<AxBxC>` names (v5p:2x2x4).
 """
@@ -21,7 +26,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import aot, cli, utils
+from dit_jax import aot, cli
 from dit_jax.aot import GiB
 from dit_jax.errors import ConfigError
 
@@ -35,6 +40,13 @@ _FLOPS = flags.DEFINE_bool(
   True,
   "Also compile a twin with the block scan unrolled to read XLA's FLOP count (XLA counts a loop "
   "body once); memory always comes from the program training runs.",
+)
+_FLOPS_BATCH = flags.DEFINE_integer(
+  "flops_batch",
+  0,
+  "Global batch of the FLOP-counting twin (0: the config's); its counts are scaled to the real "
+  "batch. For steps whose unrolled twin does not fit at the real batch.",
+  lower_bound=0,
 )
 flags.mark_flags_as_required(["config", "topology"])
 
@@ -53,7 +65,8 @@ def _print_config(gen, shape, exp, config):
   )
   print(
     f"mesh          {dict(exp.mesh.shape)}, preset {config.parallel.preset}, "
-    f"remat {config.model.remat}, compute {config.model.dtype}"
+    f"remat {config.model.remat}, compute {config.model.dtype}, "
+    f"attention {config.model.attention}"
   )
 
 
@@ -67,6 +80,48 @@ def _hints(config) -> str:
   if config.model.dtype == "float32":
     hints.append("--config.model.dtype=bfloat16")
   return "try " + ", ".join(hints + ["a smaller global batch, or more chips"])
+
+
+def _print_estimates(config, gen, exp, devices) -> None:
+  """The compiler's estimates of speed, from the unrolled twin with XLA attention."""
+  b = config.train.batch_size
+  twin_b = _FLOPS_BATCH.value or b
+  try:
+    twin = aot.build(aot.twin_config(config, twin_b), devices)
+    compiled = aot.compile_train_step(twin)
+  except ConfigError as e:
+    sys.exit(f"Error: --flops_batch={twin_b}: {e}")
+  except jax.errors.JaxRuntimeError as e:
+    if aot.out_of_memory_bytes(e) is None:
+      raise
+    print(
+      f"estimates     n/a: the unrolled twin does not fit at global batch {twin_b}; rerun with "
+      "--flops_batch=<a smaller global batch> (counts are scaled up in proportion)"
+    )
+    return
+  est = aot.estimate(compiled, gen, b / exp.mesh.size, scale=b / twin_b)
+  scaled = f", scaled from global batch {twin_b}" if twin_b != b else ""
+  print(
+    "estimates     XLA's cost model of the step (blocks unrolled, XLA attention"
+    f"{scaled}): compiler estimates, not measurements"
+  )
+  print(
+    f"  flops       {est.flops / 1e12:8.2f} TFLOP per device per step, "
+    f"{est.flops * exp.mesh.size / b / 1e9:.1f} GFLOP per image (multiply-add = 2)"
+  )
+
+  def n_a(value, fmt, factor=1.0):
+    return "     n/a" if value is None else format(value * factor, fmt)
+
+  print(f"  roofline    {n_a(est.seconds, '8.3f')} s per step (XLA's optimal_seconds, per device)")
+  print(
+    f"  MFU         {n_a(est.mfu, '8.1f', 100)} % of {gen.peak_flops / 1e12:.0f} "
+    f"bf16 TFLOP/s per {gen.name} chip (FLOPs / roofline time)"
+  )
+  print(
+    f"  images/s    {n_a(est.images_per_second, '8.1f')} per chip "
+    f"({est.images:g} images per chip per step / roofline time)"
+  )
 
 
 def main(argv):
@@ -109,13 +164,7 @@ def main(argv):
     f"({100 * r.total / r.hbm:.0f}%)"
   )
   if _FLOPS.value:
-    twin = aot.build(utils.fully_unrolled(config), devices)
-    flops = utils.xla_flops(aot.compile_train_step(twin))
-    print(
-      f"flops         {flops / 1e12:.2f} TFLOP per device per step, "
-      f"{flops * exp.mesh.size / config.train.batch_size / 1e9:.1f} GFLOP per image "
-      "(XLA's estimate, multiply-add = 2)"
-    )
+    _print_estimates(config, gen, exp, devices)
   if r.fits:
     print(f"verdict       FITS, {(r.hbm - r.total) / GiB:.2f} GiB to spare per device")
   else:

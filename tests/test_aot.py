@@ -64,6 +64,20 @@ def test_compiles_the_train_step_for_a_v5e_slice_and_reports_memory():
   assert r.temporaries >= 0 and r.flops > 0 and r.fits
   tight = aot.report(compiled, r.total - 1)
   assert not tight.fits
+  # XLA's roofline: no faster than the chip's peak would allow.
+  est = aot.estimate(compiled, gen, images_per_chip=8)
+  assert est.seconds > 0 and 0 < est.mfu <= 1
+  assert est.images_per_second == pytest.approx(8 / est.seconds)
+
+
+def test_estimates_without_a_roofline_are_not_available():
+  class NoRoofline:
+    def cost_analysis(self):
+      return {"flops": 1e12, "optimal_seconds": -1.0}
+
+  est = aot.estimate(NoRoofline(), aot.GENERATIONS["v5p"], images_per_chip=8, scale=2)
+  assert est.flops == 2e12 and est.seconds is None
+  assert est.mfu is None and est.images_per_second is None
 
 
 def test_reads_the_compilers_out_of_memory_message():

@@ -53,6 +53,7 @@ def build_model(
   check_choice(m.conditioning, config_defaults.CONDITIONINGS, "model.conditioning")
   check_choice(m.dtype, config_defaults.DTYPES, "model.dtype")
   check_choice(m.remat, config_defaults.REMAT_POLICIES, "model.remat")
+  check_choice(m.attention, config_defaults.ATTENTIONS, "model.attention")
   dims = variant_dims(m)
   size, channels = config.data.image_size, config.data.channels
   if size % dims["patch"]:
@@ -87,6 +88,7 @@ def build_model(
         dtype=m.dtype,
         remat=m.remat,
         scan_unroll=m.scan_unroll,
+        attention=m.attention,
         **dims,
       )
     )
@@ -104,6 +106,7 @@ def build_model(
     dtype=m.dtype,
     remat=m.remat,
     scan_unroll=m.scan_unroll,
+    attention=m.attention,
     mlp_ratio=m.mlp_ratio,
     **dims,
   )

@@ -35,11 +35,12 @@ class DiTBlock(nn.Module):
   mlp_ratio: float
   conditioning: str
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array, cond: jax.Array) -> tuple[jax.Array, None]:
     mlp = layers.Mlp(int(self.width * self.mlp_ratio), self.dtype, name="mlp")
-    attn = layers.Attention(self.heads, self.dtype, name="attn")
+    attn = layers.Attention(self.heads, self.dtype, attention=self.attention, name="attn")
     if self.conditioning in ("adaln_zero", "adaln"):
       gated = self.conditioning == "adaln_zero"
       n_mod = 6 if gated else 4
@@ -51,7 +52,9 @@ class DiTBlock(nn.Module):
         kernel_init=init,
         name="modulation",
       )(nn.silu(cond))  # [B, n_mod, D]
-      mod = [mod[:, i] for i in range(n_mod)]
+      # Shift, scale and gate act in float32 on the float32 residual stream, so that their
+      # gradients, sums over the tokens, are accumulated in float32 too.
+      mod = [mod[:, i].astype(jnp.float32) for i in range(n_mod)]
       if gated:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod
       else:
@@ -64,7 +67,9 @@ class DiTBlock(nn.Module):
     else:
       x = x + attn(layers.layer_norm(True, self.dtype, name="norm1")(x))
       if self.conditioning == "cross_attention":
-        cross = layers.Attention(self.heads, self.dtype, name="cross_attn")
+        cross = layers.Attention(
+          self.heads, self.dtype, attention=self.attention, name="cross_attn"
+        )
         x = x + cross(layers.layer_norm(True, self.dtype, name="norm_cross")(x), cond)
       x = x + mlp(layers.layer_norm(True, self.dtype, name="norm2")(x))
     return constrain(x, _ACT), None
@@ -120,6 +125,7 @@ class DiTConfig:
   dtype: str = "float32"
   remat: str = "none"
   scan_unroll: int = 1
+  attention: str = "xla"  # The attention kernel (`dit_jax.models.attention`).
 
   @property
   def out_channels(self) -> int:
@@ -127,7 +133,16 @@ class DiTConfig:
 
 
 class DiT(nn.Module):
-  """Class-conditional diffusion transformer over images [B, H, W, C] (pixels or latents)."""
+  """Class-conditional diffusion transformer over images [B, H, W, C] (pixels or latents).
+
+  Precision: with `dtype="bfloat16"` the matmuls take bfloat16 operands, and what sets the
+  result's precision stays float32 at little cost: the parameters; the residual stream (a block's
+  update is small against it, and a bfloat16 sum keeps 8 significant bits, rounding away the
+  update's lower part in every block); the adaLN shift, scale and gate, so that their gradients,
+  sums over the tokens, accumulate in float32 (as the biases' do, see `layers.DenseGeneral`); the
+  norm statistics, the softmax and the timestep features; and the final layer (about 0.01% of
+  XL/2's FLOPs), whose output is the prediction that the loss and the sampler read.
+  """
 
   config: DiTConfig
 
@@ -148,7 +163,8 @@ class DiT(nn.Module):
     tokens = tokens.reshape(b, gh * gw, p * p * c).astype(dtype)  # [B, L, p*p*C]
     tokens = dense(cfg.width, (axes.PATCH, axes.EMBED), dtype, name="patch_embed")(tokens)
     pos = layers.sincos_2d(cfg.width, gh, gw)  # [L, D], fixed
-    tokens = constrain(tokens + jnp.asarray(pos, dtype)[None], _ACT)  # [B, L, D]
+    # The residual stream stays float32 whatever the compute dtype (see `DiT`).
+    tokens = constrain(tokens + jnp.asarray(pos, jnp.float32)[None], _ACT)  # [B, L, D]
 
     t_emb = layers.TimestepEmbedder(cfg.width, dtype, name="t_embedder")(t)  # [B, D]
     y_emb = layers.LabelEmbedder(cfg.num_classes, cfg.width, dtype, name="y_embedder")(labels)
@@ -172,10 +188,11 @@ class DiT(nn.Module):
       length=cfg.depth,
       unroll=min(max(cfg.scan_unroll, 1), cfg.depth),
       metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-    )(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.conditioning, dtype, name="blocks")
+    )(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.conditioning, dtype, cfg.attention, name="blocks")
     tokens, _ = blocks(tokens, cond)
     tokens = tokens[:, n_extra:]  # [B, L, D]
 
-    out = FinalLayer(p * p * cfg.out_channels, cfg.conditioning, dtype, name="final")(tokens, cond)
+    final = FinalLayer(p * p * cfg.out_channels, cfg.conditioning, jnp.float32, name="final")
+    out = final(tokens, cond)
     out = out.reshape(b, gh, gw, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
     return out.reshape(b, h, w, cfg.out_channels).astype(jnp.float32)  # [B, H, W, out_C]

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax import axes
+from dit_jax.models.attention import dot_product_attention
 
 Dtype = jnp.dtype
 Init = Callable[..., jax.Array]
@@ -68,9 +69,11 @@ class DenseGeneral(nn.Module):
     bias = self.param(
       "bias", logical(self.bias_init, self.kernel_axes[len(in_shape) :]), self.features, jnp.float32
     )
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     dims = ((axis, tuple(range(len(axis)))), ((), ()))
-    return jax.lax.dot_general(x, kernel, dims) + bias
+    # The bias is added in float32, so that its gradient, a sum over every token of the batch,
+    # is accumulated in float32 whatever the compute dtype.
+    return (jax.lax.dot_general(x, kernel, dims) + bias).astype(self.dtype)
 
 
 def dense(
@@ -192,6 +195,7 @@ class Attention(nn.Module):
   heads: int
   dtype: Dtype = jnp.float32
   fused_qkv_init: bool = True
+  attention: str = "xla"  # The kernel (`dit_jax.models.attention`).
 
   @nn.compact
   def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -211,7 +215,7 @@ class Attention(nn.Module):
 
     q, k, v = project("query", x), project("key", context), project("value", context)
     q = constrain(q, (axes.BATCH, axes.SEQ, axes.HEADS, axes.KV))
-    out = jax.nn.dot_product_attention(q, k, v)  # [B, L, H, Dh]
+    out = dot_product_attention(q, k, v, self.attention)  # [B, L, H, Dh]
     out = dense(width, (axes.HEADS, axes.KV, axes.EMBED), self.dtype, axis=(-2, -1), name="out")(
       out
     )

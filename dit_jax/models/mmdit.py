@@ -21,6 +21,7 @@ import numpy as np
 
 from dit_jax import axes
 from dit_jax.models import layers
+from dit_jax.models.attention import dot_product_attention
 from dit_jax.models.dit import REMAT_POLICIES, FinalLayer
 from dit_jax.models.layers import constrain, dense
 
@@ -48,6 +49,7 @@ class MMDiTConfig:
   dtype: str = "float32"
   remat: str = "none"
   scan_unroll: int = 1
+  attention: str = "xla"  # The attention kernel (`dit_jax.models.attention`).
 
   @property
   def out_channels(self) -> int:
@@ -84,6 +86,7 @@ class JointAttention(nn.Module):
   qk_norm: bool
   text_out: bool = True
   dtype: Any = jnp.float32
+  attention: str = "xla"  # The kernel (`dit_jax.models.attention`).
 
   @nn.compact
   def __call__(self, img: jax.Array, txt: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -104,7 +107,7 @@ class JointAttention(nn.Module):
     q, k, v = (
       jnp.concatenate([qkv["img", n], qkv["txt", n]], axis=1) for n in ("query", "key", "value")
     )
-    out = jax.nn.dot_product_attention(q, k, v)  # [B, L_img + L_txt, H, Dh]
+    out = dot_product_attention(q, k, v, self.attention)  # [B, L_img + L_txt, H, Dh]
     n_img = img.shape[1]
 
     def project(stream: str, h: jax.Array) -> jax.Array:
@@ -126,6 +129,7 @@ class MMDiTBlock(nn.Module):
   qk_norm: bool
   last: bool = False
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(
@@ -144,7 +148,7 @@ class MMDiTBlock(nn.Module):
         kernel_init=layers.zeros,
         name=f"{stream}_modulation",
       )(silu_cond)  # [B, n, D]
-      return [mod[:, i] for i in range(n)]
+      return [mod[:, i].astype(jnp.float32) for i in range(n)]  # As in `DiTBlock`.
 
     def norm(name: str, x: jax.Array) -> jax.Array:
       return layers.layer_norm(False, self.dtype, name=name)(x)
@@ -157,7 +161,9 @@ class MMDiTBlock(nn.Module):
       t_shift_a, t_scale_a, t_gate_a, t_shift_m, t_scale_m, t_gate_m = modulation("txt", 6)
     txt_in = layers.modulate(norm("txt_norm1", txt), t_shift_a, t_scale_a)
 
-    attn = JointAttention(self.heads, self.qk_norm, not self.last, self.dtype, name="attn")
+    attn = JointAttention(
+      self.heads, self.qk_norm, not self.last, self.dtype, self.attention, name="attn"
+    )
     img_attn, txt_attn = attn(img_in, txt_in)
     hidden = int(width * self.mlp_ratio)
     img = img + gate_a[:, None] * img_attn
@@ -211,12 +217,13 @@ class MMDiT(nn.Module):
     img = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
     img = img.reshape(b, gh * gw, p * p * c).astype(dtype)  # [B, L, p*p*C]
     img = dense(cfg.width, (axes.PATCH, axes.EMBED), dtype, name="patch_embed")(img)
-    img = constrain(img + jnp.asarray(position_table(cfg), dtype)[None], _ACT)  # [B, L, D]
+    # Both residual streams stay float32 whatever the compute dtype (see `dit_jax.models.dit.DiT`).
+    img = constrain(img + jnp.asarray(position_table(cfg), jnp.float32)[None], _ACT)  # [B, L, D]
 
     txt = dense(cfg.width, (axes.TEXT, axes.EMBED), dtype, name="context_embedder")(
       context.astype(dtype)
     )
-    txt = constrain(txt, _ACT)  # [B, L_txt, D]
+    txt = constrain(txt.astype(jnp.float32), _ACT)  # [B, L_txt, D]
 
     t_emb = layers.TimestepEmbedder(cfg.width, dtype, name="t_embedder")(t)  # [B, D]
     pooled_emb = PooledEmbedder(cfg.width, dtype, name="pooled_embedder")(pooled)  # [B, D]
@@ -235,10 +242,12 @@ class MMDiT(nn.Module):
         length=cfg.depth - 1,
         unroll=min(max(cfg.scan_unroll, 1), cfg.depth - 1),
         metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-      )(*args, False, dtype, name="blocks")
+      )(*args, False, dtype, cfg.attention, name="blocks")
       (img, txt), _ = blocks((img, txt), cond_vec)
-    (img, _), _ = block(*args, True, dtype, name="last_block")((img, txt), cond_vec)
+    last = block(*args, True, dtype, cfg.attention, name="last_block")
+    (img, _), _ = last((img, txt), cond_vec)
 
-    out = FinalLayer(p * p * cfg.out_channels, "adaln_zero", dtype, name="final")(img, cond_vec)
+    final = FinalLayer(p * p * cfg.out_channels, "adaln_zero", jnp.float32, name="final")
+    out = final(img, cond_vec)
     out = out.reshape(b, gh, gw, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
     return out.reshape(b, h, w, cfg.out_channels).astype(jnp.float32)  # [B, H, W, C]

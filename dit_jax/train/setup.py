@@ -21,6 +21,7 @@ from dit_jax import diffusion as diffusion_lib
 from dit_jax.conditioning import Conditioner, build_conditioner
 from dit_jax.data import text
 from dit_jax.errors import ConfigError, check_choice
+from dit_jax.models import attention
 from dit_jax.train import step as step_lib
 from dit_jax.train.state import TrainState, learning_rate, optimizer
 
@@ -129,6 +130,7 @@ _NUMBERS = (
   ("data.channels", "> 0", ""),
   ("data.latent_scale", "> 0", " (the factor pre-encoded latents are multiplied by)"),
   ("data.num_workers", ">= 0", " (0 = threads in this process)"),
+  ("data.prefetch", ">= 0", " (0 = off)"),
   ("train.batch_size", "> 0", ""),
   ("train.num_steps", "> 0", ""),
   ("train.seed", "in [0, 2**32)", ""),
@@ -363,6 +365,7 @@ def build(config: ml_collections.ConfigDict, devices=None, *, training: bool = T
   diff = diffusion_lib.build_diffusion(config)
   tx = optimizer(config)
   mesh = parallel.make_mesh(config, devices)
+  attention.check_platform(config.model.attention, mesh.devices.flat[0].platform)
   if training:
     parallel.check_batch_size(config.train.batch_size, mesh)
   rules = parallel.axis_rules(config)
