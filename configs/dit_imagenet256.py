@@ -9,6 +9,10 @@
 
 Meant for: a TPU pod slice or an 8-GPU host (the paper trains XL/2 with global batch 256, AdamW
 lr 1e-4, no weight decay, EMA 0.9999, learned sigma, 400k-7M steps; FID-50K 2.27 with cfg 1.5).
+Precision: bfloat16 matmuls (every size), while the parameters, AdamW moments, EMA, residual
+stream, norm statistics, softmax, final layer, loss and sampler stay float32; a checkpoint is the
+same in either dtype, so `--config.model.dtype=float32` computes everything in float32 (for
+training or sampling) and `runlocal` does by default.
 Arg string: variant=<S|B|L|XL>/<2|4|8>, objective=eps|v|rectified_flow, runlocal (shrinks the
 run to seconds on a CPU with `synthetic` latents of the same shape); any other arg is an error.
 Data: `latents` reads <data.path>/latents.npy [N, 32, 32, 4] and labels.npy [N] as
@@ -31,6 +35,7 @@ def get_config(arg: str | None = None):
     raise ConfigError(f"Config arg variant={args['variant']!r} is not <size>/<patch>, e.g. XL/2.")
   c = base_config()
   c.model.variant = args["variant"]
+  c.model.dtype = "bfloat16"
   c.model.num_classes = 1000
   c.model.class_dropout = 0.1
   c.diffusion.objective = args["objective"]
@@ -59,6 +64,7 @@ def get_config(arg: str | None = None):
   c.eval.num_images = 50_000
   if args["runlocal"]:
     c.model.variant = "tiny/" + patch
+    c.model.dtype = "float32"
     c.data.name = "synthetic"
     c.data.synthetic_size = 256
     c.train.batch_size = 16

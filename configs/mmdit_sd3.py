@@ -13,6 +13,10 @@ channels, pooled 2048), rectified flow with logit-normal timesteps.
 Meant for: a TPU pod slice (the 2B model, d24, is SD3-medium's size; d38 is the paper's 8B).
 The paper trains with batch 4096 (here 1024 by default; set train.batch_size), AdamW lr 1e-4
 after 1000 warmup steps, EMA, and drops each text encoder's input with probability 0.464.
+Precision: bfloat16 matmuls, while the parameters, AdamW moments, EMA, residual streams, norm and
+QK-norm statistics, softmax, final layer, loss and sampler stay float32; a checkpoint is the same
+in either dtype, so `--config.model.dtype=float32` computes everything in float32 (`runlocal`
+does by default).
 Data: `latents` reads <data.path>/latents.npy [N, 32, 32, 16] (SD3's VAE: (mean - 0.0609) x
 1.5305, as encode_latents writes them; row i in the image source's order, which caption line i
 must follow) plus the text embeddings written by dit_jax.tools.encode_text into the same
