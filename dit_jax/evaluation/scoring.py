@@ -290,10 +290,9 @@ class Scorer:
     cfg = self.config.to_dict()
     key = {"version": _REFERENCE_VERSION, "inception_sha256": self.weights_id}
     key.update({"num_images": count, "data_size": size})
-    # Flips and workers do not change the images read here.
-    key.update(
-      {f"data.{k}": v for k, v in cfg["data"].items() if k not in ("random_flip", "num_workers")}
-    )
+    # Flips, workers and prefetching do not change the images read here.
+    ignored = ("random_flip", "num_workers", "prefetch")
+    key.update({f"data.{k}": v for k, v in cfg["data"].items() if k not in ignored})
     if self.config.data.path:
       key["data.path"] = os.path.abspath(self.config.data.path)
     if self.config.data.name == "synthetic":

@@ -1,5 +1,6 @@
 """The training loop: set up, resume, step, log, evaluate, checkpoint, sample."""
 
+import functools
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ import ml_collections
 from absl import logging
 
 from dit_jax import checkpoint, data, parallel, utils
+from dit_jax.data.prefetch import Prefetcher
 from dit_jax.errors import TrainingStopped
 from dit_jax.evaluation import sampling, scoring
 from dit_jax.train import setup
@@ -53,6 +55,20 @@ def _warn_above(bar, log: Callable[..., None] = logging.warning) -> Callable[...
   return warn
 
 
+def train_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Prefetcher:
+  """This process's endless iterator over the global training batches (`jax.Array`s on `mesh`),
+  `config.data.prefetch` of them assembled on the devices ahead of the step.
+
+  Checkpoint this object: its position is that of the batches consumed (see `Prefetcher`).
+  """
+  proc, nproc = jax.process_index(), jax.process_count()
+  local = data.build_train_iterator(
+    config, batch_size=config.train.batch_size // nproc, process_index=proc, process_count=nproc
+  )
+  place = functools.partial(parallel.global_batch, mesh=mesh)
+  return Prefetcher(local, place, config.data.prefetch)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains until `config.train.num_steps`, resuming from the newest checkpoint in `workdir`.
 
@@ -82,11 +98,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preemption") -> dict:
   exp = setup.build(config)
   t = config.train
-  proc, nproc = jax.process_index(), jax.process_count()
-  local_batch = t.batch_size // nproc
-  iterator = data.build_train_iterator(
-    config, batch_size=local_batch, process_index=proc, process_count=nproc
-  )
+  proc = jax.process_index()
+  batches = train_batches(config, exp.mesh)
   ckpt = checkpoint.Checkpointer(
     workdir,
     keep=t.keep_checkpoints,
@@ -96,7 +109,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
   )
   bar = writer = None
   try:
-    restored = ckpt.restore_latest(exp.abstract_state, iterator)
+    restored = ckpt.restore_latest(exp.abstract_state, batches)
     if restored is None:
       state = exp.init_state()
       if t.init_from:
@@ -147,6 +160,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
       for warning in parallel.layout_warnings(config, exp.mesh):
         logging.warning("%s", warning)
 
+    # The first batches are read and placed while the step and the samplers compile.
+    batches.start_prefetch()
     step_fn = exp.jit_train_step()
     run = sampling.make_sampler(exp)  # One compile serves the grids and the evaluations.
     grid = sampling.grid_sampler(exp, run)
@@ -191,13 +206,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
 
     def save(step: int) -> None:
       check_finite(step, int(state.skipped))
-      ckpt.save(step, state, config, iterator)
+      ckpt.save(step, state, config, batches)
       preemption.note_checkpoint(step, ckpt.directory, complete=not t.async_checkpoints)
 
     with exp.context():
       for step in range(start, t.num_steps):
-        batch = parallel.global_batch(next(iterator), exp.mesh)
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, next(batches))
         window_steps += 1
         done = step + 1
         if bar is not None:
@@ -241,6 +255,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
       grid_path = _save_grid(grid, state, workdir, final, writer)
       ckpt.wait()
   finally:
+    batches.close()
     if bar is not None:
       bar.close()
     if writer is not None:
