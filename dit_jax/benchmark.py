@@ -21,8 +21,21 @@ times the FID Inception (random weights of the real architecture): uint8 images 
 resized to 299x299 as TensorFlow 1 does, through to pool3, the sFID features and the logits, the
 batch split over all devices. This is the featurization rate of `--mode=evaluate` and of
 `python -m dit_jax.evaluation.fid`.
+
+  python -m dit_jax.benchmark --config=configs/dit_imagenet256.py --config.data.path=DIR \
+      --input --steps=100
+
+times the training input alone: the config's data read as training reads it (grain, workers,
+prefetch) and placed on the devices, in images/s of this process; no model is built.
+
+  python -m dit_jax.benchmark --config=configs/quickstart.py --loop --steps=20
+
+times the training loop's step, the config's data prefetched into the jitted train step, beside
+the same step on a batch already on the devices, and their ratio (1 = the step never waits for
+the input; config.data.prefetch=0 shows the cost of reading each batch in the step).
 """
 
+import os
 import statistics
 import sys
 import time
@@ -39,7 +52,7 @@ from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
 from dit_jax.models import autoencoder
 from dit_jax.models.autoencoder import AutoencoderKL
-from dit_jax.train import setup
+from dit_jax.train import loop, setup
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed repetitions (after warm-up).", lower_bound=1)
@@ -66,7 +79,36 @@ _INC_SIZE = flags.DEFINE_integer(
 _INC_DTYPE = flags.DEFINE_enum(
   "inception_dtype", "float32", ["float32", "bfloat16"], "The Inception's compute dtype."
 )
+_INPUT = flags.DEFINE_bool(
+  "input", None, "Time the input pipeline of --config alone (no model), in images/s."
+)
+_LOOP = flags.DEFINE_bool(
+  "loop", None, "Time the training loop's step on --config's data beside the step alone."
+)
+_COMPARE = flags.DEFINE_enum(
+  "compare",
+  None,
+  ["torch"],
+  "Also time the PyTorch reference (diffusers' DiT + AdamW, dit_jax.benchmark_torch) on the same "
+  "shapes, batch and threads, and print the ratios.",
+)
+_TRAJ_STEPS = flags.DEFINE_integer(
+  "trajectory_steps",
+  250,
+  "With --compare: also time whole guided DDPM sampling of this many steps (0: skip).",
+  lower_bound=0,
+)
+_TRAJ_BATCH = flags.DEFINE_integer(
+  "trajectory_batch", 4, "With --compare: images per sampled trajectory.", lower_bound=1
+)
+_PEAK_SIZE = flags.DEFINE_integer(
+  "peak_size",
+  4096,
+  "Side of the square float32 jnp.dot that measures the matmul peak.",
+  lower_bound=1,
+)
 flags.mark_flags_as_mutual_exclusive(["config", "vae", "inception"], required=True)
+flags.mark_flags_as_mutual_exclusive(["input", "loop"])
 
 
 def _time(fn, args, steps: int, warmup: int, carry: bool) -> float:
@@ -138,6 +180,120 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, dict[str, f
     r["paper_gflops_per_image"] = r["gflops_per_image"] / 2
     r["tflops_per_sec"] = r["flops"] / r["seconds"] / 1e12
   return results
+
+
+def matmul_peak(size: int = 4096, steps: int = 3) -> float:
+  """XLA's float32 matrix-product rate on this machine, FLOP/s: the median of `steps` products of
+  two random [size, size] matrices on the default device, as `jnp.dot` compiles them."""
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.standard_normal((size, size), np.float32)) for _ in range(2))
+  compiled = jax.jit(jnp.dot).lower(a, b).compile()
+  seconds = _time(compiled, (a, b), steps, 1, carry=False)
+  return 2.0 * size**3 / seconds
+
+
+def trajectory_config(config, batch_size: int, num_steps: int):
+  """`config` set to sample `batch_size` images with `num_steps` guided DDPM steps (the official
+  DiT sampler) from one jitted call."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.sample.sampler = "ddpm"
+    config.sample.num_steps = num_steps
+    config.sample.batch_size = batch_size
+  return config
+
+
+def benchmark_trajectory(config, batch_size: int = 4, num_steps: int = 250) -> float:
+  """Seconds for dit_jax to sample `batch_size` images with `num_steps` guided DDPM steps: the
+  whole solver loop in one jitted call (`sampling.make_sampler`), timed on its second call."""
+  from dit_jax.evaluation import sampling
+
+  config = trajectory_config(config, batch_size, num_steps)
+  exp = setup.build(config)
+  run = sampling.make_sampler(exp)
+  with exp.context():
+    params = exp.init_state().ema_params
+  labels = np.arange(batch_size, dtype=np.int32) % config.model.num_classes
+  indices = np.arange(batch_size, dtype=np.int32)
+  key = jax.random.key(0)
+
+  def once():
+    return run(params, {"label": labels}, indices, key, gather=False)
+
+  jax.block_until_ready(once())  # Compiles.
+  start = time.perf_counter()
+  jax.block_until_ready(once())
+  return time.perf_counter() - start
+
+
+def benchmark_input(config, steps: int = 100, warmup: int = 5) -> dict[str, float]:
+  """Seconds per batch and images/s of the training input alone, on this process.
+
+  Reads the config's data as training does (`loop.train_batches`: its source, grain settings and
+  prefetch), this process's rows of each global batch placed on all devices, with no step
+  running. Returns {"seconds": per batch, "images_per_sec": this process's images per second}.
+  """
+  setup.validate(config)
+  mesh = parallel.make_mesh(config)
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  batches = loop.train_batches(config, mesh)
+  try:
+    for _ in range(warmup):  # grain's threads start; their first read-ahead is not timed.
+      jax.block_until_ready(next(batches))
+    start = time.perf_counter()
+    for _ in range(steps):
+      jax.block_until_ready(next(batches))
+    seconds = (time.perf_counter() - start) / steps
+  finally:
+    batches.close()
+  local = config.train.batch_size // jax.process_count()
+  return {"seconds": seconds, "images_per_sec": local / seconds}
+
+
+# Steps of each kind in a row in benchmark_loop.
+_LOOP_BLOCK = 4
+
+
+def benchmark_loop(config, steps: int = 10, warmup: int = 2) -> dict[str, float]:
+  """Median seconds per train step as the training loop runs it and of the step alone.
+
+  "loop": `loop.train_batches` (the config's data, prefetched as config.data.prefetch says)
+  feeding the jitted train step, the path of `loop.run`; "step": the same jitted step on one batch
+  already on the devices. Each step is waited for. The two alternate in blocks of
+  `_LOOP_BLOCK` steps, so that a machine whose load changes slows both alike; the first
+  config.data.prefetch loop steps of each block are not counted, as they find the batches that
+  were made during the block before ready, however slow the input. "ratio" is loop / step: 1
+  when the input never keeps the step waiting. At least one untimed step compiles first.
+  """
+  exp = setup.build(config)
+  batches = loop.train_batches(config, exp.mesh)
+  times = {"loop": [], "step": []}
+  try:
+    batches.start_prefetch()
+    with exp.context():
+      step_fn = exp.jit_train_step()
+      state = exp.init_state()
+      resident = next(batches)
+      for _ in range(max(warmup, 1)):
+        state, metrics = step_fn(state, next(batches))
+      jax.block_until_ready((state, metrics))
+
+      def timed(batch) -> float:
+        nonlocal state, metrics
+        start = time.perf_counter()
+        state, metrics = step_fn(state, batch() if callable(batch) else batch)
+        jax.block_until_ready((state, metrics))
+        return time.perf_counter() - start
+
+      while len(times["step"]) < steps:
+        for _ in range(config.data.prefetch):
+          timed(lambda: next(batches))
+        times["loop"] += [timed(lambda: next(batches)) for _ in range(_LOOP_BLOCK)]
+        times["step"] += [timed(resident) for _ in range(_LOOP_BLOCK)]
+  finally:
+    batches.close()
+  out = {name: statistics.median(t) for name, t in times.items()}
+  return {**out, "ratio": out["loop"] / out["step"]}
 
 
 def benchmark_vae(
@@ -236,6 +392,40 @@ def _main_inception():
   )
 
 
+def _describe_data(config) -> str:
+  d = config.data
+  where = f" {d.path}" if d.path else ""
+  return (
+    f"data {d.name!r}{where}, {d.image_size}x{d.image_size}x{d.channels}, "
+    f"{d.num_workers} worker processes, prefetch {d.prefetch}"
+  )
+
+
+def _main_input(config):
+  r = benchmark_input(config, _STEPS.value, _WARMUP.value)
+  local = config.train.batch_size // jax.process_count()
+  print(
+    f"input pipeline: {_describe_data(config)}, batches of {local} on process "
+    f"{jax.process_index()} of {jax.process_count()}, onto {jax.device_count()} x "
+    f"{jax.devices()[0].device_kind}"
+  )
+  print(f"{'':10}{'s/batch':>10}{'images/s':>11}")
+  print(f"{'input':10}{r['seconds']:>10.4f}{r['images_per_sec']:>11.1f}")
+
+
+def _main_loop(config):
+  r = benchmark_loop(config, _STEPS.value, _WARMUP.value)
+  b = config.train.batch_size
+  print(
+    f"{config.model.variant}, batch {b}, {_describe_data(config)}, "
+    f"{jax.device_count()} x {jax.devices()[0].device_kind}, dtype {config.model.dtype}"
+  )
+  print(f"{'':22}{'s/step':>10}{'images/s':>11}")
+  for name, label in (("loop", "loop (data, prefetch)"), ("step", "step alone (resident)")):
+    print(f"{label:22}{r[name]:>10.4f}{b / r[name]:>11.1f}")
+  print(f"{'ratio loop / step':22}{r['ratio']:>10.3f}")
+
+
 def _main_vae():
   name, b, size, dtype = _VAE.value, _VAE_BATCH.value, _VAE_SIZE.value, _VAE_DTYPE.value
   config = autoencoder.PRESETS[name]
@@ -254,8 +444,25 @@ def _main_vae():
     )
 
 
+def _check_flag_combinations() -> None:
+  f = flags.FLAGS
+  other_mode = next((m for m in ("vae", "inception", "input", "loop") if f[m].value), None)
+  if _COMPARE.value and other_mode:
+    raise ConfigError(
+      f"--compare times the train and sampling steps of --config; it does not apply to "
+      f"--{other_mode}. Drop one of the two."
+    )
+  for name in ("trajectory_steps", "trajectory_batch"):
+    if f[name].present and not _COMPARE.value:
+      raise ConfigError(f"--{name} applies only with --compare=torch; add it or drop --{name}.")
+
+
 def main(argv):
   del argv
+  try:
+    _check_flag_combinations()
+  except ConfigError as e:
+    sys.exit(f"Error: {e}")
   if _VAE.value or _INCEPTION.value:
     try:
       _main_vae() if _VAE.value else _main_inception()
@@ -263,20 +470,90 @@ def main(argv):
       sys.exit(f"Error: {e}")
     return
   config = _CONFIG.value
+  if _INPUT.value or _LOOP.value:
+    _main_input(config) if _INPUT.value else _main_loop(config)
+    return
+  try:
+    _main_steps(config)
+  except ConfigError as e:
+    sys.exit(f"Error: {e}")
+
+
+def _cpu_name() -> str:
+  import platform
+
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _machine() -> str:
+  """The devices, and for CPUs the cores this process may use and the processor's name."""
+  cpu = ""
+  if jax.devices()[0].platform == "cpu":
+    cpu = f" ({len(os.sched_getaffinity(0))} cores of {_cpu_name()})"
+  return f"{jax.device_count()} x {jax.devices()[0].device_kind}{cpu}"
+
+
+def _main_steps(config):
+  compare = _COMPARE.value
+  if compare:
+    from dit_jax import benchmark_torch
+
+    benchmark_torch.check_config(config)  # Before minutes of compiling.
   results = benchmark(config, _STEPS.value, _WARMUP.value)
+  peak = matmul_peak(_PEAK_SIZE.value)
+  b = config.train.batch_size
   print(
-    f"{config.model.variant}, batch {config.train.batch_size}, "
+    f"{config.model.variant}, batch {b}, "
     f"{config.data.image_size}x{config.data.image_size}x{config.data.channels}, "
-    f"{jax.device_count()} x {jax.devices()[0].device_kind}, dtype {config.model.dtype}, "
-    f"guidance {config.sample.guidance_scale}"
+    f"{_machine()}, dtype {config.model.dtype}, guidance {config.sample.guidance_scale}, "
+    f"scan_unroll {config.model.scan_unroll}"
   )
-  print(f"{'':14}{'s/step':>10}{'images/s':>11}{'GFLOP/img':>11}{'paper GF':>10}{'TFLOP/s':>9}")
+  print(
+    f"XLA float32 matmul peak: {peak / 1e12:.3f} TFLOP/s "
+    f"(jnp.dot of two {_PEAK_SIZE.value}x{_PEAK_SIZE.value} matrices)"
+  )
+  print(
+    f"{'':20}{'s/step':>10}{'images/s':>11}{'GFLOP/img':>11}{'paper GF':>10}{'TFLOP/s':>9}"
+    f"{'of peak':>9}"
+  )
+  labels = {"train": "train step", "sample": "sample step"}
   for name, r in results.items():
-    label = "train step" if name == "train" else "sample step"
     print(
-      f"{label:14}{r['seconds']:>10.4f}{r['images_per_sec']:>11.1f}"
+      f"{'dit_jax ' + labels[name]:20}{r['seconds']:>10.4f}{r['images_per_sec']:>11.2f}"
       f"{r['gflops_per_image']:>11.2f}{r['paper_gflops_per_image']:>10.2f}"
-      f"{r['tflops_per_sec']:>9.3f}"
+      f"{r['tflops_per_sec']:>9.3f}{100 * r['flops'] / r['seconds'] / peak:>8.0f}%"
+    )
+  if not compare:
+    return
+  from dit_jax import benchmark_torch
+
+  steps, n = _TRAJ_STEPS.value, _TRAJ_BATCH.value
+  trajectory = {"batch_size": n, "num_steps": steps} if steps else None
+  threads = len(os.sched_getaffinity(0))
+  torch_s = benchmark_torch.benchmark(config, _STEPS.value, _WARMUP.value, threads, trajectory)
+  for name in ("train", "sample"):
+    flops = results[name]["flops"]  # The same arithmetic (the PyTorch step does the same work).
+    sec = torch_s[name]
+    print(
+      f"{'torch ' + labels[name]:20}{sec:>10.4f}{b / sec:>11.2f}{'':>11}{'':>10}"
+      f"{flops / sec / 1e12:>9.3f}{100 * flops / sec / peak:>8.0f}%"
+    )
+  print(f"PyTorch {benchmark_torch.versions()}, {threads} threads; ratios dit_jax / torch (speed):")
+  for name in ("train", "sample"):
+    print(f"  {labels[name]:18}{torch_s[name] / results[name]['seconds']:>6.2f}x")
+  if trajectory:
+    jax_s = benchmark_trajectory(config, n, steps)
+    print(
+      f"  trajectory        {torch_s['trajectory'] / jax_s:>6.2f}x   ({steps} guided DDPM steps, "
+      f"batch {n}: dit_jax {jax_s:.2f} s in one jitted loop, torch {torch_s['trajectory']:.2f} s "
+      "in a Python loop of forward calls)"
     )
 
 
