@@ -263,11 +263,14 @@ def benchmark_loop(config, steps: int = 10, warmup: int = 2) -> dict[str, float]
   `_LOOP_BLOCK` steps, so that a machine whose load changes slows both alike; the first
   config.data.prefetch loop steps of each block are not counted, as they find the batches that
   were made during the block before ready, however slow the input. "ratio" is loop / step: 1
-  when the input never keeps the step waiting. At least one untimed step compiles first.
+  when the input never keeps the step waiting; "wait" is the median time a loop step spent getting
+  its batch (`next`), the part of "loop" that a slower input would grow, and which stays
+  meaningful on a machine whose load makes the two medians differ by more than it. At least one
+  untimed step compiles first.
   """
   exp = setup.build(config)
   batches = loop.train_batches(config, exp.mesh)
-  times = {"loop": [], "step": []}
+  times = {"loop": [], "step": [], "wait": []}
   try:
     batches.start_prefetch()
     with exp.context():
@@ -278,18 +281,24 @@ def benchmark_loop(config, steps: int = 10, warmup: int = 2) -> dict[str, float]
         state, metrics = step_fn(state, next(batches))
       jax.block_until_ready((state, metrics))
 
-      def timed(batch) -> float:
+      def timed(kind: str) -> None:
         nonlocal state, metrics
         start = time.perf_counter()
-        state, metrics = step_fn(state, batch() if callable(batch) else batch)
+        batch = next(batches) if kind == "loop" else resident
+        got = time.perf_counter()
+        state, metrics = step_fn(state, batch)
         jax.block_until_ready((state, metrics))
-        return time.perf_counter() - start
+        times[kind].append(time.perf_counter() - start)
+        if kind == "loop":
+          times["wait"].append(got - start)
 
       while len(times["step"]) < steps:
         for _ in range(config.data.prefetch):
-          timed(lambda: next(batches))
-        times["loop"] += [timed(lambda: next(batches)) for _ in range(_LOOP_BLOCK)]
-        times["step"] += [timed(resident) for _ in range(_LOOP_BLOCK)]
+          state, metrics = step_fn(state, next(batches))
+        jax.block_until_ready((state, metrics))
+        for kind in ("loop", "step"):
+          for _ in range(_LOOP_BLOCK):
+            timed(kind)
   finally:
     batches.close()
   out = {name: statistics.median(t) for name, t in times.items()}
@@ -424,6 +433,9 @@ def _main_loop(config):
   for name, label in (("loop", "loop (data, prefetch)"), ("step", "step alone (resident)")):
     print(f"{label:22}{r[name]:>10.4f}{b / r[name]:>11.1f}")
   print(f"{'ratio loop / step':22}{r['ratio']:>10.3f}")
+  print(
+    f"{'input wait per step':22}{r['wait']:>10.4f}  ({100 * r['wait'] / r['step']:.1f}% of the step)"
+  )
 
 
 def _main_vae():

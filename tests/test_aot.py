@@ -64,10 +64,18 @@ def test_compiles_the_train_step_for_a_v5e_slice_and_reports_memory():
   assert r.temporaries >= 0 and r.flops > 0 and r.fits
   tight = aot.report(compiled, r.total - 1)
   assert not tight.fits
-  # XLA's roofline: no faster than the chip's peak would allow.
-  est = aot.estimate(compiled, gen, images_per_chip=8)
-  assert est.seconds > 0 and 0 < est.mfu <= 1
-  assert est.images_per_second == pytest.approx(8 / est.seconds)
+  # XLA's roofline, read (as the tool reads it) from the twin with the blocks unrolled. libtpu
+  # gives no optimal_seconds for some programs (this small sharded one among them); then the
+  # estimate says n/a rather than invent a time. When there is one, it is no faster than the
+  # chip's peak would allow.
+  twin = aot.compile_train_step(aot.build(aot.twin_config(c), devices))
+  est = aot.estimate(twin, gen, images_per_chip=8)
+  assert est.flops > 0
+  if est.seconds is None:
+    assert est.mfu is None and est.images_per_second is None
+  else:
+    assert est.seconds > 0 and 0 < est.mfu <= 1
+    assert est.images_per_second == pytest.approx(8 / est.seconds)
 
 
 def test_estimates_without_a_roofline_are_not_available():
