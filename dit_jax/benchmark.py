@@ -259,14 +259,13 @@ def benchmark_loop(config, steps: int = 10, warmup: int = 2) -> dict[str, float]
 
   "loop": `loop.train_batches` (the config's data, prefetched as config.data.prefetch says)
   feeding the jitted train step, the path of `loop.run`; "step": the same jitted step on one batch
-  already on the devices. Each step is waited for. The two alternate in blocks of
-  `_LOOP_BLOCK` steps, so that a machine whose load changes slows both alike; the first
-  config.data.prefetch loop steps of each block are not counted, as they find the batches that
-  were made during the block before ready, however slow the input. "ratio" is loop / step: 1
-  when the input never keeps the step waiting; "wait" is the median time a loop step spent getting
-  its batch (`next`), the part of "loop" that a slower input would grow, and which stays
-  meaningful on a machine whose load makes the two medians differ by more than it. At least one
-  untimed step compiles first.
+  already on the devices. Each step is waited for. The two alternate in blocks of `_LOOP_BLOCK`
+  steps, so that a change in the machine's load slows both alike; before each block of the loop,
+  config.data.prefetch untimed steps use up the batches made ahead while the step ran alone.
+  "ratio" is loop / step, 1 when the input never keeps the step waiting; "wait" is the median
+  time a loop step spent in `next` for its batch, the part of "loop" that a slow input grows,
+  which stays readable on a machine so busy that the two medians differ by more than that. At
+  least one untimed step compiles first.
   """
   exp = setup.build(config)
   batches = loop.train_batches(config, exp.mesh)
@@ -433,9 +432,8 @@ def _main_loop(config):
   for name, label in (("loop", "loop (data, prefetch)"), ("step", "step alone (resident)")):
     print(f"{label:22}{r[name]:>10.4f}{b / r[name]:>11.1f}")
   print(f"{'ratio loop / step':22}{r['ratio']:>10.3f}")
-  print(
-    f"{'input wait per step':22}{r['wait']:>10.4f}  ({100 * r['wait'] / r['step']:.1f}% of the step)"
-  )
+  share = 100 * r["wait"] / r["step"]
+  print(f"{'input wait per step':22}{r['wait']:>10.4f}  ({share:.1f}% of the step alone)")
 
 
 def _main_vae():
