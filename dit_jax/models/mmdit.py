@@ -148,7 +148,7 @@ class MMDiTBlock(nn.Module):
         kernel_init=layers.zeros,
         name=f"{stream}_modulation",
       )(silu_cond)  # [B, n, D]
-      return [mod[:, i].astype(jnp.float32) for i in range(n)]  # As in `DiTBlock`.
+      return [mod[:, i] for i in range(n)]
 
     def norm(name: str, x: jax.Array) -> jax.Array:
       return layers.layer_norm(False, self.dtype, name=name)(x)
