@@ -22,6 +22,8 @@ PRECONDITIONINGS = ("none", "edm")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTIONS = ("xla", "cudnn", "splash")
+EMA_KINDS = ("exponential", "power")
+ATTENTION_CONDITIONINGS = ("none", "tmsa")
 _TRUE = ("", "1", "true", "yes")
 _FALSE = ("0", "false", "no")
 
@@ -43,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Attention kernel: xla (any device) | cudnn (GPU flash attention, bfloat16) | splash (TPU
   # Pallas splash attention). Same numerics; the kernels never hold the L x L logits.
   c.model.attention = "xla"
+  # "tmsa": DiffiT's time-dependent self-attention (the time embedding projected into the queries
+  # and values; zero-initialized, so training starts from the plain DiT). DiT only.
+  c.model.attention_conditioning = "none"
   # Overrides of the variant table (0 = take the variant's value).
   c.model.width = 0
   c.model.depth = 0
@@ -108,7 +113,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.999
   c.train.grad_clip = 1.0  # Global-norm clipping; 0 disables it.
-  c.train.ema_decay = 0.9999
+  c.train.ema_decay = 0.9999  # Of the exponential EMA (train.ema.kind="exponential").
+  # "exponential" (ema_decay) or "power": one power-function EMA per relative std sigma_rel in
+  # `std` (EDM2), with snapshots every `snapshot_every` steps (0 = none) in WORKDIR/ema_snapshots
+  # (never deleted) from which dit_jax.tools.posthoc_ema reconstructs the EMA of any sigma_rel.
+  c.train.ema = ml_collections.ConfigDict()
+  c.train.ema.kind = "exponential"
+  c.train.ema.std = (0.05, 0.1)
+  c.train.ema.snapshot_every = 0
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
   c.train.keep_checkpoints = 3  # The newest K checkpoints are kept ...
@@ -144,10 +156,37 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.batch_size = 100  # Images per jitted sampling call.
   c.sample.seed = 0
   c.sample.use_ema = True
+  c.sample.ema_index = 0  # Which EMA of a checkpoint with several (train.ema.std) to use.
   c.sample.clip_denoised = False  # Clip predicted x0 to [-1, 1] (pixel-space data only).
   # Output channels that classifier-free guidance steers (0 = all); the official DiT guides only
   # the first 3 of the 4 latent channels, so 3 reproduces its samples.
   c.sample.guided_channels = 0
+  # Guide only at noise levels in (lo, hi] (Kynkäänniemi et al. 2024), e.g. "(0.28,5.42)": EDM's
+  # sigma = sqrt((1 - alpha_bar) / alpha_bar) for eps and v, t for rectified flow; elsewhere the
+  # conditional pass alone runs (scale 1). () = guide at every step.
+  c.sample.guidance_interval = ()
+  # CADS (Sadat et al. 2024): noise annealed into the condition the model sees, from noise_scale x
+  # pure noise at u >= tau2 to the condition itself at u <= tau1 (u = t / T for eps and v, t for
+  # rectified flow; 1 = pure noise). noise_scale 0 = off.
+  c.sample.cads = ml_collections.ConfigDict()
+  c.sample.cads.noise_scale = 0.0
+  c.sample.cads.tau1 = 0.6
+  c.sample.cads.tau2 = 0.9
+  c.sample.cads.psi = 1.0  # Share of the rescaled perturbation (rescale=True).
+  c.sample.cads.rescale = True  # Match each condition's mean and std after adding the noise.
+  # Classifier guidance (ADM): scale x grad log p(y | z_t) of a noise-aware classifier trained by
+  # this trainer (model.name="classifier", e.g. configs/quickstart_classifier.py) in `workdir`.
+  c.sample.classifier = ml_collections.ConfigDict()
+  c.sample.classifier.workdir = ""
+  c.sample.classifier.scale = 0.0  # 0 = off.
+  c.sample.classifier.step = 0  # Checkpoint step of the classifier (0 = the newest).
+  # Autoguidance (Karras et al. 2024): a weaker version of the model (an earlier checkpoint,
+  # `step`, or a smaller `variant` trained on the same data) in place of the unconditional pass:
+  # D_guide + guidance_scale x (D_main - D_guide). "" = classifier-free guidance.
+  c.sample.guide = ml_collections.ConfigDict()
+  c.sample.guide.workdir = ""
+  c.sample.guide.step = 0  # 0 = the newest checkpoint of guide.workdir.
+  c.sample.guide.variant = ""  # "" = the main model's config.model.variant.
 
   c.eval = ml_collections.ConfigDict()
   c.eval.name = "eval"

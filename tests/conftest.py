@@ -33,3 +33,21 @@ def inception_weights(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("inception") / "inception.npz")
   inception.random_weights(path, seed=0)
   return path
+
+
+@pytest.fixture(scope="session")
+def classifier_workdir(tmp_path_factory):
+  """A tiny noise-aware digit classifier (configs/quickstart_classifier.py shrunk like `TINY`),
+  trained once through the CLI: checkpoints at steps 2 and 4, one device."""
+  import _cli
+
+  workdir = str(tmp_path_factory.mktemp("classifier") / "run")
+  flags = [f for f in _cli.TINY if not f.startswith(("--config=", "--config.train.num_steps"))]
+  proc = _cli.run(
+    "--config=configs/quickstart_classifier.py",
+    *flags,
+    "--config.train.num_steps=4",
+    f"--workdir={workdir}",
+  )
+  assert proc.returncode == 0, proc.output[-3000:]
+  return workdir

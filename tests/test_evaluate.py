@@ -253,7 +253,7 @@ def test_digits_keep_their_metrics_and_add_the_inceptions(
   exp = setup.build(config, training=False)
   params, _ = runner.restore_params(exp, workdir)
   logged = scoring.training_evaluator(exp, workdir)(params, 6)
-  assert logged == {k: scores[k] for k in ("class_accuracy", "frechet_distance")}
+  assert logged == {k: scores[k] for k in ("class_accuracy", "frechet_distance", "diversity")}
 
 
 # --- Bad input --------------------------------------------------------------------------------

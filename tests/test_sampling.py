@@ -147,9 +147,9 @@ def test_sampler_guides_the_configured_channels(model, monkeypatch):
   seen = []
   real = guidance.guided
 
-  def spy(apply, cond, null, scale, guided_channels):
+  def spy(apply, cond, null, scale, guided_channels, **kwargs):
     seen.append(guided_channels)
-    return real(apply, cond, null, scale, guided_channels)
+    return real(apply, cond, null, scale, guided_channels, **kwargs)
 
   monkeypatch.setattr(guidance, "guided", spy)
   images, _ = sampling.generate(exp, params, 8, seed=0, progress=False)

@@ -124,7 +124,7 @@ BAD = [
   # Not "needs text-conditioned data", which the data's checks said of any unknown name.
   (
     dict(model__name="unet"),
-    r"model.name='unet' is not supported; choose one of \['dit', 'mmdit'\]",
+    r"model.name='unet' is not supported; choose one of \['dit', 'mmdit', 'classifier'\]",
   ),
   # The samples were written to samples/.npz, or not at all (PIL: "unknown file extension").
   (dict(sample__name=""), "sample.name='' names no file; .*--config.sample.name=samples"),

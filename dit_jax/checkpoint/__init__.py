@@ -3,6 +3,11 @@
 Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Every process takes part in saves and
 restores; restores go straight into the shardings of an abstract target, whatever mesh wrote them.
 
+With power-function EMAs (train.ema.kind="power") `state.ema_params` is a tuple of trees, one
+per train.ema.std; sampling reads one of them (`restore_params(ema_index=...)`), and their
+snapshots for post-hoc EMA are kept apart, never deleted, in `WORKDIR/ema_snapshots/<step>`
+(`EmaSnapshots`).
+
 An imported checkpoint (`save_weights`: released DiT or SD3 weights) holds only the weights, as
 `state = {"ema_params": ...}`, with the config and an `origin` item saying where they came from.
 Sampling restores it like any other; training cannot resume it, but starts from it in a new
@@ -173,12 +178,13 @@ class Checkpointer:
     )
 
   def restore_latest_params(
-    self, abstract_params: Any, *, ema: bool = True
+    self, abstract_params: Any, *, ema: bool = True, ema_index: int = 0
   ) -> tuple[int, Any] | None:
     """(step, params) of the newest checkpoint whose parameters restore (damaged newer ones are
     skipped with a warning and left in place), or None if there is no checkpoint."""
     return self._newest(
-      lambda step: self.restore_params(step, abstract_params, ema=ema), set_aside=False
+      lambda step: self.restore_params(step, abstract_params, ema=ema, ema_index=ema_index),
+      set_aside=False,
     )
 
   def _newest(self, restore, *, set_aside: bool):
@@ -225,12 +231,42 @@ class Checkpointer:
     self.manager.reload()
     return names
 
-  def restore_params(self, step: int, abstract_params: Any, *, ema: bool = True) -> Any:
+  def num_ema(self, step: int) -> int:
+    """How many power EMAs the checkpoint holds (train.ema.kind="power"); 0 for one exponential
+    EMA (or imported weights)."""
+    saved = self.manager.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    ema = saved.get("ema_params") if hasattr(saved, "get") else None
+    return len(ema) if isinstance(ema, (list, tuple)) else 0
+
+  def restore_params(
+    self, step: int, abstract_params: Any, *, ema: bool = True, ema_index: int = 0
+  ) -> Any:
     """Restores only the (EMA) parameters, e.g. onto another mesh for sampling.
 
     An imported checkpoint holds one set of weights (the released EMA weights), which serves for
-    `ema=False` too.
+    `ema=False` too. Of a checkpoint with several power EMAs only the one at `ema_index` (0-based,
+    in the order of its train.ema.std) is read.
     """
+    if ema:
+      count = self.num_ema(step)
+      if ema_index >= max(count, 1):
+        held = f"{count} EMAs" if count else "one EMA"
+        raise ConfigError(
+          f"config.sample.ema_index={ema_index}, but the checkpoint {self.directory}/{step} holds "
+          f"{held}; choose 0..{max(count, 1) - 1}."
+        )
+      if count:
+        self.check_structure(step, {"ema_params": [abstract_params] * count}, only="ema_params")
+        self.check_prediction(step)
+        skip = jax.tree.map(lambda _: ocp.PLACEHOLDER, abstract_params)
+        parts = [abstract_params if i == ema_index else skip for i in range(count)]
+        target = {"ema_params": parts}
+        args = ocp.args.PyTreeRestore(
+          target, restore_args=_restore_args(target), partial_restore=True
+        )
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
+        return restored["state"]["ema_params"][ema_index]
     key = "ema_params" if ema else "params"
     if not ema and self.origin(step) is not None:
       logging.info(
@@ -438,7 +474,8 @@ def restore_weights(
   """(step, params, ema_params) of the newest checkpoint in `workdir`, restored into the
   shardings of `abstract_params`, to start a new run from (`train.init_from`).
 
-  A training checkpoint gives its parameters and their EMA; an imported one its weights for both.
+  A training checkpoint gives its parameters and their EMA (the first, if it holds several power
+  EMAs); an imported one its weights for both.
 
   Raises:
     ConfigError: if `workdir` holds no checkpoint, or one of another model.
@@ -449,6 +486,9 @@ def restore_weights(
     if ckpt.origin(step) is not None:
       ema = ckpt.restore_params(step, abstract_params, ema=True)
       return jax.tree.map(jnp.copy, ema), ema  # Separate buffers: the train step donates both.
+    if ckpt.num_ema(step):  # Power EMAs: the first (a new power run starts its own at step 1).
+      params = ckpt.restore_params(step, abstract_params, ema=False)
+      return params, ckpt.restore_params(step, abstract_params, ema=True, ema_index=0)
     parts = ckpt._restore_parts(step, {"params": abstract_params, "ema_params": abstract_params})
     return parts["params"], parts["ema_params"]
 
@@ -463,6 +503,82 @@ def restore_weights(
     )
   step, (params, ema_params) = restored
   return step, params, ema_params
+
+
+SNAPSHOTS = "ema_snapshots"
+
+
+class EmaSnapshots:
+  """The power EMAs of a run every train.ema.snapshot_every steps, for post-hoc EMA.
+
+  Layout: `WORKDIR/ema_snapshots/<step>/{state,profiles,config}`: `state` = {"ema_params": the
+  tuple of EMAs}, `profiles` = {"std": [...], "gamma": [...]} in the same order, and the run's
+  config. Orbax checkpoints, so they restore into the shardings of any mesh; none is ever
+  deleted. A snapshot that exists is not written again: a resumed run repeats the same steps
+  exactly, so it would be the same.
+  """
+
+  def __init__(self, workdir: str, *, async_save: bool = True, read_only: bool = False):
+    self.directory = os.path.abspath(os.path.join(workdir, SNAPSHOTS))
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=None,
+      create=not read_only,
+      read_only=read_only,
+      save_interval_steps=0 if read_only else 1,
+      enable_async_checkpointing=async_save,
+    )
+    handlers = {
+      "state": ocp.PyTreeCheckpointHandler(),
+      "profiles": ocp.JsonCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+    }
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(
+    self,
+    step: int,
+    ema_params: tuple,
+    std: tuple[float, ...],
+    gammas: tuple[float, ...],
+    config: ml_collections.ConfigDict,
+  ) -> bool:
+    """Starts writing the snapshot of `step` unless it exists; returns whether it did."""
+    if step in self.manager.all_steps():
+      return False
+    items = {
+      "state": ocp.args.PyTreeSave({"ema_params": tuple(ema_params)}),
+      "profiles": ocp.args.JsonSave({"std": list(std), "gamma": list(gammas)}),
+      "config": ocp.args.JsonSave(json.loads(config.to_json())),
+    }
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    return True
+
+  def profiles(self, step: int) -> dict:
+    """{"std": [...], "gamma": [...]} of the EMAs of the snapshot at `step`."""
+    items = ocp.args.Composite(profiles=ocp.args.JsonRestore())
+    return self.manager.restore(step, args=items)["profiles"]
+
+  def saved_config(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+      "config"
+    ]
+
+  def restore(self, step: int, abstract_params: Any) -> tuple:
+    """The EMAs of the snapshot at `step`, each in the shardings of `abstract_params`."""
+    count = len(self.profiles(step)["std"])
+    target = {"ema_params": tuple(abstract_params for _ in range(count))}
+    args = ocp.args.PyTreeRestore(target, restore_args=_restore_args(target))
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
+    return tuple(restored["state"]["ema_params"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
 
 
 def _key(entry) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from dit_jax import config_defaults
 from dit_jax.diffusion import objectives, samplers, timesteps, vlb
@@ -115,13 +116,56 @@ class Diffusion:
       loss = loss + terms["vb"]
     return loss, terms
 
-  def predictor(self, denoise: Denoise, clip_x0: bool = False) -> samplers.Predict:
-    """Wraps `denoise` as predict(z, t) -> (x0_hat, eps_hat, var_out) for the samplers."""
+  def classifier_loss(
+    self,
+    logits_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    x0: jax.Array,
+    labels: jax.Array,
+    rng: jax.Array,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-example cross-entropy [B] of a noise-aware classifier, and per-example terms
+    (accuracy, t).
+
+    The classifier sees z_t = alpha x0 + sigma eps at times t drawn by the timestep sampler,
+    exactly as the diffusion model of the same config does (noise, schedule, shift), through
+    `logits_fn(z [B, H, W, C], model_time [B]) -> logits [B, K]`; no input preconditioning, so
+    that guidance differentiates it with respect to the sampler's own z.
+    """
+    rng_t, rng_eps = jax.random.split(rng)
+    t = self.sample_t(rng_t, x0.shape[0])
+    eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
+    alpha, sigma = self.alpha_sigma(t)
+    logits = logits_fn(alpha * x0 + sigma * eps, self.schedule.model_time(t))
+    assert logits.ndim == 2 and logits.shape[0] == x0.shape[0], (logits.shape, x0.shape)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, K]
+    ce = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    accuracy = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return ce, {"accuracy": accuracy, "t": t.astype(jnp.float32)}
+
+  def predictor(
+    self,
+    denoise: Denoise,
+    clip_x0: bool = False,
+    score_grad: samplers.Gradient | None = None,
+  ) -> samplers.Predict:
+    """Wraps `denoise` as predict(z, t) -> (x0_hat, eps_hat, var_out) for the samplers.
+
+    `score_grad(z, model_time)` (classifier guidance on the score, ADM's `condition_score`):
+    the score -eps / sigma gains the gradient, i.e. eps -= sigma * grad, and x0 follows from
+    z = alpha x0 + sigma eps. Where alpha = 0 (rectified flow's t = 1) x0 is undefined, and the
+    step is left unguided.
+    """
 
     def predict(z, t):
       alpha, sigma = self.alpha_sigma(t)
       out, var_out = self.network_output(denoise, z, t, alpha, sigma)
       x0, eps = objectives.to_x0_eps(self.objective, out, z, alpha, sigma)
+      if score_grad is not None:
+        guided_eps = eps - sigma * score_grad(z, self.schedule.model_time(t))
+        defined = alpha > 1e-6
+        safe_alpha = jnp.where(defined, alpha, 1.0)
+        x0 = jnp.where(defined, (z - sigma * guided_eps) / safe_alpha, x0)
+        eps = jnp.where(defined, guided_eps, eps)
       if clip_x0:
         x0 = jnp.clip(x0, -1.0, 1.0)
         eps = objectives.eps_from_x0(z, x0, alpha, sigma)
@@ -139,11 +183,36 @@ class Diffusion:
     rng: jax.Array,
     eta: float = 0.0,
     clip_x0: bool = False,
+    classifier_grad: samplers.Gradient | None = None,
   ) -> jax.Array:
-    """Runs the named sampler from `noise` [B, H, W, C]; jit the caller, not each step."""
+    """Runs the named sampler from `noise` [B, H, W, C]; jit the caller, not each step.
+
+    `classifier_grad(z, model_time)`: scale x the gradient of log p(y | z_t) (classifier
+    guidance): added to the mean, times the step's variance, by ddpm (ADM's `cond_fn`), and to
+    the score by the others (ADM's `condition_score`, see `predictor`).
+    """
     grid = samplers.time_grid(self.schedule, num_steps, self.shift)
-    predict = self.predictor(denoise, clip_x0)
-    return samplers.run_sampler(sampler, self.schedule, predict, noise, grid, rng, eta)
+    mean_grad = score_grad = None
+    if classifier_grad is not None and sampler == "ddpm":
+      model_time = self.schedule.model_time
+
+      def mean_grad(z, t):
+        return classifier_grad(z, model_time(t))
+    else:
+      score_grad = classifier_grad
+    predict = self.predictor(denoise, clip_x0, score_grad)
+    return samplers.run_sampler(
+      sampler, self.schedule, predict, noise, grid, rng, eta, mean_grad=mean_grad
+    )
+
+  def evaluation_times(self, sampler: str, num_steps: int) -> np.ndarray:
+    """The model times at which `sampler` calls the network in `num_steps` steps, in order
+    (Heun's second call of each step but the last is at the next grid point)."""
+    grid = samplers.time_grid(self.schedule, num_steps, self.shift)
+    times = np.asarray(self.schedule.model_time(jnp.asarray(grid)), np.float64)
+    if sampler != "heun":
+      return times
+    return np.concatenate([np.stack([times[:-1], times[1:]], 1).reshape(-1), times[-1:]])
 
 
 def default_sampler(objective: str) -> str:

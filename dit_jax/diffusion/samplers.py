@@ -131,11 +131,24 @@ def ddim_sample(
   return _scan(step, noise, xs)
 
 
+# grad(z [B, ...], t [B]) -> the gradient of log p(y | z, t) [B, ...] (classifier guidance),
+# already multiplied by its scale.
+Gradient = Callable[[jax.Array, jax.Array], jax.Array]
+
+
 def ddpm_sample(
-  schedule: VPSchedule, predict: Predict, noise: jax.Array, grid: np.ndarray, rng
+  schedule: VPSchedule,
+  predict: Predict,
+  noise: jax.Array,
+  grid: np.ndarray,
+  rng,
+  mean_grad: Gradient | None = None,
 ) -> jax.Array:
   """Ancestral sampling with the posterior q(x_prev | x_t, x0_hat); respaced when the grid is
-  shorter than T. Uses the learned variance when the network outputs one, else beta_tilde."""
+  shorter than T. Uses the learned variance when the network outputs one, else beta_tilde.
+
+  `mean_grad` (classifier guidance as ADM applies it to DDPM): the step's mean moves by its
+  variance times mean_grad(z, t)."""
   coef_x0, coef_xt, _, log_var, log_beta = posterior(schedule.alphas_cumprod, grid)
   b = noise.shape[0]
 
@@ -144,6 +157,8 @@ def ddpm_sample(
     x0, _, var_out = predict(z, jnp.full((b,), t))
     mean = c0 * x0 + ct * z
     log_variance = lv if var_out is None else learned_log_variance(var_out, lv, lb)
+    if mean_grad is not None:
+      mean = mean + jnp.exp(log_variance) * mean_grad(z, jnp.full((b,), t))
     noise_i = jax.random.normal(jax.random.fold_in(rng, i), z.shape)
     not_last = (i < len(grid) - 1).astype(z.dtype)
     return mean + not_last * jnp.exp(0.5 * log_variance) * noise_i
@@ -160,7 +175,12 @@ def run_sampler(
   grid: np.ndarray,
   rng: jax.Array,
   eta: float = 0.0,
+  mean_grad: Gradient | None = None,
 ) -> jax.Array:
+  """Runs sampler `name`. `mean_grad` is for ddpm only (the others take classifier guidance
+  through `predict`)."""
+  if mean_grad is not None and name != "ddpm":
+    raise ValueError(f"mean_grad is ddpm's; {name!r} takes classifier guidance in `predict`.")
   if name in ("euler", "heun"):
     return ode_sample(schedule, predict, noise, grid, heun=name == "heun")
   if not isinstance(schedule, VPSchedule):
@@ -168,5 +188,5 @@ def run_sampler(
   if name == "ddim":
     return ddim_sample(schedule, predict, noise, grid, rng, eta)
   if name == "ddpm":
-    return ddpm_sample(schedule, predict, noise, grid, rng)
+    return ddpm_sample(schedule, predict, noise, grid, rng, mean_grad)
   raise ValueError(f"Unknown sampler {name!r}; choose one of {SAMPLERS}.")

@@ -65,6 +65,19 @@ class VPSchedule:
     """What the network's timestep embedder sees."""
     return t.astype(jnp.float32)
 
+  def unit_time(self, model_time):
+    """Model time -> u in [0, 1) (t / T; u -> 1 is pure noise), the inverse of `from_unit`."""
+    return model_time / self.num_timesteps
+
+  def noise_level(self, model_time):
+    """Model time -> EDM's sigma = sqrt((1 - alpha_bar) / alpha_bar), the noise-to-signal ratio
+    of z_t (what the guidance interval is given in). numpy in, numpy out; jax likewise."""
+    if isinstance(model_time, np.ndarray | float | int):
+      acp = self.alphas_cumprod[np.asarray(model_time).astype(np.int64)]
+      return np.sqrt((1.0 - acp) / acp)
+    acp = jnp.asarray(self.alphas_cumprod, jnp.float32)[model_time.astype(jnp.int32)]
+    return jnp.sqrt((1.0 - acp) / acp)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FlowSchedule:
@@ -82,6 +95,14 @@ class FlowSchedule:
   def model_time(self, t: jax.Array) -> jax.Array:
     # Scaled to the range of the VP timesteps, as SD3 does, so one embedder suits both.
     return 1000.0 * t.astype(jnp.float32)
+
+  def unit_time(self, model_time):
+    """Model time -> t in [0, 1] (1 = pure noise)."""
+    return model_time / 1000.0
+
+  def noise_level(self, model_time):
+    """Model time -> t itself: rectified flow's guidance interval is given in t."""
+    return model_time / 1000.0
 
 
 Schedule = VPSchedule | FlowSchedule

@@ -11,7 +11,7 @@ from absl import logging
 from dit_jax import checkpoint, data, utils
 from dit_jax import diffusion as diffusion_lib
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import sampling, scoring
+from dit_jax.evaluation import noisy_accuracy, sampling, scoring
 from dit_jax.parallel import distributed
 from dit_jax.train import setup
 
@@ -20,10 +20,15 @@ _RETRY = "make room there or make it writable, then rerun the same command."
 
 def restore_params(exp: setup.Experiment, workdir: str):
   """The EMA (or raw, per config.sample.use_ema) parameters of the newest checkpoint that can be
-  read (a damaged newer one is skipped with a warning), restored onto this experiment's mesh."""
+  read (a damaged newer one is skipped with a warning), restored onto this experiment's mesh; of
+  a checkpoint with several power EMAs, the one at config.sample.ema_index."""
   ckpt = checkpoint.Checkpointer(workdir, read_only=True, config=exp.config)
   try:
-    restored = ckpt.restore_latest_params(exp.abstract_state.params, ema=exp.config.sample.use_ema)
+    restored = ckpt.restore_latest_params(
+      exp.abstract_state.params,
+      ema=exp.config.sample.use_ema,
+      ema_index=exp.config.sample.ema_index,
+    )
   finally:
     ckpt.close()
   if restored is None:
@@ -49,6 +54,12 @@ def sample(
     ConfigError: among others, if samples of that name are there from a finished run and not
       `overwrite` (checked first, before anything is built or written).
   """
+  if config.model.name == "classifier":
+    raise ConfigError(
+      f"{workdir} is a run of config.model.name='classifier', which makes no images; sample the "
+      "diffusion model's workdir (with this one as its guidance classifier), or run "
+      "--mode=evaluate here for the classifier's accuracy at several noise levels."
+    )
   name = config.sample.name
   npz, png, _ = sampling.sample_files(workdir, name)
   if not overwrite:
@@ -113,6 +124,8 @@ def evaluate(
       (checked first, before anything is built or written), or if the Inception is needed and
       config.eval.inception_weights is not given.
   """
+  if config.model.name == "classifier":
+    return _evaluate_classifier(config, workdir, overwrite=overwrite)
   builtin = config.data.name in setup.BUILTIN_METRICS_DATA
   inception = bool(config.eval.inception_weights) or not builtin
   if inception:
@@ -158,6 +171,16 @@ def evaluate(
     seed=config.sample.seed,
     use_ema=config.sample.use_ema,
   )
+  s = config.sample
+  if s.guidance_interval and s.guidance_scale != 1.0:
+    results["guidance_interval"] = list(s.guidance_interval)
+    results["network_passes"] = sampling.interval_passes(config, exp.diffusion)
+  if s.cads.noise_scale > 0:
+    results["cads"] = s.cads.to_dict()
+  if s.classifier.scale > 0:
+    results["classifier"] = s.classifier.to_dict()
+  if s.guide.workdir and s.guidance_scale != 1.0:
+    results["guide"] = s.guide.to_dict()
 
   def write() -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -170,4 +193,49 @@ def evaluate(
     scorer.finish(parts_dir)
   if jax.process_index() == 0:
     logging.info("Wrote the scores of %d images at step %d to %s.", num, step, path)
+  return results
+
+
+def _evaluate_classifier(
+  config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool
+) -> dict[str, float]:
+  """--mode=evaluate of a classifier run: its accuracy on up to config.eval.num_images images of
+  config.data (config.data.split; evenly spaced, so class-sorted data stays balanced) noised to
+  the levels of `noisy_accuracy.UNIT_TIMES`, written to `workdir/eval/<config.eval.name>.json`."""
+  path, _ = scoring.eval_files(workdir, config.eval.name)
+
+  def check_new() -> None:
+    if os.path.exists(path):
+      raise ConfigError(
+        f"{path} exists (from an earlier run); set another --config.eval.name=..., or pass "
+        "--overwrite to replace it."
+      )
+
+  if not overwrite:
+    distributed.on_process_0(check_new, f"read {workdir}", _RETRY)
+  exp = setup.build(config, training=False)
+  params, step = restore_params(exp, workdir)
+  images, labels = data.real_images(config, config.eval.num_images)
+  results = {"step": step, "num_images": len(images), "data_split": config.data.split}
+  results.update(
+    noisy_accuracy.noisy_accuracy(
+      exp,
+      params,
+      images,
+      labels,
+      seed=config.sample.seed,
+      batch_size=config.eval.batch_size,
+    )
+  )
+  results.update(seed=config.sample.seed, use_ema=config.sample.use_ema)
+
+  def write() -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+  distributed.on_process_0(write, f"write {path}", _RETRY)
+  if jax.process_index() == 0:
+    logging.info("Wrote the classifier's accuracies at step %d to %s.", step, path)
   return results

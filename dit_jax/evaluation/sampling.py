@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dit_jax import data, parallel, utils
+from dit_jax import config_defaults, data, parallel, utils
 from dit_jax import diffusion as diffusion_lib
 from dit_jax.data import text
 from dit_jax.diffusion import guidance
@@ -40,6 +40,7 @@ from dit_jax.parallel import distributed
 from dit_jax.train.setup import Experiment
 
 GRID_IMAGES = 100  # Images in a PNG grid.
+_CADS_STREAM = 3  # fold_in(seed key, this) seeds CADS's condition noise (apart from the solver's).
 FINGERPRINT_FILE = "fingerprint.json"
 _PART = re.compile(r"^(\d+)-(\d+)\.npy$")
 
@@ -159,31 +160,263 @@ def guided_channels(config: ml_collections.ConfigDict) -> int:
   return n or c
 
 
+@dataclasses.dataclass(frozen=True)
+class Auxiliary:
+  """A second network a sampler consults (autoguidance's guide, classifier guidance's
+  classifier), built from its own config and restored onto the main model's mesh."""
+
+  exp: Experiment
+  params: object
+  step: int
+  workdir: str
+
+
+def _restore_auxiliary(
+  config: ml_collections.ConfigDict, workdir: str, step: int, mesh, field: str
+) -> Auxiliary:
+  from dit_jax import checkpoint
+  from dit_jax.train import setup
+
+  exp = setup.build(config, devices=list(mesh.devices.flat), training=False)
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True, config=config)
+  try:
+    steps = ckpt.all_steps()
+    if not steps:
+      raise ConfigError(
+        f"config.sample.{field}.workdir={workdir!r} holds no checkpoint (looked in "
+        f"{ckpt.directory}); point it at a training run."
+      )
+    step = step or steps[-1]
+    if step not in steps:
+      raise ConfigError(
+        f"config.sample.{field}.step={step} is not a checkpoint of {ckpt.directory}; it holds "
+        f"steps {steps}."
+      )
+    params = ckpt.restore_params(
+      step,
+      exp.abstract_state.params,
+      ema=config.sample.use_ema,
+      ema_index=config.sample.ema_index,
+    )
+  finally:
+    ckpt.close()
+  logging.info("config.sample.%s: restored step %d of %s.", field, step, workdir)
+  return Auxiliary(exp, params, step, workdir)
+
+
+def _saved_config(workdir: str, step: int, field: str) -> ml_collections.ConfigDict:
+  """The config saved with checkpoint `step` (0: the newest) of `workdir`."""
+  from dit_jax import checkpoint
+
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  try:
+    steps = ckpt.all_steps()
+    saved = ckpt.saved_config(step or steps[-1]) if steps else None
+  finally:
+    ckpt.close()
+  if saved is None:
+    raise ConfigError(
+      f"config.sample.{field}.workdir={workdir!r} holds no readable checkpoint with its config "
+      f"(looked in {ckpt.directory}); point it at a training run of dit_jax."
+    )
+  return ml_collections.ConfigDict(saved)
+
+
+def _check_same_images(config, other, field: str, workdir: str) -> None:
+  ours = (config.data.image_size, config.data.channels)
+  theirs = (other.data.image_size, other.data.channels)
+  if ours != theirs:
+    raise ConfigError(
+      f"config.sample.{field}.workdir={workdir!r} was trained on {theirs[0]}x{theirs[0]}x"
+      f"{theirs[1]} inputs, but this model makes {ours[0]}x{ours[0]}x{ours[1]}; use a "
+      f"{field} trained on the same data."
+    )
+
+
+def load_guide(config: ml_collections.ConfigDict, mesh) -> Auxiliary | None:
+  """Autoguidance's guide (config.sample.guide), or None: the main model's config with the
+  guide's variant, restored from guide.workdir at guide.step."""
+  g = config.sample.guide
+  if not g.workdir or config.sample.guidance_scale == 1.0:
+    return None
+  saved = _saved_config(g.workdir, g.step, "guide")
+  _check_same_images(config, saved, "guide", g.workdir)
+  guide = ml_collections.ConfigDict(config.to_dict())
+  guide.model.variant = g.variant or saved.model.get("variant", config.model.variant)
+  for key in ("width", "depth", "heads"):
+    guide.model[key] = saved.model.get(key, guide.model[key])
+  return _restore_auxiliary(guide, g.workdir, g.step, mesh, "guide")
+
+
+def load_classifier(config: ml_collections.ConfigDict, mesh) -> Auxiliary | None:
+  """Classifier guidance's noise-aware classifier (config.sample.classifier), or None: built
+  from the config saved in its workdir, on this run's mesh."""
+  k = config.sample.classifier
+  if not k.workdir or k.scale == 0:
+    return None
+  saved = _saved_config(k.workdir, k.step, "classifier")
+  where = f"config.sample.classifier.workdir={k.workdir!r}"
+  if saved.model.name != "classifier":
+    raise ConfigError(
+      f"{where} holds a {saved.model.name!r} model, not a noise-aware classifier; train one with "
+      "model.name='classifier' (e.g. configs/quickstart_classifier.py)."
+    )
+  if saved.model.num_classes != config.model.num_classes:
+    raise ConfigError(
+      f"{where} classifies {saved.model.num_classes} classes, but this model has "
+      f"config.model.num_classes={config.model.num_classes}; use a classifier of the same labels."
+    )
+  _check_same_images(config, saved, "classifier", k.workdir)
+  fields = ("objective", "schedule", "num_timesteps")
+  if any(saved.diffusion[f] != config.diffusion[f] for f in fields):
+    theirs = {f: saved.diffusion[f] for f in fields}
+    ours = {f: config.diffusion[f] for f in fields}
+    raise ConfigError(
+      f"{where} was trained on the noise process {theirs}, but this model's is {ours}: its "
+      "gradients would be read at the wrong noise levels; train the classifier with this "
+      "model's diffusion settings."
+    )
+  # The classifier as it was trained (model, noise, data), laid out on this run's mesh.
+  cls = config_defaults.base_config()
+  for section in ("model", "diffusion", "data"):
+    cls[section].update(saved[section].to_dict())
+  cls.parallel = ml_collections.ConfigDict(config.parallel.to_dict())
+  cls.sample.use_ema = config.sample.use_ema
+  return _restore_auxiliary(cls, k.workdir, k.step, mesh, "classifier")
+
+
+def interval_passes(config: ml_collections.ConfigDict, diffusion) -> dict[str, int] | None:
+  """Network passes per image with config.sample.guidance_interval: the evaluations of the
+  sampler, how many of them fall in the interval (and are guided: 2 passes) and how many
+  unconditional passes that saves over guiding at every evaluation. None without an interval
+  or guidance."""
+  s = config.sample
+  if not s.guidance_interval or s.guidance_scale == 1.0:
+    return None
+  lo, hi = s.guidance_interval
+  sampler = diffusion_lib.resolve_sampler(config)
+  times = diffusion.evaluation_times(sampler, s.num_steps)
+  levels = np.asarray(diffusion.schedule.noise_level(times), np.float64)
+  guided = int(np.sum((levels > lo) & (levels <= hi)))
+  n = len(times)
+  return {"evaluations": n, "guided": guided, "passes": n + guided, "saved": n - guided}
+
+
+def classifier_gradient(model, params, labels: jax.Array, scale: float):
+  """grad(z [B, H, W, C], model_time [B]) -> scale x d log p(labels | z, t) / dz [B, H, W, C]
+  of a noise-aware classifier (`dit_jax.models.classifier`): each row the gradient of its own
+  log-probability (the rows do not interact, so the gradient of their sum), in float32."""
+
+  from dit_jax.models.classifier import log_prob_grad
+
+  def logits(z, model_time):
+    return model.apply({"params": params}, z, model_time)
+
+  return lambda z, model_time: scale * log_prob_grad(logits, z, model_time, labels)
+
+
 def make_sampler(exp: Experiment):
   """Returns run(params, cond, indices [B], key, gather=True) -> samples [B, H, W, C], host numpy
   on every process (with gather=False: the global array, split over the mesh's data axes as it was
   sampled), sampled with `config.sample`'s sampler, steps and guidance in one jitted call over the
   mesh.
 
+  Guidance: classifier-free at `guidance_scale`, optionally only inside `guidance_interval`, with
+  CADS (`sample.cads`), with autoguidance's guide model in place of the unconditional pass
+  (`sample.guide`), and with classifier guidance (`sample.classifier`); the guide's and the
+  classifier's parameters are restored here, onto the same mesh.
+
   The starting noise of sample i depends on the seed and i only, so the deterministic samplers
-  give the same sample i in any batch and on any topology. The stochastic samplers' per-step noise
-  is drawn for the whole batch from the seed and the batch's first index; JAX's partitionable
-  threefry makes row j of a draw the same for any number of rows beyond it and any sharding, so
-  their sample i depends on the seed, i and the chunk size (not the padding, nor the devices).
+  give the same sample i in any batch and on any topology (CADS's condition noise likewise). The
+  stochastic samplers' per-step noise is drawn for the whole batch from the seed and the batch's
+  first index; JAX's partitionable threefry makes row j of a draw the same for any number of rows
+  beyond it and any sharding, so their sample i depends on the seed, i and the chunk size (not the
+  padding, nor the devices).
   """
   cfg = exp.config
   scale, steps = cfg.sample.guidance_scale, cfg.sample.num_steps
   sampler = diffusion_lib.resolve_sampler(cfg)
   n_guided = guided_channels(cfg)
   shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
+  schedule = exp.diffusion.schedule
+  text_model = data.wants_text(cfg)
+  guide = load_guide(cfg, exp.mesh)
+  classifier = load_classifier(cfg, exp.mesh)
+  c = cfg.sample.cads
+  cads = None
+  if c.noise_scale > 0:
+    cads = guidance.CADS(c.noise_scale, c.tau1, c.tau2, c.psi, c.rescale)
+  interval = tuple(cfg.sample.guidance_interval) if scale != 1.0 else ()
+  passes = interval_passes(cfg, exp.diffusion)
+  if passes is not None and passes["guided"] in (0, passes["evaluations"]):
+    # The grid lies wholly inside or outside: no branch at run time, the same program as
+    # guiding everywhere (or nowhere, scale 1).
+    interval, scale = (), scale if passes["guided"] else 1.0
+    if not passes["guided"] and jax.process_index() == 0:
+      logging.warning(
+        "config.sample.guidance_interval=%s holds none of the sampler's noise levels: sampling "
+        "is unguided.",
+        cfg.sample.guidance_interval,
+      )
+  if passes is not None and jax.process_index() == 0:
+    logging.info(
+      "Guidance interval %s: %d of %d network evaluations guided, %d network passes per image "
+      "instead of %d (%d unconditional passes saved).",
+      interval,
+      passes["guided"],
+      passes["evaluations"],
+      passes["passes"],
+      2 * passes["evaluations"],
+      passes["saved"],
+    )
 
-  def sample(params, cond, indices, key):
-    def apply(z, t, c):
-      return exp.model.apply({"params": params}, z, t, c)
+  def applier(model, params):
+    def apply(z, t, cond, perturb=None):
+      if perturb is None:
+        return model.apply({"params": params}, z, t, cond)
+      if text_model:  # CADS perturbs the text embeddings themselves.
+        return model.apply({"params": params}, z, t, perturb(cond))
+      return model.apply({"params": params}, z, t, cond, label_embedding_fn=perturb)
 
+    return apply
+
+  def sample(params, aux, cond, indices, key):
+    guide_params, classifier_params = aux
     null = exp.conditioner.null(cond)
-    denoise = guidance.guided(apply, cond, null, scale, n_guided)
     noise_key, solver_key = jax.random.split(key)
+    perturbation = in_interval = guide_apply = classifier_grad = None
+    if cads is not None:
+      cads_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, _CADS_STREAM), i))(
+        indices
+      )
+
+      def perturbation(model_time):
+        unit = schedule.unit_time(model_time)
+        return guidance.cads_perturbation(cads, unit, cads_keys, model_time)
+
+    if interval:
+
+      def in_interval(model_time):
+        level = schedule.noise_level(model_time)
+        return (level > interval[0]) & (level <= interval[1])
+
+    if guide is not None:
+      guide_apply = applier(guide.exp.model, guide_params)
+    if classifier is not None:
+      classifier_grad = classifier_gradient(
+        classifier.exp.model, classifier_params, cond["label"], cfg.sample.classifier.scale
+      )
+
+    denoise = guidance.guided(
+      applier(exp.model, params),
+      cond,
+      null,
+      scale,
+      n_guided,
+      in_interval=in_interval,
+      perturbation=perturbation,
+      guide_apply=guide_apply,
+    )
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(indices)
     return exp.diffusion.sample(
       denoise,
@@ -193,11 +426,22 @@ def make_sampler(exp: Experiment):
       rng=jax.random.fold_in(solver_key, indices[0]),
       eta=cfg.sample.eta,
       clip_x0=cfg.sample.clip_denoised,
+      classifier_grad=classifier_grad,
     )
 
+  aux = (
+    None if guide is None else guide.params,
+    None if classifier is None else classifier.params,
+  )
+  aux_shardings = (
+    None if guide is None else guide.exp.param_shardings,
+    None if classifier is None else classifier.exp.param_shardings,
+  )
   batch = parallel.batch_sharding(exp.mesh)
   jitted = jax.jit(
-    sample, in_shardings=(exp.param_shardings, batch, batch, None), out_shardings=batch
+    sample,
+    in_shardings=(exp.param_shardings, aux_shardings, batch, batch, None),
+    out_shardings=batch,
   )
 
   def run(params, cond: dict, indices: np.ndarray, key: jax.Array, gather: bool = True):
@@ -205,7 +449,7 @@ def make_sampler(exp: Experiment):
       cond, indices = jax.device_put(
         jax.tree.map(jnp.asarray, (cond, indices)), parallel.batch_sharding(exp.mesh)
       )
-      out = jitted(params, cond, indices, key)
+      out = jitted(params, aux, cond, indices, key)
     if not gather:
       return out
     return np.asarray(multihost_utils.process_allgather(out, tiled=True))
@@ -339,6 +583,8 @@ def grid_sampler(exp: Experiment, run=None) -> Callable[[object], np.ndarray | N
   sampler (`run`, a `make_sampler(exp)` to share, or a new one) is compiled on the first call.
   """
   cfg = exp.config
+  if cfg.model.name == "classifier":  # A noise-aware classifier makes no images.
+    return lambda params: None
   decoder = load_decoder(cfg, exp.mesh)
   run = run or make_sampler(exp)
   if decoder is None and not data.is_pixel_data(cfg):

@@ -484,8 +484,9 @@ class Scorer:
 def builtin_scorer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray, Mapping], dict]:
   """The built-in metrics of the toy data: score(images in [-1, 1], their labels or captions).
 
-  - digits: class accuracy (a classifier trained on the real digits) and the Fréchet distance in
-    its feature space to all the real digits;
+  - digits: class accuracy (a classifier trained on the real digits), the Fréchet distance in
+    its feature space to all the real digits, and the diversity: the mean distance between two
+    samples of the same class in that space over the real digits' (`within_class_distance`);
   - shapes: the fraction of images whose colour, shape and position (read back by
     `shapes_checker`) all match their prompt.
   """
@@ -493,14 +494,19 @@ def builtin_scorer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray, M
     from dit_jax.evaluation import digits_classifier
 
     classifier = digits_classifier.load_classifier()
-    real, _ = data.real_images(config)
-    mu_r, sig_r = metrics.feature_statistics(classifier.features(real))
+    real, real_labels = data.real_images(config)
+    real_features = classifier.features(real)
+    mu_r, sig_r = metrics.feature_statistics(real_features)
+    real_spread = metrics.within_class_distance(real_features, real_labels)
 
     def digits(images: np.ndarray, meta: Mapping) -> dict:
-      mu_g, sig_g = metrics.feature_statistics(classifier.features(images))
+      features = classifier.features(images)
+      mu_g, sig_g = metrics.feature_statistics(features)
       return {
         "class_accuracy": float(metrics.accuracy(classifier.predict(images), meta["labels"])),
         "frechet_distance": float(metrics.frechet_distance(mu_g, sig_g, mu_r, sig_r)),
+        # Same-class spread in the classifier's features over the real digits' (1 = as diverse).
+        "diversity": metrics.within_class_distance(features, meta["labels"]) / real_spread,
       }
 
     return digits

@@ -5,6 +5,7 @@ import ml_collections
 from dit_jax import config_defaults
 from dit_jax.data.text import TextSpec
 from dit_jax.errors import ConfigError, check_choice
+from dit_jax.models.classifier import Classifier, ClassifierConfig
 from dit_jax.models.dit import DiT, DiTConfig
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig
 
@@ -21,7 +22,8 @@ PATCHES = (2, 4, 8)
 VARIANTS = {f"{size}/{p}": dict(SIZES[size], patch=p) for size in SIZES for p in PATCHES}
 # MMDiT (SD3 paper): depth d, width 64 d, d heads of 64, patch 2; d=24 is SD3-medium (2B).
 MMDIT_VARIANTS = {f"d{d}": dict(width=64 * d, depth=d, heads=d, patch=2) for d in range(2, 41)}
-MODELS = ("dit", "mmdit")
+# "classifier": the noise-aware classifier of classifier guidance, sized by the DiT table.
+MODELS = ("dit", "mmdit", "classifier")
 
 
 def variant_dims(model: ml_collections.ConfigDict) -> dict:
@@ -45,7 +47,7 @@ def variant_dims(model: ml_collections.ConfigDict) -> dict:
 
 def build_model(
   config: ml_collections.ConfigDict, text_spec: TextSpec | None = None
-) -> DiT | MMDiT:
+) -> DiT | MMDiT | Classifier:
   """Returns the Flax module selected by `config.model` for images of `config.data` (and, for
   MMDiT, the text layout `text_spec` of the data)."""
   m = config.model
@@ -54,6 +56,16 @@ def build_model(
   check_choice(m.dtype, config_defaults.DTYPES, "model.dtype")
   check_choice(m.remat, config_defaults.REMAT_POLICIES, "model.remat")
   check_choice(m.attention, config_defaults.ATTENTIONS, "model.attention")
+  check_choice(
+    m.attention_conditioning,
+    config_defaults.ATTENTION_CONDITIONINGS,
+    "model.attention_conditioning",
+  )
+  if m.attention_conditioning != "none" and m.name != "dit":
+    raise ConfigError(
+      f"config.model.attention_conditioning={m.attention_conditioning!r} is supported for "
+      f"model.name='dit' only, not {m.name!r}; set config.model.attention_conditioning='none'."
+    )
   dims = variant_dims(m)
   size, channels = config.data.image_size, config.data.channels
   if size % dims["patch"]:
@@ -92,6 +104,8 @@ def build_model(
         **dims,
       )
     )
+  if m.name == "classifier":
+    return _build_classifier(config, dims)
   if m.learn_sigma and config.diffusion.objective == "rectified_flow":
     raise ConfigError(
       "config.model.learn_sigma=True needs a VP objective (config.diffusion.objective=eps or v): "
@@ -107,7 +121,36 @@ def build_model(
     remat=m.remat,
     scan_unroll=m.scan_unroll,
     attention=m.attention,
+    attention_conditioning=m.attention_conditioning,
     mlp_ratio=m.mlp_ratio,
     **dims,
   )
   return DiT(cfg)
+
+
+def _build_classifier(config: ml_collections.ConfigDict, dims: dict) -> Classifier:
+  m = config.model
+  if m.learn_sigma:
+    raise ConfigError(
+      "config.model.learn_sigma=True has no meaning for config.model.name='classifier' (it "
+      "predicts class logits, not a variance); set it False."
+    )
+  if config.data.name == "shapes":
+    raise ConfigError(
+      f"config.model.name='classifier' predicts class labels, but config.data.name="
+      f"{config.data.name!r} has captions, not labels; train it on class-labelled data "
+      "(digits, tfds, folder, latents with labels.npy)."
+    )
+  return Classifier(
+    ClassifierConfig(
+      input_size=config.data.image_size,
+      in_channels=config.data.channels,
+      num_classes=m.num_classes,
+      mlp_ratio=m.mlp_ratio,
+      dtype=m.dtype,
+      remat=m.remat,
+      scan_unroll=m.scan_unroll,
+      attention=m.attention,
+      **dims,
+    )
+  )

@@ -5,9 +5,21 @@
 - `adaln`: shift and scale only, regular initialization.
 - `cross_attention`: t and y embeddings form a two-token sequence every block cross-attends to.
 - `in_context`: t and y embeddings are two extra tokens, removed after the last block.
+
+`attention_conditioning="tmsa"` makes every block's self-attention time-dependent as in DiffiT
+(Hatamizadeh et al., ECCV 2024): the time embedding t_emb (not t + y: the paper's time token, so
+that attention changes with the noise level while the label acts through the conditioning above)
+is projected into q and v and added to the token projections (`layers.Attention`; DiffiT's key
+term is left out because the softmax cancels it). It works with all four conditioning designs and
+adds 2 D^2 parameters per block. Not reproduced: DiffiT's relative position bias, its U-shaped
+image-space network, and its latent model's plain (not adaLN) norms; here TMSA comes on top of
+the chosen conditioning. DiffiT's released latent model (github.com/NVlabs/DiffiT) also feeds
+t + y, not t, to its time projection, and is sized like DiT-XL/2 (width 1152, depth 28, 16
+heads, patch 2: `variant="XL/2"`), so no separate variant table is added.
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +40,8 @@ _ACT = (axes.BATCH, axes.SEQ, axes.EMBED)
 
 
 class DiTBlock(nn.Module):
-  """One transformer block; `cond` is [B, D] (adaLN variants) or [B, 2, D] (cross-attention)."""
+  """One transformer block; `cond` is [B, D] (adaLN variants) or [B, 2, D] (cross-attention);
+  `t_emb` [B, D], the time embedding, is given only with `attention_conditioning="tmsa"`."""
 
   width: int
   heads: int
@@ -36,9 +49,13 @@ class DiTBlock(nn.Module):
   conditioning: str
   dtype: Any = jnp.float32
   attention: str = "xla"
+  attention_conditioning: str = "none"
 
   @nn.compact
-  def __call__(self, x: jax.Array, cond: jax.Array) -> tuple[jax.Array, None]:
+  def __call__(
+    self, x: jax.Array, cond: jax.Array, t_emb: jax.Array | None = None
+  ) -> tuple[jax.Array, None]:
+    assert (t_emb is not None) == (self.attention_conditioning == "tmsa"), "t_emb is for tmsa"
     mlp = layers.Mlp(int(self.width * self.mlp_ratio), self.dtype, name="mlp")
     attn = layers.Attention(self.heads, self.dtype, attention=self.attention, name="attn")
     if self.conditioning in ("adaln_zero", "adaln"):
@@ -60,10 +77,10 @@ class DiTBlock(nn.Module):
         gate_a = gate_m = jnp.ones_like(shift_a)
       norm1 = layers.layer_norm(False, self.dtype, name="norm1")
       norm2 = layers.layer_norm(False, self.dtype, name="norm2")
-      x = x + gate_a[:, None] * attn(layers.modulate(norm1(x), shift_a, scale_a))
+      x = x + gate_a[:, None] * attn(layers.modulate(norm1(x), shift_a, scale_a), time=t_emb)
       x = x + gate_m[:, None] * mlp(layers.modulate(norm2(x), shift_m, scale_m))
     else:
-      x = x + attn(layers.layer_norm(True, self.dtype, name="norm1")(x))
+      x = x + attn(layers.layer_norm(True, self.dtype, name="norm1")(x), time=t_emb)
       if self.conditioning == "cross_attention":
         cross = layers.Attention(
           self.heads, self.dtype, attention=self.attention, name="cross_attn"
@@ -124,6 +141,7 @@ class DiTConfig:
   remat: str = "none"
   scan_unroll: int = 1
   attention: str = "xla"  # The attention kernel (`dit_jax.models.attention`).
+  attention_conditioning: str = "none"  # "tmsa": DiffiT's time-dependent self-attention.
 
   @property
   def out_channels(self) -> int:
@@ -147,9 +165,20 @@ class DiT(nn.Module):
   config: DiTConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, cond: dict[str, jax.Array]) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    cond: dict[str, jax.Array],
+    label_embedding_fn: Callable[[jax.Array], jax.Array] | None = None,
+  ) -> jax.Array:
     """Returns the prediction [B, H, W, out_channels] for inputs x at model times t [B] and
-    class labels cond["label"] [B] (the null class, num_classes, for unconditional)."""
+    class labels cond["label"] [B] (the null class, num_classes, for unconditional).
+
+    `label_embedding_fn`, if given, maps the class embeddings [B, D] before they condition the
+    blocks: the hook through which a sampler perturbs the condition the model sees (CADS,
+    `dit_jax.diffusion.guidance`) without a second way of feeding labels.
+    """
     cfg = self.config
     labels = cond["label"]
     dtype = jnp.dtype(cfg.dtype)
@@ -168,6 +197,8 @@ class DiT(nn.Module):
 
     t_emb = layers.TimestepEmbedder(cfg.width, dtype, name="t_embedder")(t)  # [B, D]
     y_emb = layers.LabelEmbedder(cfg.num_classes, cfg.width, dtype, name="y_embedder")(labels)
+    if label_embedding_fn is not None:
+      y_emb = label_embedding_fn(y_emb)
     if cfg.conditioning in ("adaln_zero", "adaln"):
       cond = t_emb + y_emb  # [B, D]
     else:
@@ -180,16 +211,27 @@ class DiT(nn.Module):
     block = DiTBlock
     if cfg.remat != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+    # Every block sees the same conditioning (and, for TMSA, the same time embedding).
+    block_inputs = (cond, t_emb) if cfg.attention_conditioning == "tmsa" else (cond,)
     blocks = nn.scan(
       block,
       variable_axes={"params": 0},
       split_rngs={"params": True},
-      in_axes=(nn.broadcast,),
+      in_axes=(nn.broadcast,) * len(block_inputs),
       length=cfg.depth,
       unroll=min(max(cfg.scan_unroll, 1), cfg.depth),
       metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-    )(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.conditioning, dtype, cfg.attention, name="blocks")
-    tokens, _ = blocks(tokens, cond)
+    )(
+      cfg.width,
+      cfg.heads,
+      cfg.mlp_ratio,
+      cfg.conditioning,
+      dtype,
+      cfg.attention,
+      cfg.attention_conditioning,
+      name="blocks",
+    )
+    tokens, _ = blocks(tokens, *block_inputs)
     tokens = tokens[:, n_extra:]  # [B, L, D]
 
     final = FinalLayer(p * p * cfg.out_channels, cfg.conditioning, jnp.float32, name="final")

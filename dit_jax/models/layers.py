@@ -40,8 +40,9 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
 
 class DenseGeneral(nn.Module):
-  """x @ kernel over `axis`, with the kernel shaped [*contracted dims, *features] and named by
-  `kernel_axes` (the bias by the output names), so that each dimension can be sharded.
+  """x @ kernel (+ bias unless `use_bias=False`) over `axis`, with the kernel shaped
+  [*contracted dims, *features] and named by `kernel_axes` (the bias by the output names), so
+  that each dimension can be sharded.
 
   The initializer sees the flattened [fan_in, fan_out] matrix, as in a 2D dense layer.
   """
@@ -52,6 +53,7 @@ class DenseGeneral(nn.Module):
   dtype: Dtype = jnp.float32
   kernel_init: Init = xavier
   bias_init: Init = zeros
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -66,14 +68,17 @@ class DenseGeneral(nn.Module):
     kernel = self.param(
       "kernel", logical(kernel_init, self.kernel_axes), in_shape + self.features, jnp.float32
     )
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    dims = ((axis, tuple(range(len(axis)))), ((), ()))
+    y = jax.lax.dot_general(x, kernel, dims)
+    if not self.use_bias:
+      return y
     bias = self.param(
       "bias", logical(self.bias_init, self.kernel_axes[len(in_shape) :]), self.features, jnp.float32
     )
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    dims = ((axis, tuple(range(len(axis)))), ((), ()))
     # The bias is added in float32, so that its gradient, a sum over every token of the batch,
     # is accumulated in float32 whatever the compute dtype.
-    return (jax.lax.dot_general(x, kernel, dims) + bias).astype(self.dtype)
+    return (y + bias).astype(self.dtype)
 
 
 def dense(
@@ -84,6 +89,7 @@ def dense(
   axis: int | Sequence[int] = -1,
   kernel_init: Init = xavier,
   bias_init: Init = zeros,
+  use_bias: bool = True,
   name: str | None = None,
 ) -> DenseGeneral:
   """A dense layer whose kernel and bias carry logical axes (bias: the output axes)."""
@@ -94,6 +100,7 @@ def dense(
     dtype=dtype,
     kernel_init=kernel_init,
     bias_init=bias_init,
+    use_bias=use_bias,
     name=name,
   )
 
@@ -190,6 +197,19 @@ class Attention(nn.Module):
   With `fused_qkv_init` (the default) the query, key and value kernels are drawn as the thirds of
   one xavier-uniform [D, 3D] matrix, as the released DiT initializes its fused qkv layer (std
   sqrt(2 / 4D), not the sqrt(2 / 2D) of three separate [D, D] layers).
+
+  With `time` [B, D] given, the attention is DiffiT's time-dependent self-attention (TMSA,
+  Hatamizadeh et al., ECCV 2024): q = x W_qs + t W_qt and v = x W_vs + t W_vt, where the token
+  projections are the layers above and `time_qv` is one bias-free dense layer t [B, D] ->
+  [B, 2, H, Dh] (the paper's equations have no time bias; the token projections carry one).
+  DiffiT also adds t W_kt to the keys. That term is the same for every key of a sample, so it adds
+  q_i . (t W_kt) to every logit of query i, which the softmax cancels: it cannot change the
+  output and its gradient is zero up to rounding, so it is left out (D^2 fewer parameters per
+  block). The query term is what makes the attention pattern depend on t; the value term adds a
+  time-dependent vector to each head's output. `time_qv` is zero-initialized, so a TMSA model
+  starts as the plain one (same parameters, same outputs) and learns how far attention should
+  depend on the noise level; DiffiT's release draws it xavier-uniform instead. The time terms are
+  added before the kernel (`dit_jax.models.attention`), so every kernel runs unchanged.
   """
 
   heads: int
@@ -198,10 +218,13 @@ class Attention(nn.Module):
   attention: str = "xla"  # The kernel (`dit_jax.models.attention`).
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, context: jax.Array | None = None, time: jax.Array | None = None
+  ) -> jax.Array:
     width = x.shape[-1]
     assert width % self.heads == 0, f"width {width} not divisible by {self.heads} heads"
     head_dim = width // self.heads
+    assert time is None or context is None, "TMSA is self-attention: no context with time"
     context = x if context is None else context
 
     # DenseGeneral hands initializers the kernel flattened to 2D, so xavier sees the true fans.
@@ -214,6 +237,18 @@ class Attention(nn.Module):
       )(src)  # [B, L, H, Dh]
 
     q, k, v = project("query", x), project("key", context), project("value", context)
+    if time is not None:
+      assert time.shape == (x.shape[0], width), (time.shape, x.shape)
+      tqv = dense(
+        (2, self.heads, head_dim),
+        (axes.EMBED, None, axes.HEADS, axes.KV),
+        self.dtype,
+        kernel_init=zeros,
+        use_bias=False,
+        name="time_qv",
+      )(time)  # [B, 2, H, Dh]
+      tqv = constrain(tqv, (axes.BATCH, None, axes.HEADS, axes.KV))
+      q, v = q + tqv[:, None, 0], v + tqv[:, None, 1]  # [B, L, H, Dh]
     q = constrain(q, (axes.BATCH, axes.SEQ, axes.HEADS, axes.KV))
     out = dot_product_attention(q, k, v, self.attention)  # [B, L, H, Dh]
     out = dense(width, (axes.HEADS, axes.KV, axes.EMBED), self.dtype, axis=(-2, -1), name="out")(

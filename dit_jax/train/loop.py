@@ -16,6 +16,7 @@ from dit_jax import checkpoint, data, parallel, utils
 from dit_jax.data.prefetch import Prefetcher
 from dit_jax.errors import TrainingStopped
 from dit_jax.evaluation import sampling, scoring
+from dit_jax.train import ema as ema_lib
 from dit_jax.train import setup
 
 
@@ -30,7 +31,8 @@ class Interrupted(TrainingStopped):
 
 def _save_grid(grid, state, workdir, step, writer) -> str | None:
   """Writes images/step_<step>.png and a TensorBoard image of `grid(ema_params)` (pixels, decoded
-  for latent models); returns the PNG's path, or None for a latent model without a VAE."""
+  for latent models; the EMA of config.sample.ema_index); returns the PNG's path, or None for a
+  latent model without a VAE."""
   u8 = grid(state.ema_params)
   if u8 is None:
     return None
@@ -89,6 +91,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   same parameters are reused): it logs the same numbers. A Ctrl-C or SIGTERM during an
   evaluation takes effect when it is done.
 
+  With power-function EMAs (train.ema.kind="power") and train.ema.snapshot_every > 0 the EMAs
+  are saved to WORKDIR/ema_snapshots after every snapshot_every-th step and the last one
+  (checkpoint.EmaSnapshots, for dit_jax.tools.posthoc_ema). Every checkpoint waits until the
+  snapshots before it are on disk, so a resumed run, which repeats only the steps after its
+  checkpoint, misses none; it skips those already there (it would write the same arrays).
+
   Returns the metrics of the last logged step (none if the run was already at num_steps).
   """
   with Preemption() as preemption:
@@ -107,8 +115,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
     async_save=t.async_checkpoints,
     config=config,
   )
+  gammas = ema_lib.gammas(config)
+  snapshots = None
+  if gammas and t.ema.snapshot_every:
+    snapshots = checkpoint.EmaSnapshots(workdir, async_save=t.async_checkpoints)
   bar = writer = None
   try:
+    newest = ckpt.latest_step()
+    if newest is not None:
+      ema_lib.check_resume(ckpt.saved_config(newest), config, ckpt.directory)
     restored = ckpt.restore_latest(exp.abstract_state, batches)
     if restored is None:
       state = exp.init_state()
@@ -117,7 +132,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
         step, params, ema_params = checkpoint.restore_weights(
           t.init_from, exp.abstract_state.params, config
         )
-        state = state.replace(params=params, ema_params=ema_params)
+        if gammas:
+          # Power EMAs start anew: their first update sets them to the parameters (beta_1 = 0).
+          state = state.replace(params=params)
+        else:
+          state = state.replace(params=params, ema_params=ema_params)
         logging.info(
           "Starting in %s from the parameters and EMA of checkpoint %d of %s (init_from).",
           workdir,
@@ -164,7 +183,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
     batches.start_prefetch()
     step_fn = exp.jit_train_step()
     run = sampling.make_sampler(exp)  # One compile serves the grids and the evaluations.
-    grid = sampling.grid_sampler(exp, run)
+    sample_grid = sampling.grid_sampler(exp, run)
+
+    def grid(ema_params):
+      return sample_grid(ema_lib.select(ema_params, config))
+
     # Built now (the Inception, the VAE, the reference), so that a bad file stops the run here.
     evaluate = scoring.training_evaluator(exp, workdir, run)
     if preemption.requested():
@@ -206,6 +229,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
 
     def save(step: int) -> None:
       check_finite(step, int(state.skipped))
+      if snapshots is not None:
+        # A resumed run repeats only the steps after its checkpoint, so the snapshots before it
+        # must be on disk first.
+        snapshots.wait()
       ckpt.save(step, state, config, batches)
       preemption.note_checkpoint(step, ckpt.directory, complete=not t.async_checkpoints)
 
@@ -228,11 +255,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
           check_finite(done, int(metrics["skipped_steps"]))
         if evaluate is not None and done % t.eval_every == 0:
           # Before the checkpoint of this step (see the docstring).
-          scores = evaluate(state.ema_params, done)
+          scores = evaluate(ema_lib.select(state.ema_params, config), done)
           writer.write(done, scores)
           if scores:
             text = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
             _warn_above(bar, logging.info)("Evaluation at step %d: %s.", done, text)
+        if snapshots is not None and (done % t.ema.snapshot_every == 0 or done == t.num_steps):
+          # Before this step's checkpoint (see save).
+          snapshots.save(done, state.ema_params, tuple(t.ema.std), gammas, config)
         if preemption.reached(done):
           save(done)
           ckpt.wait()
@@ -261,6 +291,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
     if writer is not None:
       writer.close()
     ckpt.close()
+    if snapshots is not None:
+      snapshots.close()
   images = (
     f"samples in {grid_path}"
     if grid_path

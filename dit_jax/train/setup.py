@@ -18,10 +18,11 @@ from jax.sharding import Mesh
 
 from dit_jax import config_defaults, data, models, parallel
 from dit_jax import diffusion as diffusion_lib
-from dit_jax.conditioning import Conditioner, build_conditioner
+from dit_jax.conditioning import Conditioner, LabelConditioner, build_conditioner
 from dit_jax.data import text
 from dit_jax.errors import ConfigError, check_choice
 from dit_jax.models import attention
+from dit_jax.train import ema as ema_lib
 from dit_jax.train import step as step_lib
 from dit_jax.train.state import TrainState, learning_rate, optimizer
 
@@ -62,7 +63,13 @@ class Experiment:
   def init_state(self) -> TrainState:
     """Builds the train state directly in its shardings (no host-side copy)."""
     init = step_lib.unboxed(
-      step_lib.make_init_fn(self.model, self.conditioner, self.tx, self.config.train.seed)
+      step_lib.make_init_fn(
+        self.model,
+        self.conditioner,
+        self.tx,
+        self.config.train.seed,
+        len(ema_lib.gammas(self.config)),
+      )
     )
     with self.context():
       return jax.jit(init, out_shardings=self.state_shardings)()
@@ -78,6 +85,7 @@ class Experiment:
       tx=self.tx,
       lr_fn=self.lr_fn,
       ema_decay=self.config.train.ema_decay,
+      ema_gammas=ema_lib.gammas(self.config),
     )
     return jax.jit(
       fn,
@@ -229,10 +237,69 @@ def check_inception_eval(config: ml_collections.ConfigDict, num_images: int, fie
     )
 
 
+def _check_guidance(config: ml_collections.ConfigDict) -> None:
+  """The guidance family's fields (interval, CADS, classifier, autoguidance); the workdirs they
+  name are checked when the sampler loads them (`dit_jax.evaluation.sampling`)."""
+  s = config.sample
+  interval = tuple(s.guidance_interval)
+  unit = "t" if config.diffusion.objective == "rectified_flow" else "EDM sigma"
+  if interval:
+    ok = len(interval) == 2 and all(
+      isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in interval
+    )
+    if not ok or interval[0] >= interval[1]:
+      raise ConfigError(
+        f"config.sample.guidance_interval={interval!r} is not an interval (lo, hi] of noise "
+        f'levels ({unit}) with 0 <= lo < hi; e.g. --config.sample.guidance_interval="(0.3,3.0)"'
+        ", or () to guide at every step."
+      )
+  c = s.cads
+  for name, value, ok, accepted in (
+    ("noise_scale", c.noise_scale, c.noise_scale >= 0, ">= 0 (0 = off)"),
+    ("tau1", c.tau1, 0 <= c.tau1 <= 1, "in [0, 1]"),
+    ("tau2", c.tau2, 0 <= c.tau2 <= 1, "in [0, 1]"),
+    ("psi", c.psi, 0 <= c.psi <= 1, "in [0, 1] (the share of the rescaled condition)"),
+  ):
+    if not (math.isfinite(value) and ok):
+      raise ConfigError(f"config.sample.cads.{name}={value} must be {accepted}.")
+  if c.tau1 >= c.tau2:
+    raise ConfigError(
+      f"config.sample.cads.tau1={c.tau1} must be below tau2={c.tau2}: the condition is itself "
+      "below tau1 and pure noise above tau2 (e.g. tau1=0.6, tau2=0.9)."
+    )
+  k = s.classifier
+  if not (math.isfinite(k.scale) and k.scale >= 0):
+    raise ConfigError(f"config.sample.classifier.scale={k.scale} must be >= 0 (0 = off).")
+  if k.scale > 0 and not k.workdir:
+    raise ConfigError(
+      f"config.sample.classifier.scale={k.scale} needs config.sample.classifier.workdir: the "
+      "workdir of a noise-aware classifier (train one with configs/quickstart_classifier.py)."
+    )
+  if k.scale > 0 and data.wants_text(config):
+    raise ConfigError(
+      f"config.sample.classifier.scale={k.scale}: classifier guidance steers towards class "
+      f"labels, and config.model.name={config.model.name!r} takes text; set it to 0."
+    )
+  for name, step in (("classifier", k.step), ("guide", s.guide.step)):
+    if step < 0:
+      raise ConfigError(f"config.sample.{name}.step={step} must be >= 0 (0 = the newest).")
+  if s.guide.variant and not s.guide.workdir:
+    raise ConfigError(
+      f"config.sample.guide.variant={s.guide.variant!r} needs config.sample.guide.workdir, the "
+      "workdir of that (weaker) model."
+    )
+
+
 def _check_training_eval(config: ml_collections.ConfigDict) -> None:
   t = config.train
   if not t.eval_every:
     return
+  if config.model.name == "classifier":
+    raise ConfigError(
+      f"config.train.eval_every={t.eval_every} scores samples, but config.model.name="
+      "'classifier' makes none; set it 0 and run --mode=evaluate on the workdir for the "
+      "classifier's accuracy at several noise levels."
+    )
   if t.eval_num_images < 2:
     raise ConfigError(
       f"config.train.eval_num_images={t.eval_num_images} must be at least 2 when "
@@ -318,6 +385,17 @@ def unusual_settings(config: ml_collections.ConfigDict) -> list[str]:
     unused("sample", ("eta",), "the ddim sampler", f"config.sample.sampler={s.sampler!r}{picked}")
   if g == 1:
     unused("sample", ("guided_channels",), "guidance", "config.sample.guidance_scale=1")
+    for field, value in (("guidance_interval", s.guidance_interval), ("guide", s.guide.workdir)):
+      if value:
+        out.append(
+          f"config.sample.{field} has no effect at config.sample.guidance_scale=1 (no guidance);"
+          " set the scale (e.g. 1.5)."
+        )
+  if s.classifier.workdir and s.classifier.scale == 0:
+    out.append(
+      "config.sample.classifier.workdir is set but config.sample.classifier.scale=0 (off); set "
+      "the scale (e.g. 1.0) to guide with the classifier."
+    )
   if not config.train.eval_every:
     unused("train", ("eval_num_images",), "evaluation during training", "config.train.eval_every=0")
   if not config.eval.inception_weights:
@@ -346,6 +424,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   diffusion_lib.check_config(config)
   _check_prompts(config)
   _check_training_eval(config)
+  ema_lib.check_config(config)
+  _check_guidance(config)
   diffusion_lib.resolve_sampler(config)
   if jax.process_index() == 0:
     for message in unusual_settings(config):
@@ -360,7 +440,11 @@ def build(config: ml_collections.ConfigDict, devices=None, *, training: bool = T
   """
   validate(config)
   text_spec = data.text_spec(config)
-  conditioner = build_conditioner(config, text_spec)
+  if config.model.name == "classifier":
+    # The labels are the classifier's targets: never dropped to the null class.
+    conditioner = LabelConditioner(config.model.num_classes, 0.0)
+  else:
+    conditioner = build_conditioner(config, text_spec)
   model = models.build_model(config, text_spec)
   diff = diffusion_lib.build_diffusion(config)
   tx = optimizer(config)
@@ -369,7 +453,8 @@ def build(config: ml_collections.ConfigDict, devices=None, *, training: bool = T
   if training:
     parallel.check_batch_size(config.train.batch_size, mesh)
   rules = parallel.axis_rules(config)
-  init = step_lib.make_init_fn(model, conditioner, tx, config.train.seed)
+  num_ema = len(ema_lib.gammas(config))
+  init = step_lib.make_init_fn(model, conditioner, tx, config.train.seed, num_ema)
   with mesh_context(mesh, rules):
     boxed = jax.eval_shape(init)
   shardings = parallel.logical_shardings(boxed, mesh, rules)

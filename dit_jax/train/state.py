@@ -9,6 +9,7 @@ import ml_collections
 import optax
 
 from dit_jax.errors import ConfigError, check_choice
+from dit_jax.train import ema
 
 
 @flax.struct.dataclass
@@ -16,6 +17,7 @@ class TrainState:
   step: jax.Array  # int32 scalar: updates applied so far.
   params: Any
   opt_state: Any
+  # One exponential EMA (a tree like params), or a tuple of power EMAs, one per train.ema.std.
   ema_params: Any
   rng: jax.Array  # uint32 key data; step keys are fold_in(rng, step).
   skipped: jax.Array  # int32 scalar: steps whose update was dropped (non-finite loss/gradient).
@@ -47,12 +49,15 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
   return optax.chain(*parts)
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, seed_key: jax.Array) -> TrainState:
+def init_state(
+  params: Any, tx: optax.GradientTransformation, seed_key: jax.Array, num_ema: int = 0
+) -> TrainState:
+  """The state at step 0; `num_ema` > 0 power EMAs (a tuple), else one exponential EMA."""
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     opt_state=tx.init(params),
-    ema_params=jax.tree.map(jnp.copy, params),
+    ema_params=ema.init(params, num_ema),
     rng=jax.random.key_data(seed_key),
     skipped=jnp.zeros((), jnp.int32),
   )

@@ -10,6 +10,8 @@ import optax
 
 from dit_jax.conditioning import Conditioner, split_batch
 from dit_jax.diffusion import Diffusion
+from dit_jax.models.classifier import Classifier
+from dit_jax.train import ema as ema_lib
 from dit_jax.train.state import TrainState, init_state
 
 
@@ -22,9 +24,14 @@ def dummy_inputs(model: nn.Module, conditioner: Conditioner, batch: int = 1):
 
 
 def make_init_fn(
-  model: nn.Module, conditioner: Conditioner, tx: optax.GradientTransformation, seed: int
+  model: nn.Module,
+  conditioner: Conditioner,
+  tx: optax.GradientTransformation,
+  seed: int,
+  num_ema: int = 0,
 ):
-  """Returns init() -> TrainState with parameters still boxed with their logical axes.
+  """Returns init() -> TrainState with parameters still boxed with their logical axes (and
+  `num_ema` power EMAs, or one exponential EMA if 0).
 
   Call it under `jax.eval_shape` to read the shapes and axes, and jit it (unboxed) to build the
   state directly in its shardings.
@@ -34,7 +41,7 @@ def make_init_fn(
     key = jax.random.key(seed)
     inputs = dummy_inputs(model, conditioner)
     params = model.init({"params": jax.random.fold_in(key, 0)}, *inputs)["params"]
-    return init_state(params, tx, jax.random.fold_in(key, 1))
+    return init_state(params, tx, jax.random.fold_in(key, 1), num_ema)
 
   return init
 
@@ -57,6 +64,7 @@ def train_step(
   tx: optax.GradientTransformation,
   lr_fn: optax.Schedule,
   ema_decay: float,
+  ema_gammas: tuple[float, ...] = (),
 ) -> tuple[TrainState, dict[str, Any]]:
   """One optimizer update on a global batch {"image": [B, H, W, C], **conditioning}."""
   key_drop, key_loss = jax.random.split(state.step_key())
@@ -67,14 +75,19 @@ def train_step(
     def denoise(z, t):
       return model.apply({"params": params}, z, t, cond)
 
-    loss, terms = diffusion.training_loss(denoise, images, key_loss)
+    if isinstance(model, Classifier):
+      # The batch's own labels are the targets (the classifier ignores `cond`).
+      loss, terms = diffusion.classifier_loss(denoise, images, batch["label"], key_loss)
+    else:
+      loss, terms = diffusion.training_loss(denoise, images, key_loss)
     return jnp.mean(loss), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+  # One exponential EMA, or one power EMA per exponent in ema_gammas (EDM2); t counts updates.
+  ema = ema_lib.update(state.ema_params, params, state.step + 1, decay=ema_decay, gammas=ema_gammas)
   # A non-finite loss or gradient drops the whole update (parameters, optimizer moments, EMA), so
   # the state never holds NaNs; the step counter, data and randomness move on.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

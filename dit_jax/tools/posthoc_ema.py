@@ -1,0 +1,202 @@
+"""Post-hoc EMA (EDM2): the EMA of any relative std sigma_rel, chosen after training.
+
+  python -m dit_jax.main --config=configs/quickstart.py --workdir=RUN \\
+      --config.train.ema.kind=power --config.train.ema.std="(0.05,0.1)" \\
+      --config.train.ema.snapshot_every=500
+  python -m dit_jax.tools.posthoc_ema --workdir=RUN --std=0.07 --out=OUT
+  python -m dit_jax.main --config=configs/quickstart.py --workdir=OUT --mode=sample  # + same flags
+
+The run's power EMAs, saved every snapshot_every steps in RUN/ema_snapshots, are each a weighted
+average of the parameters over training; a linear combination of them approximates the
+power-function EMA of any other sigma_rel (dit_jax.train.ema explains the least squares). OUT
+becomes a weights-only workdir (like an import): sample or evaluate it with the run's config, on
+any mesh, or fine-tune from it with --config.train.init_from=OUT. The reconstruction ends at the
+newest snapshot, or at --step=N (a snapshot step, using the snapshots up to it).
+--std=0.03,0.05,0.07 writes one workdir per value, OUT/0.03, OUT/0.05, OUT/0.07, reading each
+snapshot once. OUT/posthoc_ema.json (per workdir) records the weights and the fit's error.
+
+Device memory: one copy of the parameters per output plus the EMAs of one snapshot.
+"""
+
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags, logging
+
+from dit_jax import checkpoint, cli, config_defaults, utils
+from dit_jax.errors import ConfigError
+from dit_jax.train import ema as ema_lib
+
+
+def _define_flags() -> None:
+  """Defines the flags only when run as a program, so that tests can import this module."""
+  flags.DEFINE_string("workdir", None, "A training run with power-EMA snapshots.")
+  flags.DEFINE_string("std", None, "sigma_rel to reconstruct, or several separated by commas.")
+  flags.DEFINE_string("out", None, "A new workdir for the result (OUT/<std> for several).")
+  flags.DEFINE_integer("step", None, "The snapshot step the EMA ends at (default: the newest).")
+  flags.mark_flags_as_required(["workdir", "std", "out"])
+
+
+def parse_stds(text: str) -> list[float]:
+  """`0.05` or `0.03,0.05` -> floats, each a valid sigma_rel; ConfigError otherwise."""
+  try:
+    stds = [float(part) for part in text.split(",") if part.strip()]
+  except ValueError:
+    stds = []
+  if not stds:
+    raise ConfigError(f"--std={text!r} is not a list of numbers; e.g. --std=0.07 or 0.05,0.07.")
+  check_stds(stds)
+  return stds
+
+
+def check_stds(stds: Sequence[float]) -> None:
+  """Raises ConfigError unless `stds` are distinct sigma_rel values in (0, MAX_STD]."""
+  text = ",".join(f"{s:g}" for s in stds)
+  if not stds:
+    raise ConfigError("--std is empty; give one sigma_rel or several, e.g. --std=0.05,0.07.")
+  for std in stds:
+    if not (math.isfinite(std) and 0 < std <= ema_lib.MAX_STD):
+      raise ConfigError(
+        f"--std={text} holds {std}; each sigma_rel must be in (0, {ema_lib.MAX_STD:.5f}] "
+        f"({ema_lib.MAX_STD:.5f} = the plain average of all steps)."
+      )
+  if len(set(stds)) != len(stds):
+    raise ConfigError(f"--std={text} repeats a value; list each sigma_rel once.")
+
+
+def outputs(out: str, stds: Sequence[float]) -> list[str]:
+  """The workdir of each std: `out` itself for one, `out/<std>` for several."""
+  if len(stds) == 1:
+    return [out]
+  return [os.path.join(out, f"{std:g}") for std in stds]
+
+
+def _snapshot_config(saved: dict) -> ml_collections.ConfigDict:
+  """The run's config as its snapshot saved it, over today's defaults (for fields added since)."""
+  config = config_defaults.base_config()
+  config.update(saved)
+  return config
+
+
+def reconstruct(
+  workdir: str, stds: Sequence[float], out: str, step: int | None = None, devices=None
+) -> list[str]:
+  """Writes the post-hoc EMA of each sigma_rel in `stds` to a new workdir; returns their paths.
+
+  Raises:
+    ConfigError: if `workdir` holds no snapshots, `step` is not one of them, a std lies outside
+      the range the snapshots reconstruct (the message gives it), or an output holds
+      checkpoints. Everything is checked before anything is written.
+  """
+  from dit_jax.train import setup  # Here: building the model is not needed to check the input.
+
+  check_stds(stds)
+  directory = os.path.join(os.path.abspath(workdir), checkpoint.SNAPSHOTS)
+  snaps = checkpoint.EmaSnapshots(workdir, read_only=True) if os.path.isdir(directory) else None
+  steps = snaps.all_steps() if snaps is not None else []
+  if not steps:
+    raise ConfigError(
+      f"{directory} holds no EMA snapshots; train with --config.train.ema.kind=power and "
+      "--config.train.ema.snapshot_every=N (> 0) to write them."
+    )
+  try:
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise ConfigError(
+        f"--step={step} is not a snapshot step; {directory} has snapshots at {steps}."
+      )
+    used = [s for s in steps if s <= step]
+    profiles = {s: snaps.profiles(s) for s in used}
+    times = [s for s in used for _ in profiles[s]["gamma"]]
+    exps = [g for s in used for g in profiles[s]["gamma"]]
+    gammas = [ema_lib.std_to_gamma(std) for std in stds]
+    weights, errors = ema_lib.posthoc_weights(times, exps, step, gammas)  # [N, K], [K]
+    bad = [std for std, err in zip(stds, errors, strict=True) if err > ema_lib.MAX_RESIDUAL]
+    if bad:
+      span = ema_lib.reconstructable_range(times, exps, step)
+      can = "none" if span is None else f"sigma_rel in [{span[0]:.3g}, {span[1]:.3g}]"
+      raise ConfigError(
+        f"--std={','.join(f'{s:g}' for s in bad)} cannot be reconstructed from the {len(used)} "
+        f"snapshot(s) up to step {step} in {directory} (relative error above "
+        f"{ema_lib.MAX_RESIDUAL:g}); they reconstruct {can}. Pick a std in that range, or "
+        "train with more snapshots (a smaller train.ema.snapshot_every) or other train.ema.std."
+      )
+    targets = outputs(out, stds)
+    for target in targets:
+      checkpoint.check_new_workdir(target)
+    config = _snapshot_config(snaps.saved_config(step))
+    exp = setup.build(config, devices=devices, training=False)
+    abstract = exp.abstract_state.params
+
+    @jax.jit
+    def add(acc, w, tree):
+      return jax.tree.map(lambda a, x: a + w * x, acc, tree)
+
+    def zeros():
+      return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), abstract)
+
+    acc = [zeros() for _ in stds]
+    row = 0
+    with exp.context():
+      for s in used:
+        emas = snaps.restore(s, abstract)
+        for tree in emas:
+          acc = [add(a, np.float32(weights[row, k]), tree) for k, a in enumerate(acc)]
+          row += 1
+        del emas
+  finally:
+    if snaps is not None:
+      snaps.close()
+  for k, (std, target) in enumerate(zip(stds, targets, strict=True)):
+    source = (
+      f"posthoc_ema sigma_rel={std:g} (gamma={gammas[k]:.4g}) from {len(used)} snapshot(s) up to "
+      f"step {step} of {os.path.abspath(workdir)}"
+    )
+    path = checkpoint.save_weights(target, step, acc[k], config, source=source)
+    if jax.process_index() == 0:
+      record = {
+        "std": std,
+        "gamma": gammas[k],
+        "step": step,
+        "relative_error": float(errors[k]),
+        "snapshots": [
+          {"step": t, "gamma": g, "weight": float(w)}
+          for t, g, w in zip(times, exps, weights[:, k], strict=True)
+        ],
+        "source": os.path.abspath(workdir),
+      }
+      with open(os.path.join(target, "posthoc_ema.json"), "w") as f:
+        json.dump(record, f, indent=1)
+      logging.info(
+        "sigma_rel=%g: weights over %d stored EMAs (sum %.4f, relative profile error %.2g) "
+        "written to %s.",
+        std,
+        len(times),
+        float(weights[:, k].sum()),
+        float(errors[k]),
+        path,
+      )
+  return targets
+
+
+def main(argv):
+  del argv
+  utils.quiet_library_logs()
+  f = flags.FLAGS
+  try:
+    reconstruct(f.workdir, parse_stds(f.std), f.out, f.step)
+  except ConfigError as e:
+    sys.exit(f"Error: {e}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  cli.run(main)
