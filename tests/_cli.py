@@ -95,10 +95,11 @@ def copy_workdir(source: str, target: str) -> str:
   return target
 
 
-def tiny_config(**fields):
+def tiny_config(config_file: str = "configs/quickstart.py", **fields):
   """The config of `TINY` (the run of the `trained_workdir` fixture), built in-process, with
-  `section__name=value` fields set on top."""
-  path = os.path.join(REPO, TINY[0].removeprefix("--config="))
+  `section__name=value` fields set on top; `config_file` replaces the quickstart's config file
+  (e.g. configs/quickstart_classifier.py for the `classifier_workdir` fixture)."""
+  path = os.path.join(REPO, config_file)
   spec = importlib.util.spec_from_file_location("quickstart_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -2,6 +2,7 @@
 sharding, its training by the common trainer, `log_prob_grad`, its evaluation and its bad input."""
 
 import importlib.util
+import json
 import os
 
 import _cli
@@ -159,17 +160,19 @@ def test_log_prob_grad_is_finite_per_row_and_matches_finite_differences():
   np.testing.assert_allclose(alone[0], grad[1], rtol=1e-4, atol=1e-6)
 
 
-def test_evaluate_reports_accuracy_by_noise_level_and_sample_is_a_clear_error(tmp_path):
+def test_evaluate_reports_accuracy_by_noise_level_and_sample_is_a_clear_error(
+  classifier_workdir, tmp_path
+):
   from dit_jax.evaluation import runner
-  from dit_jax.train import loop
 
-  workdir = str(tmp_path / "clf")
-  config = classifier_config()
-  metrics = loop.run(config, workdir)
-  assert {"loss", "accuracy"} <= set(metrics)
+  workdir = _cli.copy_workdir(classifier_workdir, str(tmp_path / "clf"))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  assert logged and all({"loss", "accuracy"} <= set(m) for m in logged)  # Trained by the CLI.
+  config = _cli.tiny_config("configs/quickstart_classifier.py", train__num_steps=4)
   scores = runner.evaluate(config, workdir)
   levels = [k for k in scores if k.startswith("accuracy_u")]
-  assert len(levels) >= 5 and scores["num_images"] == 40
+  assert len(levels) >= 5 and scores["num_images"] == 8
   assert all(0 <= scores[k] <= 1 for k in levels)
   with pytest.raises(ConfigError, match="classifier"):
     runner.sample(config, workdir)
