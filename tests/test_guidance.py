@@ -332,3 +332,19 @@ def test_a_classifier_of_other_classes_is_one_clear_error(classifier_workdir):
   config.sample.classifier.workdir, config.sample.classifier.scale = classifier_workdir, 1.0
   with pytest.raises(ConfigError, match="classifies 10 classes, but this model has"):
     sampling.make_sampler(setup.build(config, training=False))
+
+
+def test_interval_and_cads_act_on_text_conditions():
+  """MMDiT on the built-in shapes captions: the interval covering everything is plain CFG
+  bitwise; CADS perturbs the text embeddings (samples change, stay finite)."""
+  config = _cli.tiny_config("configs/quickstart_t2i.py")
+  config.model.variant, config.model.width, config.model.heads = "d2", 64, 2
+  config.sample.num_steps, config.sample.guidance_scale = 3, 2.0
+  config.sample.clip_denoised = False
+  plain, params = _samples(config)
+  config.sample.guidance_interval = (0.0, 2.0)  # Flow times t are in [0, 1].
+  np.testing.assert_array_equal(_samples(config, params)[0], plain)
+  config.sample.guidance_interval = ()
+  config.sample.cads.noise_scale, config.sample.cads.tau1, config.sample.cads.tau2 = 0.5, 0.1, 0.5
+  cads = _samples(config, params)[0]
+  assert np.all(np.isfinite(cads)) and not np.allclose(cads, plain)
