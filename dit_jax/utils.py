@@ -63,6 +63,43 @@ def save_grid(path: str, images: np.ndarray, ncols: int | None = None, upscale: 
   Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
+def line_plot(
+  path: str, x: list[float], series: dict[str, list[float]], x_label: str, size=(360, 240)
+) -> None:
+  """Writes a PNG with one small panel per series (y against x, points joined, each panel's own
+  y range printed at its top and bottom, x values under the points): enough to see a sweep's
+  shape without a plotting library."""
+  from PIL import ImageDraw
+
+  w, h = size
+  margin_l, margin_r, margin_t, margin_b = 56, 12, 22, 30
+  image = Image.new("RGB", (w * len(series), h), "white")
+  draw = ImageDraw.Draw(image)
+  lo_x, hi_x = min(x), max(x)
+  for n, (name, ys) in enumerate(series.items()):
+    left = n * w
+    lo, hi = min(ys), max(ys)
+    span_x, span_y = (hi_x - lo_x) or 1.0, (hi - lo) or 1.0
+
+    def point(xv, yv, left=left, lo=lo, span_x=span_x, span_y=span_y):
+      px = left + margin_l + (xv - lo_x) / span_x * (w - margin_l - margin_r)
+      py = margin_t + (1.0 - (yv - lo) / span_y) * (h - margin_t - margin_b)
+      return px, py
+
+    box = [left + margin_l, margin_t, left + w - margin_r, h - margin_b]
+    draw.rectangle(box, outline="black")
+    draw.text((left + margin_l, 4), name, fill="black")
+    draw.text((left + 2, margin_t - 4), f"{hi:.4g}", fill="black")
+    draw.text((left + 2, h - margin_b - 8), f"{lo:.4g}", fill="black")
+    points = [point(xv, yv) for xv, yv in zip(x, ys, strict=True)]
+    draw.line(points, fill="blue", width=2)
+    for (px, py), xv in zip(points, x, strict=True):
+      draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill="blue")
+      draw.text((px - 10, h - margin_b + 4), f"{xv:g}", fill="black")
+    draw.text((left + w // 2 - 20, h - 12), x_label, fill="black")
+  image.save(path)
+
+
 def _complete_line_before(line: str, step: int) -> bool:
   try:
     return json.loads(line)["step"] <= step

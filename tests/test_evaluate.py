@@ -253,7 +253,8 @@ def test_digits_keep_their_metrics_and_add_the_inceptions(
   exp = setup.build(config, training=False)
   params, _ = runner.restore_params(exp, workdir)
   logged = scoring.training_evaluator(exp, workdir)(params, 6)
-  assert logged == {k: scores[k] for k in ("class_accuracy", "frechet_distance", "diversity")}
+  assert {"class_accuracy", "frechet_distance"} <= set(logged)  # (+ diversity given 2 a class)
+  assert logged == {k: scores[k] for k in logged}
 
 
 # --- Bad input --------------------------------------------------------------------------------
@@ -352,3 +353,14 @@ def test_a_bad_reference_is_one_clear_error_naming_the_field(folder, runs, tmp_p
     runner.evaluate(config, runs["on"])
   assert str(e.value).startswith(f"config.eval.reference={config.eval.reference!r}")
   assert not os.path.exists(scoring.eval_files(runs["on"], config.eval.name)[0])
+
+
+def test_within_class_distance_averages_same_class_pairs_only():
+  from dit_jax.evaluation import metrics
+
+  features = np.array([[0.0, 0.0], [3.0, 4.0], [100.0, 0.0], [1.0, 1.0], [1.0, 2.0], [1.0, 4.0]])
+  labels = np.array([0, 0, 1, 2, 2, 2])  # Class 1 has one sample: no pair, left out.
+  # Class 0: one pair at distance 5; class 2: pairs at 1, 3, 2 (mean 2).
+  assert metrics.within_class_distance(features, labels) == pytest.approx((5.0 + 2.0) / 2)
+  with pytest.raises(ValueError, match="at least two samples"):
+    metrics.within_class_distance(features[:3], np.array([0, 1, 2]))

@@ -316,3 +316,30 @@ def test_init_from_a_power_run_takes_its_parameters_and_first_ema(power_run):
   assert step == 6
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), state.params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema_params), state.ema_params[0])
+
+
+def test_posthoc_sweep_scores_each_std_and_plots_them(power_run, tmp_path):
+  out = str(tmp_path / "sweep")
+  proc = _cli.run(
+    f"--workdir={power_run}",
+    "--std=0.08,0.05",
+    f"--out={out}",
+    "--evaluate",
+    module="dit_jax.tools.posthoc_ema",
+  )
+  assert proc.returncode == 0, proc.output[-3000:]
+  _cli.assert_quiet(proc)
+  with open(os.path.join(out, "sweep.json")) as f:
+    rows = json.load(f)
+  assert [r["std"] for r in rows] == [0.05, 0.08]  # Sorted.
+  for r in rows:  # Each scored as --mode=evaluate scores it, from its own workdir.
+    with open(os.path.join(r["workdir"], "eval", "posthoc.json")) as f:
+      assert json.load(f)["class_accuracy"] == r["class_accuracy"]
+  assert rows[0]["frechet_distance"] != rows[1]["frechet_distance"]
+  table = proc.output.strip().splitlines()[-3:]
+  assert table[0].split() == ["sigma_rel", "frechet_distance", "class_accuracy"], table
+  assert [float(line.split()[0]) for line in table[1:]] == [0.05, 0.08]
+  from PIL import Image
+
+  with Image.open(os.path.join(out, "sweep.png")) as image:
+    assert image.size == (720, 240)

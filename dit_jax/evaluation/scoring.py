@@ -486,7 +486,8 @@ def builtin_scorer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray, M
 
   - digits: class accuracy (a classifier trained on the real digits), the Fréchet distance in
     its feature space to all the real digits, and the diversity: the mean distance between two
-    samples of the same class in that space over the real digits' (`within_class_distance`);
+    samples of the same class in that space over the real digits' (`within_class_distance`;
+    left out when no class has two samples);
   - shapes: the fraction of images whose colour, shape and position (read back by
     `shapes_checker`) all match their prompt.
   """
@@ -502,12 +503,15 @@ def builtin_scorer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray, M
     def digits(images: np.ndarray, meta: Mapping) -> dict:
       features = classifier.features(images)
       mu_g, sig_g = metrics.feature_statistics(features)
-      return {
+      scores = {
         "class_accuracy": float(metrics.accuracy(classifier.predict(images), meta["labels"])),
         "frechet_distance": float(metrics.frechet_distance(mu_g, sig_g, mu_r, sig_r)),
-        # Same-class spread in the classifier's features over the real digits' (1 = as diverse).
-        "diversity": metrics.within_class_distance(features, meta["labels"]) / real_spread,
       }
+      if np.bincount(np.asarray(meta["labels"])).max() >= 2:  # Else no pair of one class.
+        # Same-class spread in the classifier's features over the real digits' (1 = as diverse).
+        distance = metrics.within_class_distance(features, meta["labels"])
+        scores["diversity"] = distance / real_spread
+      return scores
 
     return digits
   if config.data.name != "shapes":

@@ -41,6 +41,13 @@ def _define_flags() -> None:
   flags.DEFINE_string("std", None, "sigma_rel to reconstruct, or several separated by commas.")
   flags.DEFINE_string("out", None, "A new workdir for the result (OUT/<std> for several).")
   flags.DEFINE_integer("step", None, "The snapshot step the EMA ends at (default: the newest).")
+  flags.DEFINE_bool(
+    "evaluate",
+    False,
+    "Also score each reconstruction as --mode=evaluate does (the run's config, its sampling and "
+    "eval settings) and print a table of the scores against sigma_rel; writes OUT/sweep.json and "
+    "OUT/sweep.png.",
+  )
   flags.mark_flags_as_required(["workdir", "std", "out"])
 
 
@@ -187,12 +194,59 @@ def reconstruct(
   return targets
 
 
+# The scores a sweep plots, the first present of each group: sample quality, then class fidelity.
+_PLOTTED = (("fid", "frechet_distance"), ("class_accuracy", "accuracy"))
+
+
+def sweep(workdir: str, stds: Sequence[float], out: str, step: int | None = None) -> list[dict]:
+  """Reconstructs each sigma_rel (see `reconstruct`), scores each with `--mode=evaluate`'s
+  evaluation under the run's own config, and writes OUT/sweep.json (one row per sigma_rel) and
+  OUT/sweep.png (the plotted scores against sigma_rel); returns the rows."""
+  from dit_jax.evaluation import runner
+
+  stds = sorted(stds)
+  targets = reconstruct(workdir, stds, out, step)
+  if len(stds) == 1:  # `reconstruct` wrote OUT itself; keep the sweep's files beside it.
+    out = targets[0]
+  snaps = checkpoint.EmaSnapshots(workdir, read_only=True)
+  try:
+    step = snaps.all_steps()[-1] if step is None else step
+    config = _snapshot_config(snaps.saved_config(step))  # The config the run trained with.
+  finally:
+    snaps.close()
+  config.eval.name = "posthoc"
+  rows = []
+  for std, target in zip(stds, targets, strict=True):
+    scores = runner.evaluate(config, target, overwrite=True)
+    rows.append({"std": std, "workdir": target, **scores})
+  if jax.process_index() == 0:
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+      json.dump(rows, f, indent=2)
+    keys = [next((k for k in group if k in rows[0]), None) for group in _PLOTTED]
+    keys = [k for k in keys if k is not None]
+    utils.line_plot(
+      os.path.join(out, "sweep.png"),
+      [r["std"] for r in rows],
+      {k: [r[k] for r in rows] for k in keys},
+      x_label="sigma_rel",
+    )
+    width = max(len(k) for k in keys)
+    print(f"{'sigma_rel':>9}  " + "  ".join(f"{k:>{width}}" for k in keys))
+    for r in rows:
+      print(f"{r['std']:>9.3g}  " + "  ".join(f"{r[k]:>{width}.4g}" for k in keys))
+  return rows
+
+
 def main(argv):
   del argv
   utils.quiet_library_logs()
   f = flags.FLAGS
   try:
-    reconstruct(f.workdir, parse_stds(f.std), f.out, f.step)
+    stds = parse_stds(f.std)
+    if f.evaluate:
+      sweep(f.workdir, stds, f.out, f.step)
+    else:
+      reconstruct(f.workdir, stds, f.out, f.step)
   except ConfigError as e:
     sys.exit(f"Error: {e}")
 
