@@ -18,6 +18,16 @@ from dit_jax.train import setup
 _RETRY = "make room there or make it writable, then rerun the same command."
 
 
+def _refuse_finished(path: str, parts_dir: str | None = None) -> None:
+  """Raises a ConfigError if the scores at `path` are there from a finished earlier run (chunks
+  in `parts_dir` beside them mark a run killed after writing it, which a rerun finishes)."""
+  if os.path.exists(path) and not (parts_dir and os.path.isdir(parts_dir)):
+    raise ConfigError(
+      f"{path} exists (from an earlier run); set another --config.eval.name=..., or pass "
+      "--overwrite to replace it."
+    )
+
+
 def restore_params(exp: setup.Experiment, workdir: str):
   """The EMA (or raw, per config.sample.use_ema) parameters of the newest checkpoint that can be
   read (a damaged newer one is skipped with a warning), restored onto this experiment's mesh; of
@@ -132,16 +142,8 @@ def evaluate(
     setup.check_inception_eval(config, config.eval.num_images, "eval.num_images")
   path, parts_dir = scoring.eval_files(workdir, config.eval.name)
 
-  def check_new() -> None:
-    # Chunks beside the json: a run killed after writing it, which a rerun finishes.
-    if os.path.exists(path) and not os.path.isdir(parts_dir):
-      raise ConfigError(
-        f"{path} exists (from an earlier run); set another --config.eval.name=..., or pass "
-        "--overwrite to replace it."
-      )
-
   if not overwrite:
-    distributed.on_process_0(check_new, f"read {workdir}", _RETRY)
+    distributed.on_process_0(lambda: _refuse_finished(path, parts_dir), f"read {workdir}", _RETRY)
   exp = setup.build(config, training=False)
   params, step = restore_params(exp, workdir)
   scorer = scoring.Scorer(exp, workdir) if inception else None
@@ -204,15 +206,8 @@ def _evaluate_classifier(
   the levels of `noisy_accuracy.UNIT_TIMES`, written to `workdir/eval/<config.eval.name>.json`."""
   path, _ = scoring.eval_files(workdir, config.eval.name)
 
-  def check_new() -> None:
-    if os.path.exists(path):
-      raise ConfigError(
-        f"{path} exists (from an earlier run); set another --config.eval.name=..., or pass "
-        "--overwrite to replace it."
-      )
-
   if not overwrite:
-    distributed.on_process_0(check_new, f"read {workdir}", _RETRY)
+    distributed.on_process_0(lambda: _refuse_finished(path), f"read {workdir}", _RETRY)
   exp = setup.build(config, training=False)
   params, step = restore_params(exp, workdir)
   images, labels = data.real_images(config, config.eval.num_images)
