@@ -289,6 +289,14 @@ def test_posthoc_bad_input_is_one_clear_error(power_run, tmp_path):
     f"--workdir={power_run}", "--std=0.01", f"--out={out}", module="dit_jax.tools.posthoc_ema"
   )
   _cli.assert_clear_error(proc, "--std=0.01 cannot be reconstructed", "they reconstruct sigma_rel")
+  proc = _cli.run(
+    f"--workdir={power_run}",
+    "--std=0.07",
+    f"--out={out}",
+    "--set=sample.guidance_scale=1",
+    module="dit_jax.tools.posthoc_ema",
+  )
+  _cli.assert_clear_error(proc, "--set changes how --evaluate scores; add --evaluate")
   cases = [
     (dict(stds=[0.07], step=3), "--step=3 is not a snapshot step; "),
     (dict(stds=[0.07, 0.2], step=None), "--std=0.2 cannot be reconstructed"),
@@ -303,6 +311,13 @@ def test_posthoc_bad_input_is_one_clear_error(power_run, tmp_path):
     assert message in str(e.value)
   with pytest.raises(ConfigError, match="repeats a value"):
     posthoc_ema.parse_stds("0.05,0.05")
+  for setting, message in (
+    ("model.width=8", "names no sampling or evaluation setting"),  # Not how it samples.
+    ("sample.guidance_sclae=1", "names no sampling or evaluation setting"),
+    ("sample.guidance_scale=high", "'high' is not a value for sample.guidance_scale"),
+  ):
+    with pytest.raises(ConfigError, match=message):  # Before anything is reconstructed.
+      posthoc_ema.sweep(power_run, [0.07], out, settings=[setting])
   assert not os.path.exists(out)  # Nothing was written.
   os.makedirs(os.path.join(out, "checkpoints", "7"))
   with pytest.raises(ConfigError, match="is not empty"):
@@ -325,6 +340,8 @@ def test_posthoc_sweep_scores_each_std_and_plots_them(power_run, tmp_path):
     "--std=0.08,0.05",
     f"--out={out}",
     "--evaluate",
+    "--set=sample.guidance_scale=1",
+    "--set=sample.num_steps=3",
     module="dit_jax.tools.posthoc_ema",
   )
   assert proc.returncode == 0, proc.output[-3000:]
@@ -332,6 +349,8 @@ def test_posthoc_sweep_scores_each_std_and_plots_them(power_run, tmp_path):
   with open(os.path.join(out, "sweep.json")) as f:
     rows = json.load(f)
   assert [r["std"] for r in rows] == [0.05, 0.08]  # Sorted.
+  # Scored under --set (the run itself samples with CFG 3 in 2 steps).
+  assert [(r["guidance_scale"], r["num_steps"]) for r in rows] == [(1.0, 3), (1.0, 3)]
   for r in rows:  # Each scored as --mode=evaluate scores it, from its own workdir.
     with open(os.path.join(r["workdir"], "eval", "posthoc.json")) as f:
       assert json.load(f)["class_accuracy"] == r["class_accuracy"]

@@ -18,6 +18,7 @@ snapshot once. OUT/posthoc_ema.json (per workdir) records the weights and the fi
 Device memory: one copy of the parameters per output plus the EMAs of one snapshot.
 """
 
+import ast
 import json
 import math
 import os
@@ -48,6 +49,13 @@ def _define_flags() -> None:
     "eval settings) and print a table of the scores against sigma_rel; writes OUT/sweep.json and "
     "OUT/sweep.png.",
   )
+  flags.DEFINE_multi_string(
+    "set",
+    [],
+    "With --evaluate: a sampling or evaluation setting to score under instead of the run's own, "
+    "as sample.<field>=<value> or eval.<field>=<value> (repeatable), e.g. "
+    "--set=sample.guidance_scale=1.",
+  )
   flags.mark_flags_as_required(["workdir", "std", "out"])
 
 
@@ -76,6 +84,51 @@ def check_stds(stds: Sequence[float]) -> None:
       )
   if len(set(stds)) != len(stds):
     raise ConfigError(f"--std={text} repeats a value; list each sigma_rel once.")
+
+
+# The sections --set may change: how the sweep samples and scores, never what was trained.
+_SETTABLE = ("sample", "eval")
+
+
+def apply_settings(config: ml_collections.ConfigDict, settings: Sequence[str]) -> None:
+  """Sets each `section.field=value` of `settings` (`--set`) on `config` in place, the value
+  parsed by the field's type; ConfigError for another section, an unknown field or a bad value."""
+  for item in settings:
+    key, sep, text = item.partition("=")
+    *path, name = key.split(".")
+    node = config
+    for part in path:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if (
+      not sep
+      or not path
+      or path[0] not in _SETTABLE
+      or not isinstance(node, ml_collections.ConfigDict)
+      or name not in node
+      or isinstance(node[name], ml_collections.ConfigDict)
+    ):
+      raise ConfigError(
+        f"--set={item!r} names no sampling or evaluation setting; give "
+        "sample.<field>=<value> or eval.<field>=<value> with a field of the config, e.g. "
+        "--set=sample.guidance_scale=1."
+      )
+    current = node[name]
+    try:
+      if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(text)
+        value = text.lower() in ("true", "1")
+      elif isinstance(current, (int, float)):
+        value = type(current)(float(text)) if isinstance(current, float) else int(text)
+      elif isinstance(current, str):
+        value = text
+      else:
+        value = ast.literal_eval(text)
+      node[name] = value
+    except (ValueError, TypeError, SyntaxError) as e:
+      raise ConfigError(
+        f"--set={item!r}: {text!r} is not a value for {key} (now {current!r})."
+      ) from e
 
 
 def outputs(out: str, stds: Sequence[float]) -> list[str]:
@@ -198,13 +251,21 @@ def reconstruct(
 _PLOTTED = (("fid", "frechet_distance"), ("class_accuracy", "accuracy"))
 
 
-def sweep(workdir: str, stds: Sequence[float], out: str, step: int | None = None) -> list[dict]:
+def sweep(
+  workdir: str,
+  stds: Sequence[float],
+  out: str,
+  step: int | None = None,
+  settings: Sequence[str] = (),
+) -> list[dict]:
   """Reconstructs each sigma_rel (see `reconstruct`), scores each with `--mode=evaluate`'s
-  evaluation under the run's own config, and writes OUT/sweep.json (one row per sigma_rel) and
+  evaluation under the run's own config (with `settings` applied, see `apply_settings`), and
+  writes OUT/sweep.json (one row per sigma_rel) and
   OUT/sweep.png (the plotted scores against sigma_rel); returns the rows."""
   from dit_jax.evaluation import runner
 
   stds = sorted(stds)
+  apply_settings(config_defaults.base_config(), settings)  # Bad --set fails before any work.
   targets = reconstruct(workdir, stds, out, step)
   if len(stds) == 1:  # `reconstruct` wrote OUT itself; keep the sweep's files beside it.
     out = targets[0]
@@ -215,6 +276,7 @@ def sweep(workdir: str, stds: Sequence[float], out: str, step: int | None = None
   finally:
     snaps.close()
   config.eval.name = "posthoc"
+  apply_settings(config, settings)
   rows = []
   for std, target in zip(stds, targets, strict=True):
     scores = runner.evaluate(config, target, overwrite=True)
@@ -244,7 +306,9 @@ def main(argv):
   try:
     stds = parse_stds(f.std)
     if f.evaluate:
-      sweep(f.workdir, stds, f.out, f.step)
+      sweep(f.workdir, stds, f.out, f.step, f.set)
+    elif f.set:
+      raise ConfigError("--set changes how --evaluate scores; add --evaluate, or drop --set.")
     else:
       reconstruct(f.workdir, stds, f.out, f.step)
   except ConfigError as e:
