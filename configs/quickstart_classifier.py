@@ -8,12 +8,14 @@
 Meant for: one CPU (2 cores suffice), a few minutes. A DiT-style encoder (`model.name=
 "classifier"`) learns p(y | z_t, t) on the 16x16 digits under exactly the noise process of
 configs/quickstart.py (whose config this one starts from: the same objective, schedule, timestep
-sampler and shift), so that its gradient can steer that model's samplers. 1,500 steps took 7.3
+sampler and shift), so that its gradient can steer that model's samplers. 3,000 steps took 9.5
 minutes on 2 cores shared with other work. `--mode=evaluate` reports its accuracy on the digits
 noised to unit times u = 0, 0.25, 0.5, 0.75, 0.95 (sigma/alpha 0, 1/3, 1, 3, 19): 1.000, 1.000,
-0.941, 0.487, 0.124; the digits have no held-out split, so these are training images under fresh
+0.954, 0.517, 0.149; the digits have no held-out split, so these are training images under fresh
 noise. A 600-step classifier trained on 80% of them scored 0.94, 0.93, 0.79, 0.33 and 0.13 on the
-other 20% (chance: 0.10).
+other 20% (chance: 0.10). Trained longer, it guides better (README.md, "Guidance"): class accuracy
+at guidance scales 1, 3, 10 rose from 0.907, 0.931, 0.915 (600 steps) to 0.967, 0.991, 0.990
+(1,500) and 0.982, 0.998, 0.999 (3,000).
 Arg string: none (any is an error); set fields with --config.<field>=<value>.
 """
 
@@ -40,6 +42,6 @@ def get_config(arg: str | None = None):
   c.model.depth = 4
   c.model.class_dropout = 0.0  # Labels are the targets; the classifier never drops them.
   c.sample.guidance_scale = 1.0  # It makes no samples; this only keeps the CFG warning quiet.
-  c.train.num_steps = 1500
-  c.train.checkpoint_every = 500
+  c.train.num_steps = 3000
+  c.train.checkpoint_every = 1000
   return c
