@@ -31,7 +31,7 @@ setup(
   ],
   extras_require={
     # Parity tests against diffusers (PyTorch on CPU) and the text-encoder tool's tests.
-    "test": ["pytest", "ruff", "torch==2.13.0", "diffusers", "transformers"],
+    "test": ["pytest", "pytest-xdist", "ruff", "torch==2.13.0", "diffusers", "transformers"],
     # dit_jax.tools.encode_text: Hugging Face text encoders (CLIP, T5) from local paths.
     "text": ["torch", "transformers"],
     # Cloud TPU VMs, and the ahead-of-time fit check (launch/aot_compile.py) on any machine:
