@@ -82,6 +82,26 @@ def test_digits_rejects_bad_size_and_channels():
     data.build_source(_config(name="digits", image_size=12))
   with pytest.raises(data.DataError, match="config.data.channels"):
     data.build_source(_config(name="digits", channels=3))
+  with pytest.raises(data.DataError, match=r"config.data.split='test' is not a split of digits"):
+    data.build_source(_config(name="digits", image_size=8, split="test"))
+
+
+def test_digits_fit_and_held_out_split_all_of_them():
+  images, labels = {}, {}
+  for split in ("train", "fit", "held_out"):
+    images[split], labels[split] = data.real_images(
+      _config(name="digits", image_size=8, split=split)
+    )
+  assert (len(labels["fit"]), len(labels["held_out"])) == (1438, 359)
+
+  # Together, in some order, exactly the 1,797 of "train"; every class on both sides.
+  def rows(x, y):
+    return sorted(image.tobytes() + bytes([label]) for image, label in zip(x, y, strict=True))
+
+  both = rows(images["fit"], labels["fit"]) + rows(images["held_out"], labels["held_out"])
+  assert sorted(both) == rows(images["train"], labels["train"])
+  for split in ("fit", "held_out"):
+    assert set(labels[split].tolist()) == set(range(10))
 
 
 def test_synthetic_source_is_deterministic_per_index():

@@ -7,7 +7,10 @@ for text-conditioned data, `{"image", "context": np.float32 [L, Dc], "pooled": n
 times `config.data.latent_scale`.
 
 Names:
-  digits       the 1,797 8x8 handwritten digits that scikit-learn ships, resized to image_size.
+  digits       the 1,797 8x8 handwritten digits that scikit-learn ships, resized to image_size;
+               config.data.split "train" is all of them (scikit-learn has no split), "fit" and
+               "held_out" the 80% / 20% on which the shipped digit classifier was trained and
+               validated (`evaluation.digits_classifier.heldout_split`).
   synthetic    `config.data.synthetic_size` standard-normal images, deterministic per index,
                with random labels, or random text embeddings of the sizes config.model.context_len,
                context_dim and pooled_dim for a text-conditioned model (mmdit).
@@ -44,6 +47,7 @@ from dit_jax.errors import ConfigError
 SOURCE_NAMES = ("digits", "synthetic", "shapes", "tfds:<name>", "folder", "latents")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _DIGITS_SIZES = (8, 16, 32)
+_DIGITS_SPLITS = ("train", "fit", "held_out")
 
 
 class DataError(ConfigError):
@@ -183,7 +187,7 @@ class DigitsSource:
 
   num_classes = 10
 
-  def __init__(self, image_size: int):
+  def __init__(self, image_size: int, split: str = "train"):
     from sklearn.datasets import load_digits  # Imported here: sklearn adds a second to startup.
 
     digits = load_digits()
@@ -198,6 +202,12 @@ class DigitsSource:
     # Bicubic overshoots near strokes; clipping keeps the documented range.
     self._images = np.clip(images, -1.0, 1.0)[..., None]  # [N, S, S, 1]
     self._labels = digits.target.astype(np.int32)
+    if split != "train":
+      from dit_jax.evaluation.digits_classifier import heldout_split
+
+      fit, held_out = heldout_split(len(self._labels))
+      index = fit if split == "fit" else held_out
+      self._images, self._labels = self._images[index], self._labels[index]
 
   def __len__(self) -> int:
     return len(self._images)
@@ -637,7 +647,12 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
       raise DataError(
         f"config.data.channels={data.channels}, but digits are grayscale; set it to 1."
       )
-    source = DigitsSource(data.image_size)
+    if data.split not in _DIGITS_SPLITS:
+      raise DataError(
+        f"config.data.split={data.split!r} is not a split of digits; use one of "
+        f"{_DIGITS_SPLITS} (train: all 1,797; fit / held_out: 80% / 20% of them)."
+      )
+    source = DigitsSource(data.image_size, data.split)
   elif name == "synthetic":
     if data.synthetic_size <= 0:
       raise DataError(f"config.data.synthetic_size={data.synthetic_size} must be positive.")
