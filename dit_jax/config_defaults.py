@@ -225,6 +225,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def parse_value(text: str, default):
+  """`text` as a value of `default`'s type (bools: 1/true/yes or 0/false/no); ValueError if it
+  does not parse."""
+  if isinstance(default, bool):
+    if text and text.lower() in _TRUE:  # Empty is a bare flag's True only in `parse_arg`.
+      return True
+    if text.lower() in _FALSE:
+      return False
+    raise ValueError(f"{text!r} is not a bool")
+  return type(default)(text)
+
+
 def parse_arg(arg: str | None, defaults: dict) -> dict:
   """Parses a config arg string `key=value,flag` against `defaults` (bools may be bare flags).
 
@@ -249,17 +261,17 @@ def parse_arg(arg: str | None, defaults: dict) -> dict:
       )
     default = defaults[key]
     if isinstance(default, bool):
-      if not eq or value.lower() in _TRUE:
-        out[key] = True
-      elif value.lower() in _FALSE:
-        out[key] = False
-      else:
-        raise ConfigError(f"Config arg {key}={value!r} is not a bool; write {key} or {key}=false.")
+      try:
+        out[key] = parse_value(value, default) if value else True  # Bare `key` or `key=`.
+      except ValueError:
+        raise ConfigError(
+          f"Config arg {key}={value!r} is not a bool; write {key} or {key}=false."
+        ) from None
     elif not eq:
       raise ConfigError(f"Config arg {key!r} needs a value, e.g. {key}={default}.")
     else:
       try:
-        out[key] = type(default)(value)
+        out[key] = parse_value(value, default)
       except ValueError:
         kind = type(default).__name__
         raise ConfigError(

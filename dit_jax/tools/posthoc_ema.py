@@ -114,17 +114,10 @@ def apply_settings(config: ml_collections.ConfigDict, settings: Sequence[str]) -
       )
     current = node[name]
     try:
-      if isinstance(current, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-          raise ValueError(text)
-        value = text.lower() in ("true", "1")
-      elif isinstance(current, (int, float)):
-        value = type(current)(float(text)) if isinstance(current, float) else int(text)
-      elif isinstance(current, str):
-        value = text
-      else:
-        value = ast.literal_eval(text)
-      node[name] = value
+      if isinstance(current, (bool, int, float, str)):
+        node[name] = config_defaults.parse_value(text, current)
+      else:  # Tuples, e.g. sample.guidance_interval=(0.2,0.8).
+        node[name] = ast.literal_eval(text)
     except (ValueError, TypeError, SyntaxError) as e:
       raise ConfigError(
         f"--set={item!r}: {text!r} is not a value for {key} (now {current!r})."
