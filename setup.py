@@ -25,13 +25,20 @@ setup(
     "scipy",
     "Pillow",
     "tqdm",
-    "tensorboardX",  # writes WORKDIR/tensorboard
-    "tensorboard",  # views it: tensorboard --logdir WORKDIR/tensorboard
+    "tensorboard",  # writes WORKDIR/tensorboard and views it: tensorboard --logdir ...
     "safetensors",  # reads diffusers checkpoints (dit_jax.models.convert)
   ],
   extras_require={
     # Parity tests against diffusers (PyTorch on CPU) and the text-encoder tool's tests.
-    "test": ["pytest", "pytest-xdist", "ruff", "torch==2.13.0", "diffusers", "transformers"],
+    "test": [
+      "pytest",
+      "pytest-xdist",
+      "filelock",  # Fixtures that pytest-xdist's workers share (tests/conftest.py).
+      "ruff",
+      "torch==2.13.0",
+      "diffusers",
+      "transformers",
+    ],
     # dit_jax.tools.encode_text: Hugging Face text encoders (CLIP, T5) from local paths.
     "text": ["torch", "transformers"],
     # Cloud TPU VMs, and the ahead-of-time fit check (launch/aot_compile.py) on any machine:
