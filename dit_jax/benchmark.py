@@ -130,8 +130,11 @@ def _time(fn, args, steps: int, warmup: int, carry: bool) -> float:
   return statistics.median(times)
 
 
-def _compile(config):
-  """Builds `config` and compiles its train step and one guided sampling step."""
+def _lower(config, concrete: bool = True):
+  """Builds `config` and lowers its train step and one guided sampling step (not compiled):
+  (experiment, {name: (lowered program, its arguments)}). The arguments are a fresh state and a
+  random batch on the devices, or with `concrete=False` only their shapes and shardings (for
+  counting, when nothing is run)."""
   exp = setup.build(config)
   rng = np.random.default_rng(0)
   abstract = exp.abstract_batch()
@@ -143,11 +146,14 @@ def _compile(config):
       return rng.integers(0, config.model.num_classes, s.shape).astype(s.dtype)
     return rng.standard_normal(s.shape, np.float32)
 
-  batch = {k: jax.device_put(fill(s), s.sharding) for k, s in abstract.items()}
+  if concrete:
+    batch = {k: jax.device_put(fill(s), s.sharding) for k, s in abstract.items()}
+  else:
+    batch = abstract
   _, cond = conditioning.split_batch(batch)
   with exp.context():
-    state = exp.init_state()
-    train = exp.jit_train_step().lower(state, batch).compile()
+    state = exp.init_state() if concrete else exp.abstract_state
+    train = exp.jit_train_step().lower(state, batch)
     scale = config.sample.guidance_scale
 
     def sample_step(params, z, t, cond):
@@ -157,22 +163,41 @@ def _compile(config):
       null = exp.conditioner.null(cond)
       return guidance.guided(apply, cond, null, scale, image_shape[-1])(z, t)
 
-    params = exp.init_state().ema_params
-    z, t = batch["image"], jax.device_put(jnp.full((b,), 500.0), sharding)
-    sample = jax.jit(sample_step).lower(params, z, t, cond).compile()
+    if concrete:
+      params = exp.init_state().ema_params
+      t = jax.device_put(jnp.full((b,), 500.0), sharding)
+    else:
+      params = exp.abstract_state.ema_params
+      t = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=sharding)
+    z = batch["image"]
+    sample = jax.jit(sample_step).lower(params, z, t, cond)
   return exp, {"train": (train, (state, batch)), "sample": (sample, (params, z, t, cond))}
+
+
+def _compile(config, concrete: bool = True):
+  """`_lower(config, concrete)` with its programs compiled."""
+  exp, programs = _lower(config, concrete)
+  with exp.context():
+    return exp, {name: (p.compile(), args) for name, (p, args) in programs.items()}
+
+
+def flops(config) -> dict[str, float]:
+  """XLA's FLOPs of the train step and of one guided sampling step of `config`: {"train": ...,
+  "sample": ...}, counted on a twin with the block scan fully unrolled (XLA counts a loop body
+  once), which is compiled from shapes alone for the count: nothing is initialized or run."""
+  _, programs = _compile(utils.fully_unrolled(config), concrete=False)
+  return {name: utils.xla_flops(compiled) for name, (compiled, _) in programs.items()}
 
 
 def benchmark(config, steps: int = 10, warmup: int = 2) -> dict[str, dict[str, float]]:
   """Returns {"train": {...}, "sample": {...}} with seconds, images/s, FLOPs per image, FLOP/s."""
-  twin = utils.fully_unrolled(config)
-  flops = {name: utils.xla_flops(compiled) for name, (compiled, _) in _compile(twin)[1].items()}
+  counts = flops(config)
   exp, programs = _compile(config)
   results = {}
   with exp.context():
     for name, (compiled, args) in programs.items():
       seconds = _time(compiled, args, steps, warmup, carry=name == "train")
-      results[name] = {"seconds": seconds, "flops": flops[name]}
+      results[name] = {"seconds": seconds, "flops": counts[name]}
   b = config.train.batch_size
   for r in results.values():
     r["images_per_sec"] = b / r["seconds"]

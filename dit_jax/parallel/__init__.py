@@ -101,13 +101,22 @@ def dcn_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   return sizes
 
 
+def default_devices() -> list:
+  """The devices a mesh spans where the caller names none: every device of the job.
+
+  The one place that says so (the test suite narrows it to one device for tests that are not
+  about sharding)."""
+  return jax.devices()
+
+
 def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """The (data, fsdp, tensor) mesh over `devices` (default: all), laid out for the interconnect.
+  """The (data, fsdp, tensor) mesh over `devices` (default: `default_devices()`, all of them),
+  laid out for the interconnect.
 
   With `config.parallel.dcn_mesh` sizes > 1 the devices form slices (multi-slice TPU) and each
   mesh axis is dcn x ici long; otherwise one slice of `config.parallel.mesh` shape.
   """
-  devices = jax.devices() if devices is None else list(devices)
+  devices = default_devices() if devices is None else list(devices)
   dcn = dcn_shape(config)
   slices = math.prod(dcn)
   if len(devices) % slices:

@@ -45,6 +45,9 @@ class Experiment:
   rules: tuple
   abstract_state: TrainState  # Shapes, unboxed, each leaf carrying its sharding.
   state_shardings: TrainState
+  # The jitted train step, made on first use: one jit per experiment, so a second call of
+  # jit_train_step() is served by its trace and compile caches.
+  _train_step: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
   @property
   def param_shardings(self) -> Any:
@@ -75,8 +78,10 @@ class Experiment:
       return jax.jit(init, out_shardings=self.state_shardings)()
 
   def jit_train_step(self):
-    """The train step, jitted with explicit shardings; the input state is donated. Call it
-    within `self.context()`."""
+    """The train step, jitted with explicit shardings (once per experiment); the input state is
+    donated. Call it within `self.context()`."""
+    if self._train_step is not None:
+      return self._train_step
     fn = functools.partial(
       step_lib.train_step,
       model=self.model,
@@ -87,12 +92,13 @@ class Experiment:
       ema_decay=self.config.train.ema_decay,
       ema_gammas=ema_lib.gammas(self.config),
     )
-    return jax.jit(
+    self._train_step = jax.jit(
       fn,
       in_shardings=(self.state_shardings, parallel.batch_sharding(self.mesh)),
       out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
       donate_argnums=(0,),
     )
+    return self._train_step
 
   def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of a global training batch, sharded over the data axes."""
