@@ -36,6 +36,7 @@ def test_bad_topology_names_are_clear_errors(name):
     aot.parse_topology(name)
 
 
+@pytest.mark.integration  # Compiles for a TPU slice.
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
 def test_compiles_the_train_step_for_a_v5e_slice_and_reports_memory():
   c = base_config()
@@ -97,6 +98,7 @@ def test_reads_the_compilers_out_of_memory_message():
   assert aot.out_of_memory_bytes(RuntimeError("INTERNAL: something else")) is None
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
 def test_multi_slice_mesh_puts_dcn_axes_across_slices():
   c = base_config()

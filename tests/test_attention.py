@@ -59,6 +59,7 @@ def test_splash_matches_xla_in_interpret_mode(lq, lk):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.sharding
 def test_splash_splits_batch_and_heads_over_the_mesh():
   c = base_config()
   c.parallel.preset = "fsdp_tp"
@@ -107,6 +108,7 @@ def _small_for_tpu(c):
   return c
 
 
+@pytest.mark.integration  # Compiles for a TPU slice.
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
 @pytest.mark.parametrize("name", ["dit", "mmdit"])
 def test_splash_train_step_compiles_for_a_tpu_slice(name):

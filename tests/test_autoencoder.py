@@ -254,6 +254,7 @@ def test_bad_directories_are_named(saved, tmp_path):
     ae.load_diffusers(str(tmp_path / "extra"))
 
 
+@pytest.mark.sharding
 def test_params_carry_logical_axes():
   boxed = ae.boxed_param_shapes(AutoencoderConfig(**CONFIGS["sd"]))
   specs = traverse_util.flatten_dict(nn.get_partition_spec(boxed))
@@ -278,6 +279,7 @@ def _mesh_config(sizes):
   return c
 
 
+@pytest.mark.sharding
 @pytest.mark.parametrize("sizes", [(8, 1, 1), (1, 2, 4)])
 def test_wrapper_on_a_mesh_matches_the_module(saved, sizes):
   config, params = ae.load_diffusers(saved["sd3"][1])

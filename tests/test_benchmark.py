@@ -11,17 +11,16 @@ def _flops(depth: int) -> dict:
   c.model.variant, c.model.depth = "tiny/4", depth
   c.train.batch_size = 8
   c.sample.guidance_scale = 1.5
-  return benchmark.benchmark(c, steps=1, warmup=0)
+  return benchmark.flops(c)  # What benchmark.benchmark reports, compiled but not run.
 
 
-@pytest.mark.slow
+@pytest.mark.integration  # Compiles 4 programs.
 def test_flops_grow_with_depth_and_train_costs_about_three_forward_passes():
   two, six = _flops(2), _flops(6)
   for r in (two, six):
-    assert r["train"]["seconds"] > 0 and r["sample"]["images_per_sec"] > 0
     # A guided sampling step is 2 forward passes, a train step about 3 (forward + backward); on a
     # model this small the optimizer and loss add up to one more pass per image (4.1 measured).
-    ratio = r["train"]["flops"] / (r["sample"]["flops"] / 2)
+    ratio = r["train"] / (r["sample"] / 2)
     assert 2.5 < ratio < 5.0, ratio
   # Blocks dominate this model's FLOPs; 3x the blocks must cost well over 2x.
-  assert six["sample"]["flops"] > 2.0 * two["sample"]["flops"]
+  assert six["sample"] > 2.0 * two["sample"]

@@ -90,7 +90,7 @@ def test_xla_cpu_flags_are_added_only_where_they_apply():
   assert add("", "0.10.2", "0") == []
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_compare_command_prints_both_frameworks_and_the_ratios():
   r = _cli.run(
     "--config=configs/dit_imagenet256.py:variant=S/2,runlocal=True",
@@ -118,6 +118,7 @@ def test_compare_command_prints_both_frameworks_and_the_ratios():
   assert len(ratios) == 2 and "3 guided DDPM steps" in out, out
 
 
+@pytest.mark.multiprocess
 def test_compare_flags_with_other_modes_are_one_clear_error():
   r = _cli.run("--vae=sd", "--compare=torch", module="dit_jax.benchmark")
   _cli.assert_clear_error(r, "--compare", "--vae")

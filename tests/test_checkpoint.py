@@ -9,39 +9,31 @@ import subprocess
 import sys
 import time
 
+import _cli
 import jax
 import numpy as np
 import pytest
 
 from dit_jax import checkpoint, parallel
-from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError, TrainingStopped
 from dit_jax.evaluation import runner, sampling
 from dit_jax.train import loop, setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
+# The suite's tiny run (the programs it compiles are cached), longer and checkpointed more often.
 CLI = [
-  "--config=configs/quickstart.py",
-  "--config.model.variant=tiny/4",
-  "--config.train.batch_size=16",
+  *_cli.TINY,
   f"--config.train.num_steps={STEPS}",
-  "--config.train.warmup_steps=0",
   "--config.train.log_every=1",
   "--config.train.checkpoint_every=3",
-  "--config.sample.num_images=8",
-  "--config.sample.batch_size=8",
-  "--config.sample.num_steps=2",
 ]
+BATCH = 8  # _cli.TINY's
 
 
 def cli_config():
   """The config CLI describes, for reading its checkpoints in this process."""
-  c = base_config()
-  c.model.variant, c.model.class_dropout = "tiny/4", 0.1
-  c.data.image_size, c.data.channels = 16, 1
-  c.train.batch_size = 16
-  return c
+  return tiny_config(num_steps=STEPS)
 
 
 def _main(workdir, driver=None, **env):
@@ -50,7 +42,12 @@ def _main(workdir, driver=None, **env):
     [*cmd, *CLI, f"--workdir={workdir}"],
     cwd=REPO,
     # One device: the kill tests are about the checkpoint, and compile faster on few cores.
-    env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **env},
+    env={
+      **os.environ,
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+      "JAX_PLATFORMS": "cpu",
+      **env,
+    },
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
@@ -111,7 +108,7 @@ def uninterrupted(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigkill_between_checkpoints_resumes_bitwise(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   proc = _main(workdir)
@@ -122,7 +119,7 @@ def test_sigkill_between_checkpoints_resumes_bitwise(uninterrupted, tmp_path):
   _assert_same_run(workdir, uninterrupted)
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigkill_during_an_async_save_resumes_bitwise(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   code, out = _finish(_main(workdir, driver=True, KILL_AT_SAVE="6"))
@@ -134,7 +131,7 @@ def test_sigkill_during_an_async_save_resumes_bitwise(uninterrupted, tmp_path):
   _assert_same_run(workdir, uninterrupted)
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   proc = _main(workdir)
@@ -153,11 +150,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_cleanly(uninterrupted, tmp_pat
 
 
 def tiny_config(**train):
-  c = cli_config()
-  c.train.lr, c.train.warmup_steps, c.train.ema_decay = 1e-3, 0, 0.9
-  c.train.log_every, c.train.checkpoint_every = 1, 3
-  c.sample.num_images = c.sample.batch_size = 8
-  c.sample.num_steps = 2
+  c = _cli.tiny_config(train__log_every=1, train__checkpoint_every=3)
   for k, v in train.items():
     c.train[k] = v
   return c
@@ -170,7 +163,7 @@ def _corrupt(step_dir):
         f.write(b"\0garbage")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   straight, workdir = str(tmp_path / "straight"), str(tmp_path / "run")
   loop.run(tiny_config(num_steps=9), straight)
@@ -192,6 +185,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.integration
 def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
   workdir = str(tmp_path)
   loop.run(tiny_config(num_steps=3), workdir)
@@ -210,6 +204,7 @@ def _with_mesh(config, preset, mesh):
   return config
 
 
+@pytest.mark.sharding
 @pytest.mark.parametrize("train_on, sample_on", [("fsdp8", "one"), ("one", "fsdp8")])
 def test_restore_onto_any_mesh(tmp_path, train_on, sample_on):
   layouts = {
@@ -224,8 +219,8 @@ def test_restore_onto_any_mesh(tmp_path, train_on, sample_on):
     rng = np.random.default_rng(0)
     for _ in range(3):
       batch = {
-        "image": rng.uniform(-1, 1, (16, 16, 16, 1)).astype(np.float32),
-        "label": rng.integers(0, 10, 16).astype(np.int32),
+        "image": rng.uniform(-1, 1, (BATCH, 16, 16, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, BATCH).astype(np.int32),
       }
       state, _ = step_fn(state, parallel.global_batch(batch, exp.mesh))
   ckpt = checkpoint.Checkpointer(str(tmp_path))
@@ -243,6 +238,7 @@ def test_restore_onto_any_mesh(tmp_path, train_on, sample_on):
   assert np.isfinite(images).all()
 
 
+@pytest.mark.integration
 def test_checkpoint_of_another_model_names_the_arrays_and_both_configs(tmp_path):
   loop.run(tiny_config(num_steps=3), str(tmp_path))
   other = tiny_config(num_steps=6)
@@ -255,12 +251,12 @@ def test_checkpoint_of_another_model_names_the_arrays_and_both_configs(tmp_path)
   assert "this run has model.name='dit' model.variant='tiny/4' model.learn_sigma=True" in msg
   # Same arrays, another meaning of the output: sampling it would silently give noise.
   misread = tiny_config(num_steps=3)
-  misread.diffusion.objective, misread.diffusion.preconditioning = "v", "edm"
+  misread.diffusion.objective, misread.diffusion.preconditioning = "v", "none"
   with pytest.raises(ConfigError) as e:
     runner.restore_params(setup.build(misread), str(tmp_path))
   msg = str(e.value)
   assert "diffusion.objective='rectified_flow' in the checkpoint, 'v' in this run" in msg, msg
-  assert "diffusion.preconditioning='none' in the checkpoint, 'edm' in this run" in msg, msg
+  assert "diffusion.preconditioning='edm' in the checkpoint, 'none' in this run" in msg, msg
   assert checkpoint.Checkpointer(str(tmp_path), read_only=True).all_steps() == [3]
 
 
@@ -270,7 +266,10 @@ def test_train_step_drops_a_non_finite_update():
   with exp.context():
     state = exp.init_state()
     before = jax.device_get(state)
-    bad = {"image": np.full((16, 16, 16, 1), np.nan, np.float32), "label": np.zeros(16, np.int32)}
+    bad = {
+      "image": np.full((BATCH, 16, 16, 1), np.nan, np.float32),
+      "label": np.zeros(BATCH, np.int32),
+    }
     state, metrics = exp.jit_train_step()(state, parallel.global_batch(bad, exp.mesh))
   after = jax.device_get(state)
   assert not np.isfinite(float(metrics["loss"])) and int(metrics["skipped_steps"]) == 1
@@ -279,6 +278,7 @@ def test_train_step_drops_a_non_finite_update():
     jax.tree.map(np.testing.assert_array_equal, getattr(after, name), getattr(before, name))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_exploding_run_stops_or_skips_and_never_saves_nans(tmp_path, policy):
   config = tiny_config(num_steps=12, lr=1e9, grad_clip=0.0, nonfinite=policy)
@@ -298,6 +298,7 @@ def test_exploding_run_stops_or_skips_and_never_saves_nans(tmp_path, policy):
       assert np.isfinite(x).all(), step
 
 
+@pytest.mark.integration
 def test_keep_every_keeps_milestones_beyond_the_newest(tmp_path):
   loop.run(
     tiny_config(num_steps=10, checkpoint_every=2, keep_checkpoints=2, keep_every=4), str(tmp_path)

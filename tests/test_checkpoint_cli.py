@@ -14,6 +14,8 @@ from orbax.checkpoint._src import asyncio_utils
 
 from dit_jax import checkpoint
 
+pytestmark = pytest.mark.multiprocess
+
 # A logged warning or error line (absl's format), e.g. "W1130 23:57:52.247893 1399 x.py:193] ...".
 _LOGGED_WARNING = re.compile(r"^[WEF]\d{4} ", re.MULTILINE)
 

@@ -93,6 +93,7 @@ def one_device():
   return _one_step(classifier_config(), jax.devices()[:1])
 
 
+@pytest.mark.sharding
 def test_fsdp_tp_on_8_devices_matches_1_device(one_device):
   config = classifier_config(parallel__preset="fsdp_tp")
   config.parallel.mesh.data, config.parallel.mesh.fsdp, config.parallel.mesh.tensor = 2, 2, 2
@@ -192,6 +193,7 @@ def test_bad_classifier_configs_are_clear_errors(fields, match):
     setup.build(classifier_config(**fields), devices=jax.devices()[:1])
 
 
+@pytest.mark.multiprocess
 def test_sampling_a_classifier_workdir_is_one_clear_line(tmp_path):
   proc = _cli.run(f"--config={CONFIG}", f"--workdir={tmp_path / 'w'}", "--mode=sample")
   _cli.assert_clear_error(proc, "classifier")

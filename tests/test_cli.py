@@ -171,6 +171,7 @@ def bad_runs(tmp_path_factory):
   return runs, tmp
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_command_line_ends_in_one_error_line(bad_runs, case):
   runs, tmp = bad_runs
@@ -181,6 +182,7 @@ def test_bad_command_line_ends_in_one_error_line(bad_runs, case):
     assert f.read() == "not a workdir\n"
 
 
+@pytest.mark.multiprocess
 def test_overwrite_lets_sample_replace_earlier_samples(trained_workdir, tmp_path):
   workdir = _cli.copy_workdir(trained_workdir, str(tmp_path / "run"))
   path = os.path.join(workdir, "samples", "samples.npz")

@@ -293,6 +293,7 @@ def _cli(*args):
   )
 
 
+@pytest.mark.multiprocess
 def test_cli_completes_and_refuses(full, tmp_path, vae_dir, folder):
   config = os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.py")
   common = [

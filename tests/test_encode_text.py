@@ -78,6 +78,7 @@ def _expected_sd3(paths, captions):
   return np.concatenate([clip, t5_seq], axis=1), np.concatenate([l_pool, g_pool], axis=-1)
 
 
+@pytest.mark.multiprocess
 def test_cli_writes_sd3_layout_matching_the_encoders(paths, tmp_path):
   captions_file, out = tmp_path / "captions.txt", tmp_path / "out"
   captions_file.write_text("\n".join(CAPTIONS) + "\n")

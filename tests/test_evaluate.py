@@ -1,4 +1,4 @@
-"""Scoring with the FID Inception in --mode=evaluate and during training (random-weight Inception).
+"""Scoring with the FID Inception's interface in --mode=evaluate and during training.
 
 Invariants: evaluating during training changes neither the losses nor the checkpoints of a run; a
 run killed during an evaluation resumes and logs the same numbers; a killed --mode=evaluate
@@ -6,10 +6,12 @@ resumes from its chunks; samples scored against the very images --mode=sample wr
 config have FID 0 and precision = recall = 1; digits keep their built-in metrics; bad input is one
 clear error.
 
-The Fréchet distance of 2048-dimensional statistics costs a minute of scipy's sqrtm on these
-shared CPUs, so the tests score through `low_rank_frechet`, the same formula in the span of the
-two covariances (exact for fewer samples than dimensions; checked against
-`metrics.frechet_distance` below).
+The network is `_stand_in_inception` (the Inception's class and feature widths, milliseconds to
+compile), except in the sharded featurization test: the real one is tested against torch-fidelity
+in tests/test_inception.py. The Fréchet distance of 2048-dimensional statistics costs a minute of
+scipy's sqrtm on these shared CPUs, so the tests score through `low_rank_frechet`, the same
+formula in the span of the two covariances (exact for fewer samples than dimensions; checked
+against `metrics.frechet_distance` below).
 """
 
 import json
@@ -18,6 +20,7 @@ import math
 import os
 
 import _cli
+import _stand_in_inception
 import jax
 import numpy as np
 import pytest
@@ -54,6 +57,16 @@ def fast_frechet(monkeypatch):
   monkeypatch.setattr(metrics, "frechet_distance", low_rank_frechet)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def stand_in_weights(tmp_path_factory):
+  """Weights of the stand-in Inception; `Inception.load` builds it from them (and the real
+  network from real weights) in this module."""
+  with pytest.MonkeyPatch.context() as m:
+    _stand_in_inception.patch(m)
+    path = tmp_path_factory.mktemp("stand_in") / "inception.npz"
+    yield _stand_in_inception.write(str(path))
+
+
 def test_low_rank_frechet_is_the_frechet_distance():
   rng = np.random.default_rng(1)
   a, b = rng.normal(size=(12, 64)), rng.normal(size=(9, 64)) * 1.5 + 0.3
@@ -62,6 +75,7 @@ def test_low_rank_frechet_is_the_frechet_distance():
   assert math.isclose(low_rank_frechet(*args), want, rel_tol=1e-6) and want > 1
 
 
+@pytest.mark.sharding
 def test_sharded_featurization_keeps_the_order_of_the_images(inception_weights):
   mesh = parallel.make_mesh(base_config(), jax.devices()[:2])
   net = inception.Inception.load(inception_weights, mesh)
@@ -92,7 +106,7 @@ def folder_config(data_dir: str, weights: str):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, inception_weights):
+def folder(tmp_path_factory, stand_in_weights):
   """(config, root): 16 random 8x8 RGB images in two class folders, and the config of a tiny DiT
   on them that is scored (16 samples) every 2 of its 4 steps."""
   root = tmp_path_factory.mktemp("evaluate")
@@ -101,7 +115,7 @@ def folder(tmp_path_factory, inception_weights):
     directory = root / "images" / f"class{i % 2}"
     directory.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(directory / f"{i}.png")
-  return folder_config(str(root / "images"), inception_weights), root
+  return folder_config(str(root / "images"), stand_in_weights), root
 
 
 def _log(workdir: str) -> list[dict]:
@@ -164,6 +178,7 @@ def runs(folder):
   return out
 
 
+@pytest.mark.integration
 def test_evaluation_during_training_changes_no_loss_and_no_checkpoint(folder, runs):
   config, _ = folder
   off, on = _log(runs["off"]), _log(runs["on"])
@@ -177,6 +192,7 @@ def test_evaluation_during_training_changes_no_loss_and_no_checkpoint(folder, ru
   jax.tree.map(np.testing.assert_array_equal, weights_on, weights_off)
 
 
+@pytest.mark.integration
 def test_a_run_killed_during_an_evaluation_resumes_and_logs_the_same_numbers(runs):
   # Killed in step 4's evaluation, after its first chunk of 8: the checkpoint of step 4 comes
   # after its scores, so the rerun resumed from step 2, repeated steps 3-4 and finished the
@@ -193,6 +209,7 @@ def test_a_run_killed_during_an_evaluation_resumes_and_logs_the_same_numbers(run
   }
 
 
+@pytest.mark.integration
 def test_evaluate_writes_every_score_against_the_own_data_cached_under_a_key(runs):
   scores = runs["full"]
   path = scoring.eval_files(runs["on"], "full")[0]
@@ -211,6 +228,7 @@ def test_evaluate_writes_every_score_against_the_own_data_cached_under_a_key(run
     assert z["pool"].shape == (NUM, 2048) and z["sigma_s"].shape == (2023, 2023)
 
 
+@pytest.mark.integration
 def test_killed_evaluate_resumes_to_the_scores_of_the_samples_it_would_write(folder, runs):
   config, _ = folder
   workdir = runs["on"]
@@ -244,11 +262,12 @@ def test_killed_evaluate_resumes_to_the_scores_of_the_samples_it_would_write(fol
 # --- The toy data keep their built-in metrics ----------------------------------------------------
 
 
+@pytest.mark.integration
 def test_digits_keep_their_metrics_and_add_the_inceptions(
-  trained_workdir, tmp_path, inception_weights
+  trained_workdir, tmp_path, stand_in_weights
 ):
   workdir = _cli.copy_workdir(trained_workdir, str(tmp_path / "run"))
-  config = _cli.tiny_config(eval__inception_weights=inception_weights)
+  config = _cli.tiny_config(eval__inception_weights=stand_in_weights)
   scores = runner.evaluate(config, workdir)
   assert all(math.isfinite(scores[k]) for k in scoring.SCORE_KEYS), scores
   # Their built-in metrics, as training logs them without weights: the same numbers.
@@ -263,6 +282,7 @@ def test_digits_keep_their_metrics_and_add_the_inceptions(
 # --- Bad input --------------------------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 def test_cli_evaluate_without_the_inception_weights_is_one_clear_line(tmp_path):
   args = [*_cli.TINY, f"--workdir={tmp_path / 'run'}", "--mode=evaluate"]
   proc = _cli.run(*args, "--config.data.name=synthetic", "--config.data.channels=3")

@@ -435,7 +435,7 @@ def _sha256(path):
     return hashlib.sha256(f.read()).hexdigest()
 
 
-@pytest.mark.slow  # Two 2048x2048 matrix square roots in a subprocess.
+@pytest.mark.multiprocess  # Two 2048x2048 matrix square roots in a subprocess.
 def test_cli_scores_a_set_against_itself_and_caches(cli_files):
   root, weights, images = cli_files
   out = str(root / "scores.json")
@@ -476,6 +476,7 @@ def test_cli_scores_a_set_against_itself_and_caches(cli_files):
   assert _sha256(cache) == cached
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
   "case, fragment",
   [

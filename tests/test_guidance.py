@@ -147,7 +147,7 @@ def _samples(config, params=None):
   return images, params
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize(
   "objective,sampler",
   [("eps", "ddpm"), ("v", "ddim"), ("eps", "heun"), ("rectified_flow", "euler")],
@@ -255,6 +255,7 @@ def test_a_guide_or_classifier_of_another_model_is_one_clear_error(trained_workd
     sampling.make_sampler(setup.build(config, training=False))
 
 
+@pytest.mark.multiprocess
 def test_cli_empty_interval_is_one_clear_line(trained_workdir):
   proc = _cli.run(
     *_cli.TINY,
@@ -268,6 +269,7 @@ def test_cli_empty_interval_is_one_clear_line(trained_workdir):
 # --- Classifier guidance --------------------------------------------------------------------------
 
 
+@pytest.mark.sharding
 def test_classifier_gradients_are_finite_and_sharded_like_the_batch(classifier_workdir):
   config = _cli.tiny_config()
   config.sample.classifier.workdir, config.sample.classifier.scale = classifier_workdir, 2.0
@@ -302,7 +304,7 @@ def eps_classifier_workdir(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize(
   "objective,sampler",
   [("eps", "ddpm"), ("eps", "ddim"), ("rectified_flow", "euler"), ("rectified_flow", "heun")],
@@ -334,6 +336,7 @@ def test_a_classifier_of_other_classes_is_one_clear_error(classifier_workdir):
     sampling.make_sampler(setup.build(config, training=False))
 
 
+@pytest.mark.integration
 def test_interval_and_cads_act_on_text_conditions():
   """MMDiT on the built-in shapes captions: the interval covering everything is plain CFG
   bitwise; CADS perturbs the text embeddings (samples change, stay finite)."""

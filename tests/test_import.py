@@ -163,6 +163,7 @@ def test_converted_official_dit_matches_diffusers(state_dict):
   assert np.abs(want).max() > 1.0
 
 
+@pytest.mark.sharding
 def test_imported_weights_restore_on_one_device_and_under_fsdp(imported, state_dict):
   workdir, pt = imported
   want = convert.convert_dit(state_dict, tiny_config())
@@ -254,6 +255,7 @@ def test_import_refuses_a_workdir_with_checkpoints_and_training_it_points_to_ini
   assert _files(workdir) == before
 
 
+@pytest.mark.integration
 def test_init_from_starts_a_new_run_at_step_0_from_the_imported_weights(
   tmp_path, imported, state_dict, monkeypatch
 ):
@@ -293,6 +295,7 @@ def test_init_from_starts_a_new_run_at_step_0_from_the_imported_weights(
     checkpoint.restore_weights(str(tmp_path / "empty"), setup.build(config).abstract_state.params)
 
 
+@pytest.mark.multiprocess
 def test_cli_reports_a_variant_mismatch_in_one_line(imported, tmp_path):
   _, pt = imported
   out = str(tmp_path / "xl")

@@ -17,6 +17,8 @@ from dit_jax.models import autoencoder
 from dit_jax.tools import encode_latents
 from dit_jax.train import loop
 
+pytestmark = [pytest.mark.integration, pytest.mark.sharding]
+
 IMAGE, FACTOR = 16, 2  # Pixels per side; the tiny VAE halves them once.
 VAE_CONFIG = autoencoder.AutoencoderConfig(
   block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4

@@ -41,7 +41,7 @@ def _popen(*args: str) -> subprocess.Popen:
   )
 
 
-@pytest.mark.slow  # A training subprocess interrupted and rerun.
+@pytest.mark.multiprocess  # A training subprocess interrupted and rerun.
 def test_ctrl_c_saves_at_the_next_step_and_a_rerun_resumes_there(trained_workdir, tmp_path):
   workdir = _cli.copy_workdir(trained_workdir, str(tmp_path / "run"))
   # Steps 1-6 are done; no periodic checkpoint can land before the run's end.
@@ -93,6 +93,7 @@ print("not stopped")
 """
 
 
+@pytest.mark.multiprocess
 def test_a_second_ctrl_c_stops_at_once_with_status_130():
   proc = subprocess.run(
     [sys.executable, "-c", SECOND_CTRL_C],
@@ -114,6 +115,7 @@ def test_a_second_ctrl_c_stops_at_once_with_status_130():
   )
 
 
+@pytest.mark.multiprocess
 def test_num_steps_already_reached_trains_nothing_and_changes_nothing(trained_workdir, tmp_path):
   workdir = _cli.copy_workdir(trained_workdir, str(tmp_path / "run"))
   before = _cli.snapshot(workdir)
@@ -126,6 +128,7 @@ def test_num_steps_already_reached_trains_nothing_and_changes_nothing(trained_wo
   assert _cli.snapshot(workdir) == before
 
 
+@pytest.mark.multiprocess
 def test_divergence_before_the_first_checkpoint_says_there_is_none(tmp_path):
   workdir = str(tmp_path / "run")
   proc = _cli.run(
@@ -150,6 +153,7 @@ def _config(preset: str, mesh=parallel.DEFAULT_MESH):
   return c
 
 
+@pytest.mark.sharding
 def test_preset_fsdp_alone_shards_the_state_over_every_device():
   assert jax.device_count() == 8
   config = _config("fsdp")
@@ -171,6 +175,7 @@ def test_preset_fsdp_alone_shards_the_state_over_every_device():
   assert parallel.device_fraction(dp.abstract_state, dp.mesh.devices.flat[0]) == 1.0
 
 
+@pytest.mark.sharding
 @pytest.mark.parametrize(
   "preset, mesh, shape, idle",
   [

@@ -148,6 +148,8 @@ def test_text_dropout_is_per_encoder_and_uses_the_empty_caption():
   assert abs((clip_dropped & t5_dropped).mean() - 0.16) < 0.03  # Independent.
 
 
+@pytest.mark.integration
+@pytest.mark.sharding
 def test_fsdp_tp_shards_mmdit_and_matches_one_device(preset="fsdp_tp", mesh=(2, 2, 2)):
   def step(config, devices):
     exp = setup.build(config, devices=devices)

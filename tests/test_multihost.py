@@ -9,24 +9,22 @@ import subprocess
 import sys
 import time
 
+import _cli
+import jax
 import numpy as np
 import pytest
+
+from dit_jax import parallel
+from dit_jax.train import loop
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.sharding]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The same global batches and math, but cross-process reductions may run in another order.
 LOSS_RTOL = 1e-5
 
-TINY = [
-  "--config=configs/quickstart.py",
-  "--config.model.variant=tiny/4",
-  "--config.train.batch_size=16",
-  "--config.train.warmup_steps=0",
-  "--config.train.log_every=1",
-  "--config.train.checkpoint_every=3",
-  "--config.sample.num_images=8",
-  "--config.sample.batch_size=8",
-  "--config.sample.num_steps=2",
-]
+# The suite's tiny run, logged every step and checkpointed every 3 (num_steps is set after it).
+TINY = [*_cli.TINY, "--config.train.log_every=1", "--config.train.checkpoint_every=3"]
 
 
 def _launch(workdir, processes, devices, steps):
@@ -47,6 +45,13 @@ def _launch(workdir, processes, devices, steps):
   return out.stdout
 
 
+def _one_host(workdir, steps):
+  """The reference: 1 process x 8 devices, this one (the test runs on all 8)."""
+  assert jax.device_count() == len(parallel.default_devices()) == 8
+  config = _cli.tiny_config(train__log_every=1, train__checkpoint_every=3, train__num_steps=steps)
+  loop.run(config, workdir)
+
+
 def _losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -55,12 +60,11 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in rows}
 
 
-@pytest.mark.slow
 def test_two_processes_train_like_one_and_share_checkpoints(tmp_path):
   pod, host = str(tmp_path / "pod"), str(tmp_path / "host")
   log = _launch(pod, 2, 4, steps=3)
   assert "[p1]" in log and "Process 1 of 2; 4 local of 8 devices." in log
-  _launch(host, 1, 8, steps=3)
+  _one_host(host, steps=3)
   a, b = _losses(pod), _losses(host)
   assert sorted(a) == sorted(b) == [1, 2, 3]
   np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=LOSS_RTOL)
@@ -70,13 +74,12 @@ def test_two_processes_train_like_one_and_share_checkpoints(tmp_path):
   shutil.copytree(host, pod_from_host)
   shutil.copytree(pod, host_from_pod)
   _launch(pod_from_host, 2, 4, steps=5)
-  _launch(host_from_pod, 1, 8, steps=5)
+  _one_host(host_from_pod, steps=5)
   c, d = _losses(pod_from_host), _losses(host_from_pod)
   assert sorted(c) == sorted(d) == [1, 2, 3, 4, 5]
   np.testing.assert_allclose([c[s] for s in (4, 5)], [d[s] for s in (4, 5)], rtol=LOSS_RTOL)
 
 
-@pytest.mark.slow
 def test_sigterm_on_a_pod_stops_every_process_at_the_same_saved_step(tmp_path):
   workdir = str(tmp_path / "pod")
   cmd = [

@@ -18,6 +18,8 @@ from dit_jax.errors import ConfigError
 from dit_jax.models import autoencoder
 from dit_jax.tools import encode_latents as el
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.sharding]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _VAE_CONFIG = autoencoder.AutoencoderConfig(
   block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8
@@ -144,7 +146,6 @@ def host(inputs, tmp_path_factory):
   return out
 
 
-@pytest.mark.slow
 def test_pod_writes_the_bytes_of_one_process(inputs, host, tmp_path):
   out = str(tmp_path / "latents")
   log = _pod(_args(inputs, out))
@@ -155,7 +156,6 @@ def test_pod_writes_the_bytes_of_one_process(inputs, host, tmp_path):
   assert not any("Wrote" in line or f"{out}: {{" in line for line in p1)
 
 
-@pytest.mark.slow
 def test_pod_resumes_a_killed_run_to_the_bytes_of_one_process(inputs, host, tmp_path):
   # What a run killed after its first chunk leaves: 8 rows done, the rest of the arrays not
   # written yet (here garbage, which the rerun must overwrite).
@@ -174,7 +174,6 @@ def test_pod_resumes_a_killed_run_to_the_bytes_of_one_process(inputs, host, tmp_
   _assert_same_files(out, host)
 
 
-@pytest.mark.slow
 def test_pod_stops_every_process_on_latents_float16_cannot_hold(inputs, tmp_path):
   # The processes are started directly: launch.local would stop the survivors of a failed
   # process itself and hide a process that waits forever for process 0.

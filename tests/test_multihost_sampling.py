@@ -14,6 +14,8 @@ import pytest
 
 from dit_jax.models import autoencoder
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.sharding]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TIMEOUT = 180
 # The paper's latent setting shrunk (runlocal: tiny/2 on `synthetic` latents): eps with learned
@@ -122,7 +124,6 @@ def run(tmp_path_factory):
   return args, workdir, images, labels
 
 
-@pytest.mark.slow
 def test_pod_samples_the_images_of_one_process(run):
   args, workdir, images, labels = run
   log = _pod([*args, "--config.sample.name=pod"])
@@ -133,7 +134,6 @@ def test_pod_samples_the_images_of_one_process(run):
   assert not any("Wrote" in line for line in _lines(log, 1))  # Process 0 alone writes.
 
 
-@pytest.mark.slow
 def test_pod_killed_after_a_chunk_resumes_to_the_images_of_one_process(run):
   args, workdir, images, labels = run
   args = [*args, "--config.sample.name=killed"]
@@ -157,7 +157,6 @@ def test_pod_killed_after_a_chunk_resumes_to_the_images_of_one_process(run):
   np.testing.assert_array_equal(got_labels, labels)
 
 
-@pytest.mark.slow
 def test_pod_stops_every_process_when_process_0_cannot_write(run):
   # The processes are started directly: launch.local would stop the survivors of a failed
   # process itself and hide a process that waits forever for process 0.

@@ -105,6 +105,7 @@ def test_killed_sampling_resumes_without_overwrite(workdir, monkeypatch):
     runner.sample(config, workdir)
 
 
+@pytest.mark.multiprocess
 def test_evaluate_cli_records_the_sampler_used_and_keeps_the_scores(workdir):
   proc = _cli.run(*_cli.TINY, f"--workdir={workdir}", "--mode=evaluate")
   _cli.assert_quiet(proc)

@@ -9,6 +9,8 @@ from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
 from dit_jax.train import setup
 
+pytestmark = pytest.mark.sharding
+
 # (preset, mesh data/fsdp/tensor) on 8 devices.
 LAYOUTS = {
   "dp": ("dp", (8, 1, 1)),

@@ -143,6 +143,7 @@ def test_bad_ema_config_is_one_clear_error(fields, message):
   assert message in str(e.value), str(e.value)
 
 
+@pytest.mark.multiprocess
 def test_cli_reports_an_empty_std(tmp_path):
   proc = _cli.run(
     *_cli.TINY,
@@ -183,6 +184,7 @@ def _snapshot(workdir, step):
     snaps.close()
 
 
+@pytest.mark.multiprocess  # power_run trains through the command line.
 def test_run_keeps_one_ema_per_profile_and_snapshots_them(power_run):
   snaps = checkpoint.EmaSnapshots(power_run, read_only=True)
   assert snaps.all_steps() == [2, 4, 6]
@@ -210,6 +212,7 @@ def test_run_keeps_one_ema_per_profile_and_snapshots_them(power_run):
     runner.restore_params(setup.build(exponential, training=False), power_run)
 
 
+@pytest.mark.multiprocess  # power_run trains through the command line.
 def test_resume_after_a_kill_is_bitwise_with_power_emas(power_run, tmp_path):
   """As if killed after snapshot 4 and before checkpoints 4 and 6: the rerun resumes from
   checkpoint 2, keeps snapshot 4, and ends with the same state and snapshot 6."""
@@ -232,6 +235,7 @@ def test_resume_after_a_kill_is_bitwise_with_power_emas(power_run, tmp_path):
     loop.run(other, workdir)
 
 
+@pytest.mark.multiprocess  # power_run trains through the command line.
 def test_posthoc_tool_end_to_end(power_run, tmp_path):
   out = str(tmp_path / "ema007")
   proc = _cli.run(
@@ -264,6 +268,7 @@ def test_posthoc_tool_end_to_end(power_run, tmp_path):
   assert os.path.isfile(os.path.join(out, "samples", "samples.npz"))
 
 
+@pytest.mark.multiprocess  # power_run trains through the command line.
 def test_posthoc_of_the_tracked_profiles_gives_them_back(power_run, tmp_path):
   out = str(tmp_path / "sweep")
   paths = posthoc_ema.reconstruct(power_run, [0.1, 0.07, 0.05], out)
@@ -279,6 +284,7 @@ def test_posthoc_of_the_tracked_profiles_gives_them_back(power_run, tmp_path):
     )
 
 
+@pytest.mark.multiprocess  # power_run trains through the command line.
 def test_posthoc_bad_input_is_one_clear_error(power_run, tmp_path):
   out = str(tmp_path / "out")
   proc = _cli.run(
@@ -324,6 +330,7 @@ def test_posthoc_bad_input_is_one_clear_error(power_run, tmp_path):
     posthoc_ema.reconstruct(power_run, [0.07], out)
 
 
+@pytest.mark.multiprocess  # power_run trains through the command line.
 def test_init_from_a_power_run_takes_its_parameters_and_first_ema(power_run):
   exp = setup.build(_cli.tiny_config(), training=False)
   step, params, ema_params = checkpoint.restore_weights(power_run, exp.abstract_state.params)
@@ -333,6 +340,7 @@ def test_init_from_a_power_run_takes_its_parameters_and_first_ema(power_run):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(ema_params), state.ema_params[0])
 
 
+@pytest.mark.multiprocess  # power_run trains through the command line.
 def test_posthoc_sweep_scores_each_std_and_plots_them(power_run, tmp_path):
   out = str(tmp_path / "sweep")
   proc = _cli.run(

@@ -151,6 +151,7 @@ def _flat(tree) -> np.ndarray:
   return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.integration  # bfloat16 compiles slowly on CPU.
 @pytest.mark.parametrize("kind", ["dit", "mmdit"])
 def test_bfloat16_tracks_float32_from_the_same_state(kind):
   f32, bf16 = _probe(kind, "float32"), _probe(kind, "bfloat16")
@@ -246,6 +247,7 @@ def test_layer_norm_statistics_are_float32():
   np.testing.assert_allclose(np.asarray(out16, np.float32), np.asarray(want, np.float32), atol=U)
 
 
+@pytest.mark.integration
 def test_bfloat16_training_lowers_the_loss_like_float32():
   """The real train step, 40 times on one tiny batch from the same state: the first steps' losses
   agree, and the bfloat16 run learns as fast as the float32 run."""

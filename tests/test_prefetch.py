@@ -118,7 +118,7 @@ def test_input_benchmark_reads_the_training_batches():
   assert r["images_per_sec"] == pytest.approx(8 / r["seconds"])
 
 
-@pytest.mark.slow  # Compiles a train step.
+@pytest.mark.integration  # Compiles a train step.
 def test_loop_benchmark_times_both_paths():
   config = base_config()
   config.model.variant, config.train.batch_size = "tiny/4", 8

@@ -14,6 +14,8 @@ from dit_jax.errors import ConfigError
 from dit_jax.evaluation import runner
 from dit_jax.train import loop, setup
 
+pytestmark = [pytest.mark.integration]
+
 
 def tiny_t2i(**data_fields):
   c = base_config()

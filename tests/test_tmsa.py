@@ -144,6 +144,7 @@ def _tmsa_config(*layout):
   return c
 
 
+@pytest.mark.sharding
 def test_fsdp_tp_train_step_equals_one_device():
   config = _tmsa_config(*LAYOUTS["fsdp_tp"])
   spec = setup.build(config).state_shardings.params["blocks"]["attn"]["time_qv"]["kernel"].spec

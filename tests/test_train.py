@@ -1,6 +1,7 @@
 """End to end on a tiny DiT: train -> checkpoint -> resume -> sample -> evaluate, and the CLI."""
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -10,8 +11,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
 
-from dit_jax import parallel
+from dit_jax import parallel, utils
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import runner
@@ -60,6 +63,7 @@ def _final_params(workdir, step):
   return restored["state"]
 
 
+@pytest.mark.integration
 def test_train_resume_sample_evaluate(tmp_path):
   workdir = str(tmp_path / "run")
   loop.run(tiny_config(num_steps=10), workdir)
@@ -102,6 +106,7 @@ def test_train_resume_sample_evaluate(tmp_path):
     assert json.load(f)["class_accuracy"] == results["class_accuracy"]
 
 
+@pytest.mark.sharding
 def test_samples_do_not_depend_on_device_count(tmp_path):
   workdir = str(tmp_path / "run")
   loop.run(tiny_config(num_steps=5), workdir)
@@ -116,6 +121,7 @@ def test_samples_do_not_depend_on_device_count(tmp_path):
   np.testing.assert_allclose(outs[0], outs[1], atol=1e-4)
 
 
+@pytest.mark.sharding
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   with pytest.raises(ConfigError, match="train.batch_size"):
     setup.build(tiny_config(batch_size=12))
@@ -164,6 +170,7 @@ def _cli(*args, cwd=REPO):
   )
 
 
+@pytest.mark.multiprocess
 def test_cli_errors_are_one_clear_line(tmp_path):
   wd = f"--workdir={tmp_path}"
   proc = _cli("--config=configs/quickstart.py", wd, "--config.train.bogus=1")
@@ -182,6 +189,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   assert proc.returncode == 1 and "config.data.path" in proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.integration
 def test_imagenet_config_runlocal_trains(tmp_path):
   dit_imagenet256 = _load_config_module("dit_imagenet256")
   config = dit_imagenet256.get_config("variant=XL/2,objective=eps,runlocal")
@@ -194,3 +202,23 @@ def test_imagenet_config_runlocal_trains(tmp_path):
   assert full.model.variant == "B/4" and not full.model.learn_sigma
   with pytest.raises(ValueError, match="Unknown config arg"):
     dit_imagenet256.get_config("varient=B/2")
+
+
+def test_metric_writer_writes_what_tensorboard_reads(tmp_path):
+  writer = utils.MetricWriter(str(tmp_path))
+  writer.write(5, {"loss": 0.25, "lr": 1e-3})
+  writer.write(10, {"loss": 0.125, "lr": 1e-3})
+  grid = np.zeros((6, 4, 3), np.uint8)
+  grid[:, :, 0] = 200
+  writer.write_image(10, "samples", grid)
+  writer.write_image(10, "gray", grid[..., :1])
+  writer.close()
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={})
+  events.Reload()
+  assert [(e.step, e.value) for e in events.Scalars("loss")] == [(5, 0.25), (10, 0.125)]
+  assert [e.step for e in events.Scalars("lr")] == [5, 10]
+  for tag, channels in (("samples", 3), ("gray", 1)):
+    (image,) = events.Images(tag)
+    assert (image.step, image.height, image.width) == (10, 6, 4)
+    decoded = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+    np.testing.assert_array_equal(decoded.reshape(6, 4, channels), grid[..., :channels])

@@ -264,6 +264,7 @@ def test_only_process_0_warns(monkeypatch, caplog):
 # --- The command line: the last line says what is wrong, nothing on disk changes --------------
 
 
+@pytest.mark.multiprocess
 def test_cli_sample_with_zero_steps_is_one_clear_line(trained_workdir):
   before = _cli.snapshot(trained_workdir)
   proc = _cli.run(
@@ -273,6 +274,7 @@ def test_cli_sample_with_zero_steps_is_one_clear_line(trained_workdir):
   assert _cli.snapshot(trained_workdir) == before
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(
   "flags,says",
   [

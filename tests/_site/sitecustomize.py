@@ -1,0 +1,38 @@
+"""Loaded by every Python subprocess that the test suite starts (conftest.py puts this folder on
+PYTHONPATH): where DIT_JAX_TEST_COMPILE_LOG is set, it adds the XLA compile time of the process to
+that log under the test file that started it, so the suite's compile summary counts subprocesses
+too. JAX is not imported here: the listener is registered once the program imports JAX itself."""
+
+import os
+import sys
+
+if os.environ.get("DIT_JAX_TEST_COMPILE_LOG"):
+  import importlib.abc
+  import importlib.util
+
+  class _AfterMonitoring(importlib.abc.MetaPathFinder):
+    """Registers the compile listener right after `jax._src.monitoring` is first imported."""
+
+    def find_spec(self, name, path, target=None):
+      if name != "jax._src.monitoring":
+        return None
+      sys.meta_path.remove(self)
+      spec = importlib.util.find_spec(name)
+      if spec is None or spec.loader is None:
+        return spec
+      run_module = spec.loader.exec_module
+
+      def exec_module(module):
+        run_module(module)
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        try:
+          import _compile_log
+
+          _compile_log.listen(module)
+        finally:
+          sys.path.pop(0)
+
+      spec.loader.exec_module = exec_module
+      return spec
+
+  sys.meta_path.insert(0, _AfterMonitoring())
