@@ -34,6 +34,8 @@ setup(
       "pytest",
       "pytest-xdist",
       "filelock",  # Fixtures that pytest-xdist's workers share (tests/conftest.py).
+      "gcsfs",  # gs:// workdirs and data, tested against a local GCS emulator:
+      "gcp-storage-emulator",
       "ruff",
       "torch==2.13.0",
       "diffusers",
@@ -45,5 +47,7 @@ setup(
     # the libtpu that matches the installed jax.
     "tpu": ["jax[tpu]"],
     "gpu": ["jax[cuda12]"],
+    # gs:// paths (workdirs, data, weights): gcsfs under etils epath; Orbax's tensorstore has GCS.
+    "gcs": ["gcsfs"],
   },
 )

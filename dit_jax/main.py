@@ -16,7 +16,7 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from dit_jax import cli
+from dit_jax import cli, storage
 from dit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -36,13 +36,49 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_addre
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+# Config fields that name files or workdirs, which are read with local paths only so far.
+_LOCAL_ONLY_FIELDS = (
+  "data.path",
+  "vae.path",
+  "train.init_from",
+  "sample.classifier.workdir",
+  "sample.guide.workdir",
+  "eval.reference",
+  "eval.inception_weights",
+)
+
+
+def _check_storage_support(config, workdir: str) -> None:
+  """gs:// works for the training workdir; the readers of the other paths, and sampling and
+  evaluation from a gs:// workdir, are local-only yet: say so instead of writing `./gs:/...`."""
+  if storage.is_remote(workdir) and _MODE.value != "train":
+    raise ConfigError(
+      f"--mode={_MODE.value} does not read gs:// workdirs yet (training does); copy the run "
+      f"locally first (gcloud storage cp -r {workdir} .) and pass that --workdir."
+    )
+  for field in _LOCAL_ONLY_FIELDS:
+    value = config
+    for part in field.split("."):
+      value = value.get(part, "") if hasattr(value, "get") else ""
+    if storage.is_remote(str(value)):
+      raise ConfigError(
+        f"config.{field}={value} is on gs://, which only the workdir supports yet; copy it to a "
+        "local or mounted disk and pass that path."
+      )
+
+
 def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
+  try:  # A gs:// workdir: the gcs extra, the service and the bucket, before anything else.
+    storage.check_reachable(workdir)
+    _check_storage_support(config, workdir)
+  except ConfigError as e:
+    sys.exit(f"Error: {e}")
   existing = workdir  # The workdir or the nearest of its parents that exists.
   while existing and not os.path.exists(existing) and existing != os.path.dirname(existing):
     existing = os.path.dirname(existing)
-  if os.path.isfile(existing):
+  if not storage.is_remote(workdir) and os.path.isfile(existing):
     where = "is a file" if existing == workdir else f"is inside {existing}, which is a file"
     sys.exit(
       f"Error: --workdir={workdir} {where}, not a directory; pass a new directory or the "

@@ -11,6 +11,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from dit_jax import storage
+
 # (file path fragment, message format) of library warnings that ask nothing of the user.
 _HARMLESS = (
   # Sampling and evaluation open the checkpoints read-only on purpose.
@@ -55,12 +57,21 @@ def image_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np
   return grid
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+  """uint8 [H, W, C] (C = 1 or 3) as PNG file bytes."""
+  import io
+
+  png = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, format="PNG")
+  return png.getvalue()
+
+
 def save_grid(path: str, images: np.ndarray, ncols: int | None = None, upscale: int = 1) -> None:
+  """Writes `images` tiled as one PNG at `path` (local or gs://)."""
   grid = image_grid(images, ncols)
   if upscale > 1:
     grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  storage.write_bytes(path, png_bytes(grid))
 
 
 def line_plot(
@@ -97,7 +108,7 @@ def line_plot(
       draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill="blue")
       draw.text((px - 10, h - margin_b + 4), f"{xv:g}", fill="black")
     draw.text((left + w // 2 - 20, h - 12), x_label, fill="black")
-  image.save(path)
+  storage.write_bytes(path, png_bytes(np.asarray(image)))
 
 
 def _complete_line_before(line: str, step: int) -> bool:
@@ -107,38 +118,70 @@ def _complete_line_before(line: str, step: int) -> bool:
     return False
 
 
+class _EventFile:
+  """TensorBoard event files in `directory`, written with the `tensorboard` package's record
+  writer (which, unlike tensorboardX's, imports no framework) and flushed after every event. On
+  GCS a file is uploaded whole at each flush, so a new one is started past `roll_bytes`;
+  TensorBoard reads all the files of a directory as one run."""
+
+  def __init__(self, directory: str, roll_bytes: int = 8 << 20):
+    self.directory, self.roll_bytes, self._count, self._file = directory, roll_bytes, 0, None
+
+  def _open(self) -> None:
+    import socket
+
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    self._file = storage.AppendLog(
+      storage.join(self.directory, f"{name}.{self._count}"), binary=True
+    )
+    self._count += 1
+    self._records = RecordWriter(self._file)
+    version = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+    self._records.write(version.SerializeToString())
+
+  def add(self, event) -> None:
+    if self._file is None or (
+      storage.is_remote(self.directory) and self._file.size > self.roll_bytes
+    ):
+      if self._file is not None:
+        self._file.close()
+      self._open()
+    self._records.write(event.SerializeToString())
+    self._file.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+
+
 class MetricWriter:
-  """Appends one JSON object per log step to `metrics.jsonl` and mirrors it to TensorBoard.
+  """Appends one JSON object per log step to `metrics.jsonl` and mirrors it to TensorBoard, in a
+  local or `gs://` workdir.
 
   On processes other than 0 every method does nothing. With `resume_step`, lines of later steps
   (written after the checkpoint the run resumes from, and about to be written again) are dropped.
-  The event files are written with the `tensorboard` package's own writer, which (unlike
-  tensorboardX's, 1.3 s slower to start where PyTorch is installed) imports no framework.
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None):
     self.active = jax.process_index() == 0
     if not self.active:
       return
-    # Imported here: only process 0 writes.
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    if resume_step is not None and os.path.exists(path):
-      with open(path) as f:
-        kept = [line for line in f if _complete_line_before(line, resume_step)]
-      with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-      os.replace(path + ".tmp", path)
-    self._jsonl = open(path, "a")  # noqa: SIM115
-    self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
+    path = storage.join(workdir, "metrics.jsonl")
+    keep = None
+    if resume_step is not None and storage.exists(path):
+      lines = storage.read_text(path).splitlines(keepends=True)
+      keep = "".join(line for line in lines if _complete_line_before(line, resume_step))
+    self._jsonl = storage.AppendLog(path, keep=keep)
+    self._tb = _EventFile(storage.join(workdir, "tensorboard"))
 
   def _event(self, step: int, values: list) -> None:
     from tensorboard.compat.proto import event_pb2, summary_pb2
 
     summary = summary_pb2.Summary(value=values)
-    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    self._tb.add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.active:
@@ -155,16 +198,12 @@ class MetricWriter:
     """`image`: uint8 [H, W, C] with C = 1 or 3, shown as a PNG."""
     if not self.active:
       return
-    import io
-
     from tensorboard.compat.proto import summary_pb2
 
     image = np.asarray(image, np.uint8)
     height, width, channels = image.shape
-    png = io.BytesIO()
-    Image.fromarray(image[..., 0] if channels == 1 else image).save(png, format="PNG")
     picture = summary_pb2.Summary.Image(
-      height=height, width=width, colorspace=channels, encoded_image_string=png.getvalue()
+      height=height, width=width, colorspace=channels, encoded_image_string=png_bytes(image)
     )
     self._event(step, [summary_pb2.Summary.Value(tag=tag, image=picture)])
 

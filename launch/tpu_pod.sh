@@ -5,7 +5,7 @@
 #   export TPU_NAME=dit-v5p-32 ZONE=us-east5-a ACCELERATOR=v5p-32 RUNTIME=v2-alpha-tpuv5
 #   launch/tpu_pod.sh create                 # the slice (add SPOT=1 for spot capacity)
 #   launch/tpu_pod.sh copy                   # this checkout -> ~/dit_jax on every worker
-#   launch/tpu_pod.sh setup                  # venv + pip install -e ".[tpu]" on every worker
+#   launch/tpu_pod.sh setup                  # venv + pip install -e ".[tpu,gcs]" on every worker
 #   launch/tpu_pod.sh run --config=configs/dit_imagenet256.py:variant=XL/2 \
 #       --workdir=gs://BUCKET/dit_xl2 --config.data.path=gs://BUCKET/imagenet256_latents \
 #       --config.parallel.preset=fsdp
@@ -59,7 +59,7 @@ case "$cmd" in
     ;;
   setup)
     on_all "cd ~/$REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
-.venv/bin/pip install -q -e '.[tpu]'"
+.venv/bin/pip install -q -e '.[tpu,gcs]'"
     ;;
   run)
     args="$(printf '%q ' "$@")"

@@ -38,9 +38,16 @@ TINY = [
 TINY_STEPS = 6
 
 
-def run(*args: str, module: str = "dit_jax.main", devices: int = 1, timeout: float = 300, **env):
-  """`python -m module args` in the repository, with `devices` fake CPU devices; returns the
-  CompletedProcess with stdout and stderr merged into `.output`."""
+def run(
+  *args: str,
+  module: str = "dit_jax.main",
+  devices: int = 1,
+  timeout: float = 300,
+  cwd: str = REPO,
+  **env,
+):
+  """`python -m module args` in `cwd` (the repository), with `devices` fake CPU devices; returns
+  the CompletedProcess with stdout and stderr merged into `.output`."""
   full_env = {
     **os.environ,
     "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -49,7 +56,7 @@ def run(*args: str, module: str = "dit_jax.main", devices: int = 1, timeout: flo
   }
   proc = subprocess.run(
     [sys.executable, "-m", module, *args],
-    cwd=REPO,
+    cwd=cwd,
     env=full_env,
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,

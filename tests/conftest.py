@@ -150,3 +150,13 @@ def classifier_workdir(tmp_path_factory):
     assert proc.returncode == 0, proc.output[-3000:]
 
   return os.path.join(shared_dir(tmp_path_factory, "classifier", build), "run")
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS emulator on 127.0.0.1 for this worker (tests/_gcs.py); its env is set in os.environ."""
+  import _gcs
+
+  emulator = _gcs.Emulator()
+  yield emulator
+  emulator.stop()

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import checkpoint, parallel
+from dit_jax import checkpoint, parallel, storage
 from dit_jax.errors import ConfigError, TrainingStopped
 from dit_jax.evaluation import runner, sampling
 from dit_jax.train import loop, setup
@@ -36,11 +36,12 @@ def cli_config():
   return tiny_config(num_steps=STEPS)
 
 
-def _main(workdir, driver=None, **env):
-  cmd = [sys.executable, *(["tests/_kill_driver.py"] if driver else ["-m", "dit_jax.main"])]
+def _main(workdir, driver=None, cwd=REPO, **env):
+  driver = [os.path.join(REPO, "tests/_kill_driver.py")] if driver else ["-m", "dit_jax.main"]
+  config = [a.replace("configs/", os.path.join(REPO, "configs/")) for a in CLI]
   return subprocess.Popen(
-    [*cmd, *CLI, f"--workdir={workdir}"],
-    cwd=REPO,
+    [sys.executable, *driver, *config, f"--workdir={workdir}"],
+    cwd=cwd,
     # One device: the kill tests are about the checkpoint, and compile faster on few cores.
     env={
       **os.environ,
@@ -60,11 +61,11 @@ def _finish(proc, timeout=300):
 
 
 def _logged_steps(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+  lines = storage.read_text(path).splitlines(keepends=True)
+  return [json.loads(line)["step"] for line in lines if line.endswith("\n")]
 
 
 def _wait_for_step(proc, workdir, step, timeout=300):
@@ -78,8 +79,10 @@ def _wait_for_step(proc, workdir, step, timeout=300):
 
 
 def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
+  rows = [
+    json.loads(line)
+    for line in storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()
+  ]
   assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # No gaps, no duplicates.
   return [r["loss"] for r in rows]
 
@@ -117,6 +120,23 @@ def test_sigkill_between_checkpoints_resumes_bitwise(uninterrupted, tmp_path):
   proc.wait()
   assert _finish(_main(workdir))[0] == 0
   _assert_same_run(workdir, uninterrupted)
+
+
+@pytest.mark.multiprocess
+def test_sigkill_on_a_gs_workdir_resumes_bitwise(uninterrupted, gcs, tmp_path):
+  """The run on GCS (an emulator): killed between checkpoints, resumed, the same losses and state
+  as the local uninterrupted run; nothing is written in the current directory."""
+  workdir, cwd = gcs.url("killed"), tmp_path / "cwd"
+  cwd.mkdir()
+  proc = _main(workdir, cwd=str(cwd))
+  _wait_for_step(proc, workdir, 5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  code, out = _finish(_main(workdir, cwd=str(cwd)))
+  assert code == 0, out[-3000:]
+  _assert_same_run(workdir, uninterrupted)
+  assert os.listdir(cwd) == []
+  assert storage.listdir(workdir) == ["checkpoints", "images", "metrics.jsonl", "tensorboard"]
 
 
 @pytest.mark.multiprocess

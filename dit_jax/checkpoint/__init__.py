@@ -17,7 +17,6 @@ workdir with `train.init_from` (`restore_weights`).
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,8 +28,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
+from dit_jax import storage
 from dit_jax.errors import ConfigError
 
 ORIGIN = "origin"  # The item that marks a weights-only (imported) checkpoint.
@@ -111,7 +110,7 @@ class Checkpointer:
   ):
     """`config`: the run's config, named in error messages next to a checkpoint's own."""
     self.config = config
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = storage.join(workdir, "checkpoints")
     # Read-only: no retention policy (Orbax would drop it with a warning).
     options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else keep,
@@ -153,7 +152,7 @@ class Checkpointer:
       raise ConfigError(
         f"The checkpoint {self.directory}/{step} holds imported weights only (no optimizer state; "
         f"from {origin.get('source')!r}), so training cannot resume it; fine-tune from it in a "
-        f"new workdir with --config.train.init_from={os.path.dirname(self.directory)}"
+        f"new workdir with --config.train.init_from={storage.parent(self.directory)}"
       )
     self.check_structure(step, abstract_state)
     self.check_prediction(step)
@@ -222,8 +221,7 @@ class Checkpointer:
     names = [f"{step}.damaged-{stamp}" for step in steps]
     if jax.process_index() == 0:
       for step, name in zip(steps, names, strict=True):
-        path = epath.Path(self.directory) / str(step)
-        path.rename(path.parent / name)
+        storage.rename(storage.join(self.directory, str(step)), storage.join(self.directory, name))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
@@ -361,7 +359,7 @@ class Checkpointer:
     its block of the same global batches, so the states are equal and any of them will do for
     any process count; states that differ (e.g. other grain worker layouts) must match exactly.
     """
-    folder = epath.Path(self.directory) / str(step) / "data"
+    folder = storage.path(self.directory) / str(step) / "data"
     own = folder / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if own.exists():
       text = own.read_text()
@@ -419,7 +417,7 @@ def place(params: Any, abstract: Any, what: str = "The imported weights") -> Any
 
 def check_new_workdir(workdir: str) -> None:
   """Raises ConfigError if `workdir` already holds checkpoints (or anything in their folder)."""
-  directory = epath.Path(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  directory = storage.path(storage.join(workdir, "checkpoints"))
   if directory.exists() and any(directory.iterdir()):
     raise ConfigError(
       f"{directory} is not empty (it holds {sorted(p.name for p in directory.iterdir())[:5]}); "
@@ -465,7 +463,7 @@ def save_weights(
     ckpt.wait()
   finally:
     ckpt.close()
-  return os.path.join(ckpt.directory, str(step))
+  return storage.join(ckpt.directory, str(step))
 
 
 def restore_weights(
@@ -519,7 +517,7 @@ class EmaSnapshots:
   """
 
   def __init__(self, workdir: str, *, async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.abspath(os.path.join(workdir, SNAPSHOTS))
+    self.directory = storage.join(workdir, SNAPSHOTS)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=None,
       create=not read_only,

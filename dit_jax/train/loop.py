@@ -12,7 +12,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from dit_jax import checkpoint, data, parallel, utils
+from dit_jax import checkpoint, data, parallel, storage, utils
 from dit_jax.data.prefetch import Prefetcher
 from dit_jax.errors import TrainingStopped
 from dit_jax.evaluation import sampling, scoring
@@ -36,7 +36,7 @@ def _save_grid(grid, state, workdir, step, writer) -> str | None:
   u8 = grid(state.ema_params)
   if u8 is None:
     return None
-  path = os.path.join(workdir, "images", f"step_{step:07d}.png")
+  path = storage.join(workdir, "images", f"step_{step:07d}.png")
   if jax.process_index() == 0:
     upscale = max(1, 128 // u8.shape[1])
     utils.save_grid(path, u8, upscale=upscale)

@@ -1,0 +1,317 @@
+"""One storage layer for every path a user gives: a local path or a `gs://` URL.
+
+Local paths are made absolute (so a relative `--workdir` means the same in every process and
+thread); `gs://` URLs go through etils `epath` (Orbax's own path type) on gcsfs, and tensorstore
+(Orbax's array store) reads and writes them itself. Writes are atomic: written then renamed on a
+local disk, one object upload on GCS (which never shows a partial object). GCS support comes in an
+extra, `pip install 'dit_jax[gcs]'`; a `gs://` path without it is one clear error.
+
+`STORAGE_EMULATOR_HOST` (the variable of Google's client libraries and gcsfs) points everything at
+a GCS emulator: it is passed on to tensorstore as `TENSORSTORE_GCS_HTTP_URL`.
+"""
+
+import contextlib
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from dit_jax.errors import ConfigError
+
+GCS_EXTRA = "pip install 'dit_jax[gcs]'"
+_SCHEME = "gs://"
+
+
+class StorageError(ConfigError):
+  """A path that cannot be used: missing extra, unreachable service, missing bucket."""
+
+
+def is_remote(path: str) -> bool:
+  return str(path).startswith(_SCHEME)
+
+
+def _check_scheme(path: str) -> None:
+  head, sep, _ = str(path).partition("://")
+  if sep and head != "gs" and "/" not in head:
+    raise StorageError(f"{path}: only local paths and gs:// URLs are supported, not {head}://.")
+
+
+_configured = False
+
+
+def _configure_gcs(path: str) -> None:
+  """Checks that the `gcs` extra is installed and points tensorstore at an emulator if asked."""
+  global _configured
+  if _configured:
+    return
+  host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+  emulator = host not in ("", "default")
+  if emulator:
+    # gcsfs's experimental bucket-type probe uses GCS's control API, which emulators lack.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+  try:
+    import gcsfs  # noqa: F401
+  except ImportError:
+    raise StorageError(
+      f"{path} is on Google Cloud Storage, which needs the gcs extra: {GCS_EXTRA}"
+    ) from None
+  if emulator:
+    url = host if host.startswith(("http://", "https://")) else f"http://{host}"
+    os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
+    # tensorstore's GCS driver sends this token instead of looking for credentials.
+    os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+  _configured = True
+
+
+def resolve(path: str) -> str:
+  """`path` as a string every process reads the same way: absolute if local, a URL if remote."""
+  path = os.fspath(path)
+  _check_scheme(path)
+  if is_remote(path):
+    _configure_gcs(path)
+    return path.rstrip("/")
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def join(base: str, *parts: str) -> str:
+  base = resolve(base)
+  if is_remote(base):
+    return "/".join([base, *(p.strip("/") for p in parts if p)])
+  return os.path.join(base, *parts)
+
+
+def path(p: str) -> epath.Path:
+  """An `epath.Path` for `p` (what Orbax takes)."""
+  return epath.Path(resolve(p))
+
+
+def parent(p: str) -> str:
+  p = resolve(p)
+  if is_remote(p):
+    head, _, _ = p.rpartition("/")
+    return head if len(head) > len(_SCHEME) else p
+  return os.path.dirname(p)
+
+
+def basename(p: str) -> str:
+  return resolve(p).rstrip("/").rpartition("/")[2] if is_remote(p) else os.path.basename(p)
+
+
+def _gcs_fs():
+  """The gcsfs filesystem epath uses (fsspec caches one instance per arguments), so that what it
+  lists and what this module changes stay in one cache."""
+  import fsspec
+
+  return fsspec.filesystem("gcs", finalize_on_close=True)
+
+
+def _fresh(p: str) -> epath.Path:
+  """`path(p)`, with gcsfs's cached listings of it dropped: other processes may have written."""
+  if is_remote(p):
+    _gcs_fs().invalidate_cache(resolve(p))
+  return path(p)
+
+
+def exists(p: str) -> bool:
+  return _fresh(p).exists()
+
+
+def isdir(p: str) -> bool:
+  return _fresh(p).is_dir()
+
+
+def isfile(p: str) -> bool:
+  return _fresh(p).is_file()
+
+
+def listdir(p: str) -> list[str]:
+  """The names in directory `p`, sorted; [] if it does not exist."""
+  d = _fresh(p)
+  if not d.is_dir():
+    return []
+  return sorted(child.name for child in d.iterdir())
+
+
+def makedirs(p: str) -> None:
+  path(p).mkdir(parents=True, exist_ok=True)
+
+
+def remove(p: str) -> None:
+  """Deletes file `p` if it exists."""
+  f = path(p)
+  if f.exists():
+    f.unlink()
+
+
+def rmtree(p: str) -> None:
+  d = path(p)
+  if d.exists():
+    d.rmtree()
+
+
+def rename(src: str, dst: str) -> None:
+  """Moves `src` to `dst` (replacing it): atomic on a local disk, copy then delete on GCS."""
+  if is_remote(src) or is_remote(dst):
+    if is_remote(src) != is_remote(dst):
+      raise ValueError(f"rename between a local disk and GCS: {src} -> {dst}")
+    # Copy and delete, as GCS itself does a move (gcsfs's move API first is missing in emulators).
+    fs = _gcs_fs()
+    fs.copy(resolve(src), resolve(dst), recursive=fs.isdir(resolve(src)))
+    fs.rm(resolve(src), recursive=True)
+  else:
+    os.replace(resolve(src), resolve(dst))
+
+
+def read_bytes(p: str) -> bytes:
+  return path(p).read_bytes()
+
+
+def read_text(p: str) -> str:
+  return path(p).read_text()
+
+
+def write_bytes(p: str, data: bytes) -> None:
+  """Writes `data` to `p` atomically (no reader sees part of it), creating its directory."""
+  target = resolve(p)
+  if is_remote(target):
+    path(target).write_bytes(data)  # One object upload: all of it or nothing.
+    return
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  tmp = f"{target}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, target)
+
+
+def write_text(p: str, text: str) -> None:
+  write_bytes(p, text.encode())
+
+
+def read_json(p: str) -> Any:
+  return json.loads(read_text(p))
+
+
+def write_json(p: str, value: Any, indent: int | None = 2) -> None:
+  write_text(p, json.dumps(value, indent=indent) + "\n")
+
+
+def save_npz(p: str, **arrays: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  write_bytes(p, buffer.getvalue())
+
+
+def load_npz(p: str) -> dict[str, np.ndarray]:
+  """All arrays of the .npz at `p`, read into memory."""
+  with np.load(io.BytesIO(read_bytes(p)) if is_remote(p) else resolve(p)) as f:
+    return {k: f[k] for k in f.files}
+
+
+def save_npy(p: str, array: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  write_bytes(p, buffer.getvalue())
+
+
+def load_npy(p: str, mmap: bool = False) -> np.ndarray:
+  """The .npy at `p`; memory-mapped (not read) if `mmap` and local."""
+  if is_remote(p):
+    return np.load(io.BytesIO(read_bytes(p)))
+  return np.load(resolve(p), mmap_mode="r" if mmap else None)
+
+
+@contextlib.contextmanager
+def open_file(p: str, mode: str = "rb") -> Iterator[Any]:
+  """A file object for reading `p` (`mode` 'r' or 'rb'); writers use `write_bytes`."""
+  if "r" not in mode or "+" in mode:
+    raise ValueError(f"open_file reads only; got mode={mode!r}")
+  with path(p).open(mode) as f:
+    yield f
+
+
+class AppendLog:
+  """A file that only grows (`metrics.jsonl`, TensorBoard event files): appended to on a local
+  disk; on GCS, whose objects cannot be appended to, its whole content is uploaded again at each
+  `flush` (keep such files small: see `size`)."""
+
+  def __init__(self, p: str, *, keep: str | bytes | None = None, binary: bool = False):
+    """Opens `p` for appending; with `keep`, replaces its content with `keep` first."""
+    self.path, self._binary = resolve(p), binary
+    self._remote = is_remote(self.path)
+    if keep is not None:
+      write_bytes(self.path, keep if isinstance(keep, bytes) else keep.encode())
+    if self._remote:
+      old = read_bytes(self.path) if exists(self.path) else b""
+      self._parts = [old if binary else old.decode()]
+      self.size = len(old)
+    else:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      self._file = open(self.path, "ab" if binary else "a")  # noqa: SIM115
+      self.size = self._file.tell()
+    self._dirty = False
+
+  def write(self, data: str | bytes) -> None:
+    self.size += len(data)
+    if self._remote:
+      self._parts.append(data)
+      self._dirty = True
+    else:
+      self._file.write(data)
+
+  def flush(self) -> None:
+    if not self._remote:
+      self._file.flush()
+    elif self._dirty:
+      joined = (b"" if self._binary else "").join(self._parts)
+      self._parts = [joined]
+      write_bytes(self.path, joined if self._binary else joined.encode())
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+    if not self._remote:
+      self._file.close()
+
+
+def check_reachable(p: str) -> None:
+  """For a `gs://` path: one clear error now if the service cannot be reached or the bucket does
+  not exist, instead of a minute of retries and a traceback later. Nothing to do for local paths."""
+  p = resolve(p)
+  if not is_remote(p):
+    return
+  import gcsfs.core
+
+  bucket = p[len(_SCHEME) :].split("/", 1)[0]
+  if not bucket:
+    raise StorageError(f"{p} names no bucket; write gs://BUCKET/path.")
+  location = gcsfs.core._location()
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST", "") not in ("", "default")
+  where = f"the GCS emulator at STORAGE_EMULATOR_HOST={location}" if emulator else location
+  try:
+    urllib.request.urlopen(location, timeout=10).close()
+  except urllib.error.HTTPError:
+    pass  # It answered.
+  except (OSError, ValueError) as e:
+    raise StorageError(
+      f"cannot reach {where} for {p} ({getattr(e, 'reason', e)}); check the network"
+      + (" and that the emulator is running" if emulator else "")
+      + "."
+    ) from None
+  try:
+    exists_ = path(f"{_SCHEME}{bucket}").exists()
+  except OSError as e:
+    raise StorageError(
+      f"cannot use gs://{bucket} for {p}: {e}; check the credentials "
+      "(gcloud auth application-default login) and the bucket's permissions."
+    ) from None
+  if not exists_:
+    raise StorageError(
+      f"bucket gs://{bucket} does not exist (for {p}); create it "
+      f"(gcloud storage buckets create gs://{bucket}) or pass another path."
+    )
