@@ -215,8 +215,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.parallel.mesh.tensor = 1
   # Across slices (multi-slice TPU, data-center network): the product is the number of slices;
   # the full mesh is mesh x dcn_mesh axis by axis. Keep tensor (and usually fsdp) within a slice.
+  # -1: the slices left over (all of them by default: data parallel across slices; 1 off TPU).
   c.parallel.dcn_mesh = ml_collections.ConfigDict()
-  c.parallel.dcn_mesh.data = 1
+  c.parallel.dcn_mesh.data = -1
   c.parallel.dcn_mesh.fsdp = 1
   c.parallel.dcn_mesh.tensor = 1
   # Per logical axis: "preset" keeps the preset's rule; "none" replicates; otherwise mesh axis

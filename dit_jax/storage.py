@@ -10,13 +10,11 @@ extra, `pip install 'dit_jax[gcs]'`; a `gs://` path without it is one clear erro
 a GCS emulator: it is passed on to tensorstore as `TENSORSTORE_GCS_HTTP_URL`.
 """
 
-import contextlib
 import io
 import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -224,15 +222,6 @@ def load_npy(p: str, mmap: bool = False) -> np.ndarray:
   if is_remote(p):
     return np.load(io.BytesIO(read_bytes(p)))
   return np.load(resolve(p), mmap_mode="r" if mmap else None)
-
-
-@contextlib.contextmanager
-def open_file(p: str, mode: str = "rb") -> Iterator[Any]:
-  """A file object for reading `p` (`mode` 'r' or 'rb'); writers use `write_bytes`."""
-  if "r" not in mode or "+" in mode:
-    raise ValueError(f"open_file reads only; got mode={mode!r}")
-  with path(p).open(mode) as f:
-    yield f
 
 
 class AppendLog:

@@ -5,7 +5,7 @@
 #   export TPU_NAME=dit-v5p-32 ZONE=us-east5-a ACCELERATOR=v5p-32 RUNTIME=v2-alpha-tpuv5
 #   launch/tpu_pod.sh create                 # the slice (add SPOT=1 for spot capacity)
 #   launch/tpu_pod.sh copy                   # this checkout -> ~/dit_jax on every worker
-#   launch/tpu_pod.sh setup                  # venv + pip install -e ".[tpu,gcs]" on every worker
+#   launch/tpu_pod.sh setup                  # uv: Python 3.11 venv + ".[tpu,gcs]" on every worker
 #   launch/tpu_pod.sh run --config=configs/dit_imagenet256.py:variant=XL/2 \
 #       --workdir=gs://BUCKET/dit_xl2 --config.data.path=gs://BUCKET/imagenet256_latents \
 #       --config.parallel.preset=fsdp
@@ -58,8 +58,13 @@ case "$cmd" in
       "${project[@]}" --worker=all
     ;;
   setup)
-    on_all "cd ~/$REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -U pip && \
-.venv/bin/pip install -q -e '.[tpu,gcs]'"
+    # uv makes the venv with Python $PYTHON (a managed build it downloads where the image has an
+    # older python3, as Ubuntu 22.04 TPU runtimes have 3.10) and installs into it.
+    on_all "set -e; cd ~/$REMOTE_DIR; export PATH=\$HOME/.local/bin:\$PATH; \
+command -v uv >/dev/null || python3 -m pip install -q --user uv || \
+curl -LsSf https://astral.sh/uv/install.sh | sh; \
+uv venv --python '${PYTHON:-3.11}' .venv; \
+uv pip install -q --python .venv/bin/python -e '.[tpu,gcs]'"
     ;;
   run)
     args="$(printf '%q ' "$@")"

@@ -107,7 +107,7 @@ def test_multi_slice_mesh_puts_dcn_axes_across_slices():
   c.train.batch_size = 32
   c.parallel.preset = "fsdp"
   c.parallel.mesh.data, c.parallel.mesh.fsdp = 1, -1
-  c.parallel.dcn_mesh.data = 2  # Data parallel over 2 slices, FSDP within each.
+  # dcn_mesh left at its default (data=-1): data parallel over the 2 slices, FSDP within each.
   gen, shape = aot.parse_topology("v5e-4")
   exp = aot.build(c, aot.topology_devices(gen, shape, num_slices=2))
   assert dict(exp.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}

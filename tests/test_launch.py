@@ -60,3 +60,15 @@ def test_gpu_host_refuses_to_start_without_a_gpu():
     text=True,
   )
   assert out.returncode == 1 and "no NVIDIA GPU visible" in out.stderr
+
+
+def test_tpu_pod_setup_makes_a_python_311_venv_with_uv_and_the_gcs_extra():
+  for env, python in (({}, "3.11"), ({"PYTHON": "3.12"}, "3.12")):
+    out = _tpu_pod("setup", **env)
+    assert out.returncode == 0, out.stderr
+    argv = shlex.split(out.stdout)
+    assert "--worker=all" in argv
+    remote = next(a for a in argv if a.startswith("--command=")).split("=", 1)[1]
+    assert f"uv venv --python '{python}' .venv" in remote, remote
+    assert "uv pip install -q --python .venv/bin/python -e '.[tpu,gcs]'" in remote, remote
+    assert "command -v uv" in remote and "set -e" in remote  # uv first, and stop on a failure.

@@ -162,6 +162,8 @@ def test_rules_override_the_preset_field_by_field():
     ((2, 2, 1), (1, 1, 1), "uses 4 devices but 8 are present"),
     ((-1, 1, 1), (2, 1, 1), "needs multi-slice devices"),
     ((-1, 1, 1), (3, 1, 1), "does not divide the 8 devices"),
+    ((-1, 1, 1), (-1, -1, 1), r"-1 \(at most one\)"),
+    ((-1, 1, 1), (0, 1, 1), "every size must be >= 1"),
   ],
 )
 def test_bad_meshes_name_the_field(mesh, dcn, match):

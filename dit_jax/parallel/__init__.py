@@ -94,11 +94,25 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   return tuple(sizes)
 
 
-def dcn_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  sizes = tuple(int(config.parallel.dcn_mesh[a]) for a in MESH_AXES)
-  if any(s < 1 for s in sizes):
-    raise ConfigError(f"config.parallel.dcn_mesh={_named(sizes)}: every size must be >= 1.")
-  return sizes
+def num_slices(devices) -> int:
+  """How many TPU slices (joined by DCN) `devices` span; 1 off TPU (GPU hosts and CPU
+  processes are not slices: their meshes are set by config.parallel.mesh alone)."""
+  return len({getattr(d, "slice_index", 0) if d.platform == "tpu" else 0 for d in devices})
+
+
+def dcn_shape(config: ml_collections.ConfigDict, devices) -> tuple[int, ...]:
+  """`config.parallel.dcn_mesh` with its -1 (at most one; the default, on data) resolved to the
+  slices of `devices` left over by the other sizes."""
+  sizes = [int(config.parallel.dcn_mesh[a]) for a in MESH_AXES]
+  if any(s < 1 and s != -1 for s in sizes) or sizes.count(-1) > 1:
+    raise ConfigError(
+      f"config.parallel.dcn_mesh={_named(tuple(sizes))}: every size must be >= 1, or -1 (at most "
+      "one) for the slices left over."
+    )
+  if -1 in sizes:
+    fixed = math.prod(s for s in sizes if s != -1)
+    sizes[sizes.index(-1)] = max(1, num_slices(devices) // fixed)
+  return tuple(sizes)
 
 
 def default_devices() -> list:
@@ -114,10 +128,11 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
   laid out for the interconnect.
 
   With `config.parallel.dcn_mesh` sizes > 1 the devices form slices (multi-slice TPU) and each
-  mesh axis is dcn x ici long; otherwise one slice of `config.parallel.mesh` shape.
+  mesh axis is dcn x ici long; otherwise one slice of `config.parallel.mesh` shape. By default
+  (dcn_mesh.data=-1) data parallelism spans all the slices there are.
   """
   devices = default_devices() if devices is None else list(devices)
-  dcn = dcn_shape(config)
+  dcn = dcn_shape(config, devices)
   slices = math.prod(dcn)
   if len(devices) % slices:
     raise ConfigError(
