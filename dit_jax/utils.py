@@ -122,7 +122,7 @@ class _EventFile:
   """TensorBoard event files in `directory`, written with the `tensorboard` package's record
   writer (which, unlike tensorboardX's, imports no framework) and flushed after every event. On
   GCS a file is uploaded whole at each flush, so a new one is started past `roll_bytes`;
-  TensorBoard reads all the files of a directory as one run."""
+  TensorBoard reads all the files of a directory, in the order of their names, as one run."""
 
   def __init__(self, directory: str, roll_bytes: int = 8 << 20):
     self.directory, self.roll_bytes, self._count, self._file = directory, roll_bytes, 0, None
@@ -135,7 +135,7 @@ class _EventFile:
 
     name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
     self._file = storage.AppendLog(
-      storage.join(self.directory, f"{name}.{self._count}"), binary=True
+      storage.join(self.directory, f"{name}.{self._count:05d}"), binary=True
     )
     self._count += 1
     self._records = RecordWriter(self._file)
