@@ -279,3 +279,94 @@ def parse_arg(arg: str | None, defaults: dict) -> dict:
           f"Config arg {key}={value!r} is not a {kind}; e.g. {key}={default}."
         ) from None
   return out
+
+
+# --- The config of a saved run ------------------------------------------------------------------
+
+# Fields that make the network and what its output means: a checkpoint is read with its own. The
+# rest of `model` (how it runs: remat, scan unrolling, attention kernel, compute dtype) may change.
+_RUN_FIELDS = {
+  "model": None,  # All of model but _MODEL_EXECUTION.
+  "diffusion": None,  # All of diffusion.
+  "data": ("name", "image_size", "channels", "latent_scale"),
+}
+_MODEL_EXECUTION = ("remat", "scan_unroll", "attention", "dtype")
+# Sections a --config given with a saved run's workdir sets (sampling, scoring, decoding, mesh).
+_EVAL_SECTIONS = ("sample", "eval", "vae", "parallel")
+
+
+def _fill(target: ml_collections.ConfigDict, saved: dict, where: str) -> None:
+  for key, value in saved.items():
+    if key in target and isinstance(target[key], ml_collections.ConfigDict):
+      if not isinstance(value, dict):
+        raise ConfigError(f"The saved config's {where}{key} is {value!r}, not a section.")
+      _fill(target[key], value, f"{where}{key}.")
+    elif key in target and isinstance(target[key], tuple) and isinstance(value, list):
+      target[key] = tuple(value)  # JSON has no tuples.
+    else:
+      try:
+        target[key] = value
+      except TypeError as e:
+        raise ConfigError(f"The saved config's {where}{key}={value!r} cannot be read: {e}.") from e
+
+
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """The config a run saved (as JSON, e.g. in its checkpoints), over the base config, so that
+  fields added since it was written take their defaults."""
+  config = base_config()
+  _fill(config, saved, "")
+  return config
+
+
+def run_fields(config: ml_collections.ConfigDict) -> dict:
+  """The fields (dotted names) that make the network and what its output means."""
+  out = {}
+  for section, keys in _RUN_FIELDS.items():
+    values = config[section].to_dict()
+    if section == "model":
+      keys = [k for k in values if k not in _MODEL_EXECUTION]
+    out.update({f"{section}.{k}": values.get(k) for k in keys or values})
+  return out
+
+
+def for_saved_run(
+  saved: ml_collections.ConfigDict, given: ml_collections.ConfigDict | None, where: str
+) -> ml_collections.ConfigDict:
+  """The config to sample or evaluate a saved run with: the run's own (`saved`), with what
+  `given` (a --config given alongside, or None) sets of sampling, scoring, decoding, the mesh, the
+  data's location and how the network runs (model.remat/scan_unroll/attention/dtype).
+
+  Raises:
+    ConfigError: `given` differs from the run in a field that makes the network or what its
+      output means (a model, diffusion or data-shape field), naming it.
+  """
+  if given is None:
+    return saved
+  ours, theirs = run_fields(given), run_fields(saved)
+  diff = [k for k in theirs if json_value(ours.get(k)) != json_value(theirs[k])]
+  if diff:
+    shown = "; ".join(f"config.{k}={ours.get(k)!r} here, {theirs[k]!r} in the run" for k in diff)
+    raise ConfigError(
+      f"--config differs from the model saved in {where}: {shown}. Those fields come from the "
+      "checkpoint: drop them (or --config, to take all of the run's config), or use another "
+      "--workdir."
+    )
+  config = ml_collections.ConfigDict(saved.to_dict())
+  for section in _EVAL_SECTIONS:
+    config[section] = ml_collections.ConfigDict(given[section].to_dict())
+  locked = _RUN_FIELDS["data"]
+  for key, value in given.data.items():
+    if key not in locked:
+      config.data[key] = value
+  for key in _MODEL_EXECUTION:
+    config.model[key] = given.model[key]
+  return config
+
+
+def json_value(value):
+  """`value` as it reads back from JSON (tuples as lists)."""
+  if isinstance(value, tuple | list):
+    return [json_value(v) for v in value]
+  if isinstance(value, dict):
+    return {k: json_value(v) for k, v in value.items()}
+  return value

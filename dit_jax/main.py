@@ -3,6 +3,10 @@
   --mode=train     train (resuming from the newest checkpoint in DIR), then sample a grid.
   --mode=sample    restore the EMA parameters and write DIR/samples/<sample.name>.npz + PNG grid.
   --mode=evaluate  restore, sample and score; writes DIR/eval/<eval.name>.json.
+Sampling and evaluating need no --config: they read the one saved in DIR's newest checkpoint. A
+--config given with them sets sampling, scoring, VAE, mesh and data-location fields; one that
+differs from the run's model, diffusion or data shape is an error naming the field.
+DIR may be a local directory or a gs:// URL (pip install 'dit_jax[gcs]').
   --overwrite      let sample / evaluate replace an existing samples/<sample.name>.npz or
                    eval/<eval.name>.json (without it they stop with an error and keep the file).
 Any config field can be set with --config.<field>=<value>; unknown fields are errors. A bad
@@ -33,7 +37,7 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 
 # Config fields that name files or workdirs, which are read with local paths only so far.
@@ -48,14 +52,9 @@ _LOCAL_ONLY_FIELDS = (
 )
 
 
-def _check_storage_support(config, workdir: str) -> None:
-  """gs:// works for the training workdir; the readers of the other paths, and sampling and
-  evaluation from a gs:// workdir, are local-only yet: say so instead of writing `./gs:/...`."""
-  if storage.is_remote(workdir) and _MODE.value != "train":
-    raise ConfigError(
-      f"--mode={_MODE.value} does not read gs:// workdirs yet (training does); copy the run "
-      f"locally first (gcloud storage cp -r {workdir} .) and pass that --workdir."
-    )
+def _check_storage_support(config) -> None:
+  """gs:// works for workdirs; the readers of the other paths are local-only yet: say so instead
+  of writing `./gs:/...`."""
   for field in _LOCAL_ONLY_FIELDS:
     value = config
     for part in field.split("."):
@@ -71,8 +70,14 @@ def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
   try:  # A gs:// workdir: the gcs extra, the service and the bucket, before anything else.
+    if config is None and _MODE.value == "train":
+      raise ConfigError(
+        "--mode=train needs --config=configs/<file>.py (sampling and evaluating a run read the "
+        "config saved in its workdir)."
+      )
     storage.check_reachable(workdir)
-    _check_storage_support(config, workdir)
+    if config is not None:
+      _check_storage_support(config)
   except ConfigError as e:
     sys.exit(f"Error: {e}")
   existing = workdir  # The workdir or the nearest of its parents that exists.
@@ -94,6 +99,11 @@ def main(argv):
     from dit_jax.parallel import distributed
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if _MODE.value != "train":
+      from dit_jax.evaluation import runner
+
+      config = runner.run_config(workdir, config)
+      _check_storage_support(config)
     if jax.process_index() == 0:
       logging.info("Config:\n%s", config)
     if _MODE.value == "train":
@@ -101,12 +111,8 @@ def main(argv):
 
       loop.run(config, workdir)
     elif _MODE.value == "sample":
-      from dit_jax.evaluation import runner
-
       runner.sample(config, workdir, overwrite=_OVERWRITE.value)
     else:
-      from dit_jax.evaluation import runner
-
       scores = runner.evaluate(config, workdir, overwrite=_OVERWRITE.value)
       if jax.process_index() == 0:
         print(json.dumps(scores, indent=2))

@@ -10,14 +10,20 @@ extra, `pip install 'dit_jax[gcs]'`; a `gs://` path without it is one clear erro
 a GCS emulator: it is passed on to tensorstore as `TENSORSTORE_GCS_HTTP_URL`.
 """
 
+import contextlib
 import io
 import json
 import os
+import re
+import tempfile
 import urllib.error
 import urllib.request
-from typing import Any
+import zipfile
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 
 import numpy as np
+from absl import logging
 from etils import epath
 
 from dit_jax.errors import ConfigError
@@ -184,11 +190,40 @@ def write_bytes(p: str, data: bytes) -> None:
   tmp = f"{target}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, target)
 
 
 def write_text(p: str, text: str) -> None:
   write_bytes(p, text.encode())
+
+
+@contextlib.contextmanager
+def atomic_file(p: str) -> Iterator[IO[bytes]]:
+  """A seekable binary file to write `p` through, for writers that stream (a zip archive): on a
+  local disk a temporary file beside it, fsynced and renamed over `p` at the end; for GCS a
+  temporary file on the local disk, uploaded as one object at the end. `p` is untouched if the
+  block raises."""
+  target = resolve(p)
+  remote = is_remote(target)
+  if remote:
+    f = tempfile.NamedTemporaryFile(prefix="dit_jax_", delete=False)  # noqa: SIM115
+  else:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    f = open(f"{target}.tmp{os.getpid()}", "wb")  # noqa: SIM115
+  try:
+    with f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    if remote:
+      _gcs_fs().put_file(f.name, target)
+    else:
+      os.replace(f.name, target)
+  finally:
+    if os.path.exists(f.name):
+      os.remove(f.name)
 
 
 def read_json(p: str) -> Any:
@@ -222,6 +257,129 @@ def load_npy(p: str, mmap: bool = False) -> np.ndarray:
   if is_remote(p):
     return np.load(io.BytesIO(read_bytes(p)))
   return np.load(resolve(p), mmap_mode="r" if mmap else None)
+
+
+def write_npz_streamed(
+  p: str, key: str, chunks: Iterable[np.ndarray], shape: tuple, dtype, extra: dict
+) -> None:
+  """Writes an np.load-able .npz at `p` holding `key` [shape] (the arrays `chunks` yields, one
+  after another, never all in memory) and the small arrays `extra`; stored uncompressed and with
+  zip64 members, as np.savez writes them."""
+  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
+  with atomic_file(p) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
+      np.lib.format.write_array_header_2_0(member, {**header, "shape": tuple(shape)})
+      for chunk in chunks:
+        member.write(memoryview(np.ascontiguousarray(chunk, dtype)).cast("B"))
+    for k, v in extra.items():
+      with zf.open(f"{k}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, np.asarray(v), allow_pickle=False)
+
+
+class ChunkStore:
+  """The resumable chunks of a long job (samples, their Inception features, a reference's): the
+  rows [start, end) of one array [N, *item_shape] as whole files `<start>-<end>.npy` in
+  `directory`, beside `fingerprint.json`, a JSON object of everything the rows depend on. A chunk
+  is written atomically, so a file there is always whole; a rerun continues after the last chunk
+  of an unbroken chain from row 0, if its fingerprint is equal. Used by process 0 only."""
+
+  FINGERPRINT = "fingerprint.json"
+  _CHUNK = re.compile(r"^(\d+)-(\d+)\.npy$")
+
+  def __init__(self, directory: str, item_shape: tuple, dtype):
+    self.directory = resolve(directory)
+    self.item_shape, self.dtype = tuple(item_shape), np.dtype(dtype)
+
+  def chunks(self) -> list[tuple[int, int, str]]:
+    """(start, end, path) of the chunk files there, sorted."""
+    found = []
+    for name in listdir(self.directory):
+      m = self._CHUNK.match(name)
+      if m and int(m.group(2)) > int(m.group(1)):
+        found.append((int(m.group(1)), int(m.group(2)), join(self.directory, name)))
+    return sorted(found)
+
+  def problem(self, want: dict) -> str | None:
+    """Why the chunks there cannot be continued by a job of fingerprint `want` (None if they can,
+    or if there are none)."""
+    fp_path = join(self.directory, self.FINGERPRINT)
+    if not isfile(fp_path):
+      return f"holds chunks but no {self.FINGERPRINT}" if self.chunks() else None
+    try:
+      have = read_json(fp_path)
+    except (OSError, ValueError) as e:
+      return f"has a {self.FINGERPRINT} that cannot be read ({e})"
+    if not isinstance(have, dict):
+      return f"has a {self.FINGERPRINT} that is not a JSON object"
+    diff = [
+      "other labels or captions"
+      if k == "conditions_sha256"
+      else f"{k}={have.get(k)!r} there, {want.get(k)!r} here"
+      for k in sorted(set(have) | set(want))
+      if have.get(k) != want.get(k)
+    ]
+    if diff:
+      return f"holds the chunks of a run with another config ({'; '.join(diff)})"
+    return None
+
+  def resume(self, want: dict, *, overwrite: bool = False, field: str = "sample.name") -> int:
+    """The number of rows already there as a chain of whole chunks from 0 on (removing chunk
+    files that do not continue it), after checking that they were made with the same fingerprint
+    (written on the first run). Chunks of another fingerprint are an error naming config.`field`
+    (what names the directory), or, with `overwrite`, removed."""
+    makedirs(self.directory)
+    problem = self.problem(want)
+    if problem and not overwrite:
+      raise ConfigError(
+        f"{self.directory} {problem}; set another --config.{field}=..., delete that directory "
+        "to start over, or pass --overwrite to replace it."
+      )
+    if problem:
+      logging.warning("Removing %s, which %s (overwrite is set).", self.directory, problem)
+      rmtree(self.directory)
+      makedirs(self.directory)
+    fp_path = join(self.directory, self.FINGERPRINT)
+    if not isfile(fp_path):
+      write_text(fp_path, json.dumps(want, indent=1))
+    done = 0
+    for start, end, chunk in self.chunks():
+      ok = start == done
+      if ok:
+        try:
+          array = load_npy(chunk, mmap=True)
+          ok = array.dtype == self.dtype and array.shape == (end - start, *self.item_shape)
+          del array
+        except (OSError, ValueError):
+          ok = False
+      if ok:
+        done = end
+      else:
+        logging.warning("Removing %s: not the next whole chunk after row %d.", chunk, done)
+        remove(chunk)
+    return done
+
+  def put(self, start: int, rows: np.ndarray) -> None:
+    """Writes rows [start, start + len(rows)) as one chunk."""
+    assert rows.dtype == self.dtype and rows.shape[1:] == self.item_shape, (rows.shape, rows.dtype)
+    save_npy(join(self.directory, f"{start:08d}-{start + len(rows):08d}.npy"), rows)
+
+  def arrays(self) -> Iterator[np.ndarray]:
+    """The chunks' arrays in order, one at a time."""
+    for _, _, chunk in self.chunks():
+      yield load_npy(chunk)
+
+  def read(self, num: int) -> np.ndarray:
+    """All `num` rows, which must be there whole."""
+    out, at = np.empty((num, *self.item_shape), self.dtype), 0
+    for start, end, chunk in self.chunks():
+      assert start == at, (start, at, self.directory)
+      out[start:end] = load_npy(chunk)
+      at = end
+    assert at == num, (at, num, self.directory)
+    return out
+
+  def remove(self) -> None:
+    rmtree(self.directory)
 
 
 class AppendLog:

@@ -69,3 +69,18 @@ class Emulator:
 
   def stop(self) -> None:
     self._server.stop()
+
+
+def upload(local_dir: str, url: str, only: tuple[str, ...] = ()) -> str:
+  """Copies the files under `local_dir` (of its top-level entries `only`, if given) to `url`."""
+  from dit_jax import storage
+
+  for root, _, files in os.walk(local_dir):
+    rel = os.path.relpath(root, local_dir)
+    if only and rel.split(os.sep)[0] not in only:
+      continue
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        parts = [] if rel == "." else rel.split(os.sep)
+        storage.write_bytes(storage.join(url, *parts, name), f.read())
+  return url

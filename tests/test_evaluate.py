@@ -259,6 +259,47 @@ def test_killed_evaluate_resumes_to_the_scores_of_the_samples_it_would_write(fol
     runner.evaluate(config, workdir)
 
 
+@pytest.mark.integration
+def test_a_gs_workdir_evaluates_resumes_and_scores_as_a_local_copy(runs, gcs, tmp_path):
+  """The run's checkpoints on GCS (the emulator) and in a local copy, each evaluated with the
+  config saved in them: the gs:// evaluation, killed after its first chunk of features and rerun,
+  computes the own reference and gives the local copy's scores, and leaves no chunks behind."""
+  import shutil
+
+  import _gcs
+
+  from dit_jax import storage
+
+  url = _gcs.upload(runs["on"], gcs.url(), only=("checkpoints",))
+  local = str(tmp_path / "local")
+  shutil.copytree(os.path.join(runs["on"], "checkpoints"), os.path.join(local, "checkpoints"))
+  want = runner.evaluate(runner.run_config(local), local)
+  config = runner.run_config(url)
+  assert config.data.name == "folder" and config.eval.num_images == NUM
+  path, parts = scoring.eval_files(url, config.eval.name)
+  with pytest.MonkeyPatch.context() as m:
+    _kill_after_chunks(m, calls=1, chunks=1, firsts=[])
+    with pytest.raises(KeyboardInterrupt):
+      runner.evaluate(config, url)
+  # The reference was computed whole, then the samples' features killed after one chunk.
+  assert not storage.exists(path)
+  assert storage.listdir(parts) == ["00000000-00000008.npy", sampling.FINGERPRINT_FILE]
+  firsts = []
+  with pytest.MonkeyPatch.context() as m:
+    _kill_after_chunks(m, calls=0, chunks=0, firsts=firsts)
+    got = runner.evaluate(config, url)
+  assert firsts == [8] and not storage.exists(parts)
+  assert storage.read_json(path) == got
+  drop = ("sample_seconds", "reference")
+  assert {k: v for k, v in got.items() if k not in drop} == {
+    k: v for k, v in want.items() if k not in drop
+  }
+  assert os.path.basename(want["reference"]) == storage.basename(got["reference"])
+  reference = os.path.join(local, "eval", os.path.basename(want["reference"]))
+  with open(reference, "rb") as f:
+    assert storage.read_bytes(got["reference"]) == f.read()
+
+
 # --- The toy data keep their built-in metrics ----------------------------------------------------
 
 

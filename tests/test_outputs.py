@@ -11,7 +11,7 @@ import _cli
 import numpy as np
 import pytest
 
-from dit_jax import data
+from dit_jax import data, storage
 from dit_jax import diffusion as diffusion_lib
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
@@ -91,7 +91,7 @@ def test_killed_sampling_resumes_without_overwrite(workdir, monkeypatch):
       runner.sample(config, workdir)
     assert not os.path.exists(npz) and os.path.isdir(parts)
     # Killed again after the .npz and the grid were written, before the chunks were removed.
-    m.setattr(sampling.shutil, "rmtree", killed)
+    m.setattr(storage.ChunkStore, "remove", killed)
     with pytest.raises(KeyboardInterrupt):
       runner.sample(config, workdir)
     assert os.path.isfile(npz) and os.path.isfile(png) and os.path.isdir(parts)

@@ -3,8 +3,10 @@ clear errors for gs:// paths that cannot work."""
 
 import io
 import os
+import shutil
 
 import _cli
+import _gcs
 import numpy as np
 import portpicker
 import pytest
@@ -12,6 +14,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from dit_jax import storage, utils
+from dit_jax.evaluation import runner, sampling, scoring
 
 
 @pytest.fixture(params=["local", "gs"])
@@ -85,13 +88,57 @@ def test_unsupported_scheme_is_a_clear_error():
     storage.join("s3://bucket/run", "x")
 
 
-def _bad_workdir(workdir, tmp_path, extra=(), **env):
+def _in_empty_dir(tmp_path, *args, **env):
+  """The CLI run in a new empty directory, which it must leave empty (no ./gs:/... folder)."""
   cwd = tmp_path / "cwd"
   cwd.mkdir(parents=True)
-  args = [a.replace("configs/", os.path.join(_cli.REPO, "configs/")) for a in _cli.TINY]
-  proc = _cli.run(*args, *extra, f"--workdir={workdir}", cwd=str(cwd), timeout=120, **env)
-  assert os.listdir(cwd) == []  # Nothing written locally (no ./gs:/... folder).
+  proc = _cli.run(*args, cwd=str(cwd), timeout=180, **env)
+  assert os.listdir(cwd) == [], os.listdir(cwd)  # Nothing written locally.
   return proc
+
+
+def _bad_workdir(workdir, tmp_path, extra=(), config=True, **env):
+  args = [a.replace("configs/", os.path.join(_cli.REPO, "configs/")) for a in _cli.TINY]
+  return _in_empty_dir(tmp_path, *(args if config else []), *extra, f"--workdir={workdir}", **env)
+
+
+@pytest.mark.multiprocess
+def test_sample_and_evaluate_a_gs_workdir_with_no_config(gcs, trained_workdir, tmp_path):
+  """--mode=sample and --mode=evaluate read the config saved in the gs:// run's checkpoint and
+  give the bytes and scores they give from a local copy of it."""
+  url = _gcs.upload(trained_workdir, gcs.url(), only=("checkpoints",))
+  local = str(tmp_path / "local")
+  shutil.copytree(os.path.join(trained_workdir, "checkpoints"), os.path.join(local, "checkpoints"))
+  config = runner.run_config(local)
+  assert config.model.variant == "tiny/4" and config.train.batch_size == 8  # The TINY run's.
+  npz, png, _ = sampling.sample_files(local, config.sample.name)
+  assert runner.sample(config, local) == npz
+  scores = runner.evaluate(config, local)
+  proc = _in_empty_dir(tmp_path / "s", f"--workdir={url}", "--mode=sample")
+  assert proc.returncode == 0, proc.output[-3000:]
+  gs_npz, gs_png, _ = sampling.sample_files(url, config.sample.name)
+  assert storage.read_bytes(gs_npz) == _read(npz) and storage.read_bytes(gs_png) == _read(png)
+  proc = _in_empty_dir(tmp_path / "e", f"--workdir={url}", "--mode=evaluate")
+  assert proc.returncode == 0, proc.output[-3000:]
+  gs_scores = storage.read_json(scoring.eval_files(url, config.eval.name)[0])
+  timing = ("sample_seconds",)
+  assert {k: v for k, v in gs_scores.items() if k not in timing} == {
+    k: v for k, v in scores.items() if k not in timing
+  }
+  assert "class_accuracy" in gs_scores
+  # A --config alongside sets the sampling fields, and cannot change the model.
+  args = [a.replace("configs/", os.path.join(_cli.REPO, "configs/")) for a in _cli.TINY]
+  proc = _in_empty_dir(
+    tmp_path / "m", *args, f"--workdir={url}", "--mode=sample", "--config.model.variant=tiny/2"
+  )
+  _cli.assert_clear_error(
+    proc, "config.model.variant='tiny/2' here, 'tiny/4' in the run", "drop them"
+  )
+
+
+def _read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
 
 
 def test_gs_workdir_errors(gcs, tmp_path):
@@ -101,8 +148,8 @@ def test_gs_workdir_errors(gcs, tmp_path):
   closed = f"127.0.0.1:{portpicker.pick_unused_port()}"  # Nobody listens.
   proc = _bad_workdir(gcs.url(), tmp_path / "b", STORAGE_EMULATOR_HOST=closed)
   _cli.assert_clear_error(proc, "cannot reach the GCS emulator", closed)
-  proc = _bad_workdir(gcs.url(), tmp_path / "d", extra=["--mode=sample"])
-  _cli.assert_clear_error(proc, "--mode=sample does not read gs:// workdirs yet")
+  proc = _bad_workdir(gcs.url(), tmp_path / "d", extra=["--mode=sample"], config=False)
+  _cli.assert_clear_error(proc, "No checkpoint with its config in gs://", "pass the run's --config")
   # Not on the storage layer yet: said so, and nothing is written under ./gs:/ instead.
   proc = _bad_workdir(gcs.url(), tmp_path / "e", extra=["--config.data.path=gs://b/latents"])
   _cli.assert_clear_error(proc, "config.data.path=gs://b/latents is on gs://")

@@ -1,14 +1,13 @@
 """`--mode=sample` and `--mode=evaluate`: restore EMA parameters onto this mesh, sample, score."""
 
 import json
-import os
 import time
 
 import jax
 import ml_collections
 from absl import logging
 
-from dit_jax import checkpoint, data, utils
+from dit_jax import checkpoint, config_defaults, data, storage, utils
 from dit_jax import diffusion as diffusion_lib
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import noisy_accuracy, sampling, scoring
@@ -21,11 +20,45 @@ _RETRY = "make room there or make it writable, then rerun the same command."
 def _refuse_finished(path: str, parts_dir: str | None = None) -> None:
   """Raises a ConfigError if the scores at `path` are there from a finished earlier run (chunks
   in `parts_dir` beside them mark a run killed after writing it, which a rerun finishes)."""
-  if os.path.exists(path) and not (parts_dir and os.path.isdir(parts_dir)):
+  if storage.exists(path) and not (parts_dir and storage.isdir(parts_dir)):
     raise ConfigError(
       f"{path} exists (from an earlier run); set another --config.eval.name=..., or pass "
       "--overwrite to replace it."
     )
+
+
+def _write_scores(path: str, results: dict) -> None:
+  storage.write_text(path, json.dumps(results, indent=2))
+
+
+def run_config(
+  workdir: str, given: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
+  """The config to sample or evaluate the run in `workdir` with: the one saved in its newest
+  checkpoint (training runs, imports and post-hoc EMA workdirs all save theirs), so that no
+  config file or training flag has to be repeated; with `given` (a --config passed alongside)
+  setting what `config_defaults.for_saved_run` lets it set. Without a checkpoint, `given`.
+
+  Raises:
+    ConfigError: no checkpoint and no `given`; or `given` changes the model, naming the field.
+  """
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  try:
+    saved = None
+    for step in reversed(ckpt.all_steps()):
+      saved = ckpt.saved_config(step)
+      if saved is not None:
+        break
+  finally:
+    ckpt.close()
+  if saved is None:
+    if given is not None:
+      return given
+    raise ConfigError(
+      f"No checkpoint with its config in {ckpt.directory}: pass the run's --config, or point "
+      "--workdir at a training run (or train first with --mode=train)."
+    )
+  return config_defaults.for_saved_run(config_defaults.from_saved(saved), given, ckpt.directory)
 
 
 def restore_params(exp: setup.Experiment, workdir: str):
@@ -184,13 +217,7 @@ def evaluate(
   if s.guide.workdir and s.guidance_scale != 1.0:
     results["guide"] = s.guide.to_dict()
 
-  def write() -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-  distributed.on_process_0(write, f"write {path}", _RETRY)
+  distributed.on_process_0(lambda: _write_scores(path, results), f"write {path}", _RETRY)
   if scorer is not None:
     scorer.finish(parts_dir)
   if jax.process_index() == 0:
@@ -224,13 +251,7 @@ def _evaluate_classifier(
   )
   results.update(seed=config.sample.seed, use_ema=config.sample.use_ema)
 
-  def write() -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-  distributed.on_process_0(write, f"write {path}", _RETRY)
+  distributed.on_process_0(lambda: _write_scores(path, results), f"write {path}", _RETRY)
   if jax.process_index() == 0:
     logging.info("Wrote the classifier's accuracies at step %d to %s.", step, path)
   return results

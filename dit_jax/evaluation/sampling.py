@@ -18,10 +18,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import re
-import shutil
-import zipfile
 from collections.abc import Callable, Iterator
 
 import jax
@@ -31,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dit_jax import config_defaults, data, parallel, utils
+from dit_jax import config_defaults, data, parallel, storage, utils
 from dit_jax import diffusion as diffusion_lib
 from dit_jax.data import text
 from dit_jax.diffusion import guidance
@@ -41,8 +37,7 @@ from dit_jax.train.setup import Experiment
 
 GRID_IMAGES = 100  # Images in a PNG grid.
 _CADS_STREAM = 3  # fold_in(seed key, this) seeds CADS's condition noise (apart from the solver's).
-FINGERPRINT_FILE = "fingerprint.json"
-_PART = re.compile(r"^(\d+)-(\d+)\.npy$")
+FINGERPRINT_FILE = storage.ChunkStore.FINGERPRINT
 
 
 def sample_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> np.ndarray:
@@ -99,7 +94,7 @@ def text_conditions(config: ml_collections.ConfigDict, num: int) -> Conditions:
     raise ConfigError(
       "Set config.sample.prompts (a file or directory) or config.sample.prompt_text, not both."
     )
-  if (path and os.path.isdir(path)) or (not path and not inline and name == "latents"):
+  if (path and storage.isdir(path)) or (not path and not inline and name == "latents"):
     directory = path or config.data.path
     spec, want = text.TextSpec.load(directory), data.text_spec(config)
     got_sizes = (spec.context_len, spec.context_dim, spec.pooled_dim)
@@ -111,10 +106,10 @@ def text_conditions(config: ml_collections.ConfigDict, num: int) -> Conditions:
         "the encoders and max lengths used for the training data."
       )
     expect = "expected encoded prompts; write them with dit_jax.tools.encode_text."
-    context = data.open_array(os.path.join(directory, text.CONTEXT_FILE), expect)
-    pooled = data.open_array(os.path.join(directory, text.POOLED_FILE), expect)
-    captions_path = os.path.join(directory, text.CAPTIONS_FILE)
-    captions = text.read_captions(captions_path) if os.path.isfile(captions_path) else None
+    context = data.open_array(storage.join(directory, text.CONTEXT_FILE), expect)
+    pooled = data.open_array(storage.join(directory, text.POOLED_FILE), expect)
+    captions_path = storage.join(directory, text.CAPTIONS_FILE)
+    captions = text.read_captions(captions_path) if storage.isfile(captions_path) else None
     index = np.arange(num) % len(pooled)
     names = [captions[i] if captions and i < len(captions) else f"prompt {i}" for i in index]
     return Conditions(
@@ -219,7 +214,7 @@ def _saved_config(workdir: str, step: int, field: str) -> ml_collections.ConfigD
       f"config.sample.{field}.workdir={workdir!r} holds no readable checkpoint with its config "
       f"(looked in {ckpt.directory}); point it at a training run of dit_jax."
     )
-  return ml_collections.ConfigDict(saved)
+  return config_defaults.from_saved(saved)
 
 
 def _check_same_images(config, other, field: str, workdir: str) -> None:
@@ -638,8 +633,8 @@ def fingerprint(
 
 def sample_files(workdir: str, name: str) -> tuple[str, str, str]:
   """(npz, png grid, chunk directory) of the samples named `name` in `workdir`."""
-  out_dir = os.path.join(workdir, "samples")
-  return tuple(os.path.join(out_dir, f"{name}{ext}") for ext in (".npz", ".png", ".parts"))
+  out_dir = storage.join(workdir, "samples")
+  return tuple(storage.join(out_dir, f"{name}{ext}") for ext in (".npz", ".png", ".parts"))
 
 
 def check_new_samples(workdir: str, name: str) -> None:
@@ -649,120 +644,12 @@ def check_new_samples(workdir: str, name: str) -> None:
   run killed while it wrote its .npz has both).
   """
   npz, png, parts_dir = sample_files(workdir, name)
-  done = [p for p in (npz, png) if os.path.isfile(p)]
-  if done and not os.path.isdir(parts_dir):
+  done = [p for p in (npz, png) if storage.isfile(p)]
+  if done and not storage.isdir(parts_dir):
     raise ConfigError(
       f"{done[0]} exists (from an earlier run); set another --config.sample.name=..., or pass "
       "--overwrite to replace it."
     )
-
-
-def _parts(parts_dir: str) -> list[tuple[int, int, str]]:
-  """(start, end, path) of the whole chunk files in `parts_dir`, sorted."""
-  found = []
-  for name in os.listdir(parts_dir):
-    m = _PART.match(name)
-    if m and int(m.group(2)) > int(m.group(1)):
-      found.append((int(m.group(1)), int(m.group(2)), os.path.join(parts_dir, name)))
-  return sorted(found)
-
-
-def _unusable(parts_dir: str, want: dict) -> str | None:
-  """Why the chunks in `parts_dir` cannot be continued by a run of fingerprint `want` (None if
-  they can, or if there are none)."""
-  fp_path = os.path.join(parts_dir, FINGERPRINT_FILE)
-  if not os.path.isfile(fp_path):
-    return f"holds chunks but no {FINGERPRINT_FILE}" if _parts(parts_dir) else None
-  try:
-    with open(fp_path) as f:
-      have = json.load(f)
-  except (OSError, ValueError) as e:
-    return f"has a {FINGERPRINT_FILE} that cannot be read ({e})"
-  if not isinstance(have, dict):
-    return f"has a {FINGERPRINT_FILE} that is not a JSON object"
-  keys = sorted(set(have) | set(want))
-  diff = [
-    "other labels or captions"
-    if k == "conditions_sha256"
-    else f"{k}={have.get(k)!r} there, {want.get(k)!r} here"
-    for k in keys
-    if have.get(k) != want.get(k)
-  ]
-  if diff:
-    return f"holds the chunks of a run with another config ({'; '.join(diff)})"
-  return None
-
-
-def _resume(
-  parts_dir: str,
-  want: dict,
-  item_shape: tuple,
-  dtype: np.dtype,
-  overwrite: bool = False,
-  field: str = "sample.name",
-) -> int:
-  """Process 0: the number of items (samples, or their features) already on disk as a chain of
-  whole chunks from 0 on (removing chunk files that do not continue it), after checking that they
-  were made with the same fingerprint (written on the first run). Chunks of another config are an
-  error naming config.`field` (what names the directory), or, with `overwrite`, removed."""
-  fp_path = os.path.join(parts_dir, FINGERPRINT_FILE)
-  if not os.path.isdir(parts_dir):
-    os.makedirs(parts_dir)
-  problem = _unusable(parts_dir, want)
-  if problem and not overwrite:
-    raise ConfigError(
-      f"{parts_dir} {problem}; set another --config.{field}=..., delete that directory to "
-      "start over, or pass --overwrite to replace it."
-    )
-  if problem:
-    logging.warning("Removing %s, which %s (overwrite is set).", parts_dir, problem)
-    shutil.rmtree(parts_dir)
-    os.makedirs(parts_dir)
-  if not os.path.isfile(fp_path):
-    _write_atomic(fp_path, lambda f: f.write(json.dumps(want, indent=1).encode()))
-  done = 0
-  for start, end, path in _parts(parts_dir):
-    ok = start == done
-    if ok:
-      try:
-        array = np.load(path, mmap_mode="r")
-        ok = array.dtype == dtype and array.shape == (end - start, *item_shape)
-        del array
-      except (OSError, ValueError):
-        ok = False
-    if ok:
-      done = end
-    else:
-      logging.warning("Removing %s: not the next whole chunk after sample %d.", path, done)
-      os.remove(path)
-  return done
-
-
-def _write_atomic(path: str, write: Callable) -> None:
-  """Writes `path` so that it appears whole or not at all."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _write_npz(path: str, key: str, parts: list[str], shape: tuple, dtype, meta: dict) -> None:
-  """Writes an np.load-able .npz holding `key` (the chunk files' arrays, one after another) and
-  `meta`, reading one chunk at a time."""
-  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
-  tmp = path + ".tmp"
-  # Stored, not compressed, and with zip64 members, as np.savez writes them.
-  with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-    with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
-      np.lib.format.write_array_header_2_0(f, {**header, "shape": shape})
-      for part in parts:
-        f.write(memoryview(np.ascontiguousarray(np.load(part))).cast("B"))
-    for k, v in meta.items():
-      with zf.open(f"{k}.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array(f, np.asarray(v), allow_pickle=False)
-  os.replace(tmp, path)
 
 
 def write_samples(
@@ -806,10 +693,12 @@ def write_samples(
   # Process 0 writes; its file errors stop every process (see distributed.on_process_0).
   retry = "make room there or make it writable, then rerun the same command, which resumes."
 
+  store = storage.ChunkStore(parts_dir, (size, size, channels), dtype)
+
   def prepare() -> int:
     if not overwrite:
       check_new_samples(workdir, name)
-    return _resume(parts_dir, want, (size, size, channels), np.dtype(dtype), overwrite)
+    return store.resume(want, overwrite=overwrite)
 
   first = distributed.on_process_0(prepare, f"prepare {parts_dir}", retry)
   if first:
@@ -821,9 +710,7 @@ def write_samples(
     ):
 
       def write_part(start=start, chunk=chunk) -> None:
-        out = utils.to_uint8(chunk) if pixels else np.asarray(chunk, np.float32)
-        part = os.path.join(parts_dir, f"{start:08d}-{start + len(out):08d}.npy")
-        _write_atomic(part, lambda f: np.save(f, out))
+        store.put(start, utils.to_uint8(chunk) if pixels else np.asarray(chunk, np.float32))
 
       distributed.on_process_0(write_part, f"write the samples into {parts_dir}", retry)
       if bar is not None:
@@ -833,20 +720,20 @@ def write_samples(
       bar.close()
 
   def finish() -> None:
-    files = [p for _, _, p in _parts(parts_dir)]
-    _write_npz(path, key, files, (num_images, size, size, channels), dtype, conds.meta)
+    shape = (num_images, size, size, channels)
+    storage.write_npz_streamed(path, key, store.arrays(), shape, dtype, conds.meta)
     if pixels:
       grid, got = [], 0
-      for file in files:
-        grid.append(np.load(file)[: GRID_IMAGES - got])
+      for chunk in store.arrays():
+        grid.append(chunk[: GRID_IMAGES - got])
         got += len(grid[-1])
         if got == GRID_IMAGES:
           break
       grid = np.concatenate(grid)
       utils.save_grid(png, grid, upscale=max(1, 128 // grid.shape[1]))
-    elif os.path.isfile(png):
-      os.remove(png)  # The grid of the samples just replaced.
-    shutil.rmtree(parts_dir)
+    else:
+      storage.remove(png)  # The grid of the samples just replaced, if any.
+    store.remove()
 
   distributed.on_process_0(finish, f"write {path}", retry)
   return path if proc0 else None

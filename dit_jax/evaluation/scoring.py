@@ -21,8 +21,6 @@ scores are written. The own reference is computed in the same resumable chunks.
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from typing import Any
@@ -34,7 +32,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dit_jax import data, parallel, utils
+from dit_jax import data, parallel, storage, utils
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import fid, metrics, sampling
 from dit_jax.evaluation import inception as inception_lib
@@ -60,7 +58,7 @@ _RETRY = "make room there or make it writable, then rerun the same command, whic
 
 def eval_files(workdir: str, name: str) -> tuple[str, str]:
   """(scores json, chunk directory) of the evaluation named `name` in `workdir`."""
-  base = os.path.join(workdir, "eval", name)
+  base = storage.join(workdir, "eval", name)
   return base + ".json", base + ".parts"
 
 
@@ -203,10 +201,10 @@ class Scorer:
     `chunks(first)` yields as (start, features) from `first` on, each written to `parts_dir` as
     it is done; a rerun with the same fingerprint `want` continues after the last whole chunk."""
 
+    store = storage.ChunkStore(parts_dir, (FEATURE_DIM,), np.float32)
+
     def prepare() -> int:
-      os.makedirs(os.path.dirname(parts_dir), exist_ok=True)
-      dtype = np.dtype(np.float32)
-      return sampling._resume(parts_dir, want, (FEATURE_DIM,), dtype, overwrite, field)
+      return store.resume(want, overwrite=overwrite, field=field)
 
     first = distributed.on_process_0(prepare, f"prepare {parts_dir}", _RETRY)
     if first and jax.process_index() == 0:
@@ -218,28 +216,18 @@ class Scorer:
       bar = tqdm(total=num, initial=first, desc=desc, unit="img", dynamic_ncols=True)
     try:
       for start, features in chunks(first):
-
-        def write(start=start, features=features) -> None:
-          part = os.path.join(parts_dir, f"{start:08d}-{start + len(features):08d}.npy")
-          sampling._write_atomic(part, lambda f: np.save(f, features))
-
-        distributed.on_process_0(write, f"write features into {parts_dir}", _RETRY)
+        distributed.on_process_0(
+          lambda start=start, features=features: store.put(start, features),
+          f"write features into {parts_dir}",
+          _RETRY,
+        )
         if bar is not None:
           bar.update(len(features))
     finally:
       if bar is not None:
         bar.close()
 
-    def load() -> np.ndarray:
-      out, at = np.empty((num, FEATURE_DIM), np.float32), 0
-      for start, end, path in sampling._parts(parts_dir):
-        assert start == at, (start, at, parts_dir)
-        out[start:end] = np.load(path)
-        at = end
-      assert at == num, (at, num, parts_dir)
-      return out
-
-    return _on_process_0(load, f"read the features in {parts_dir}")
+    return _on_process_0(lambda: store.read(num), f"read the features in {parts_dir}")
 
   # --- The reference --------------------------------------------------------------------------
 
@@ -294,12 +282,12 @@ class Scorer:
     ignored = ("random_flip", "num_workers", "prefetch")
     key.update({f"data.{k}": v for k, v in cfg["data"].items() if k not in ignored})
     if self.config.data.path:
-      key["data.path"] = os.path.abspath(self.config.data.path)
+      key["data.path"] = storage.resolve(self.config.data.path)
     if self.config.data.name == "synthetic":
       key["train.seed"] = self.config.train.seed  # Synthetic images are drawn from it.
     if self.decoder is not None:
       key.update(
-        {"vae.path": os.path.abspath(self.config.vae.path), "vae.dtype": self.config.vae.dtype}
+        {"vae.path": storage.resolve(self.config.vae.path), "vae.dtype": self.config.vae.dtype}
       )
     return json.loads(json.dumps(key))
 
@@ -315,17 +303,17 @@ class Scorer:
       )
     key = self._reference_key(len(source), count)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(self.workdir, "eval", f"reference_{digest}.npz")
+    path = storage.join(self.workdir, "eval", f"reference_{digest}.npz")
     self.reference_name = path
 
     def read() -> dict | None:
-      if not os.path.isfile(path):
+      if not storage.isfile(path):
         return None
       try:
-        with np.load(path) as z:
-          if str(z["key"]) == json.dumps(key, sort_keys=True):
-            stats = {k: np.asarray(z[k], np.float64) for k in fid.STATS_KEYS}
-            return {**stats, "pool": z["pool"], "num_images": int(z["num_images"])}
+        z = storage.load_npz(path)
+        if str(z["key"]) == json.dumps(key, sort_keys=True):
+          stats = {k: np.asarray(z[k], np.float64) for k in fid.STATS_KEYS}
+          return {**stats, "pool": z["pool"], "num_images": int(z["num_images"])}
       except (OSError, ValueError, KeyError, EOFError) as e:
         logging.warning("%s cannot be read (%s); computing the reference again.", path, e)
       return None
@@ -372,11 +360,8 @@ class Scorer:
       for name, suffix in (("pool", ""), ("spatial", "_s")):
         stats["mu" + suffix], stats["sigma" + suffix] = metrics.feature_statistics(split[name])
       reference = {**stats, "pool": np.ascontiguousarray(split["pool"]), "num_images": count}
-      tmp = path + ".tmp"
-      with open(tmp, "wb") as f:
-        np.savez(f, key=np.asarray(json.dumps(key, sort_keys=True)), **reference)
-      os.replace(tmp, path)
-      shutil.rmtree(parts_dir)
+      storage.save_npz(path, key=np.asarray(json.dumps(key, sort_keys=True)), **reference)
+      storage.rmtree(parts_dir)
       return reference
 
     return _on_process_0(write, f"write {path}")
@@ -474,11 +459,7 @@ class Scorer:
   def finish(self, parts_dir: str) -> None:
     """Removes the chunks of a finished evaluation."""
 
-    def remove() -> None:
-      if os.path.isdir(parts_dir):
-        shutil.rmtree(parts_dir)
-
-    distributed.on_process_0(remove, f"remove {parts_dir}", _RETRY)
+    distributed.on_process_0(lambda: storage.rmtree(parts_dir), f"remove {parts_dir}", _RETRY)
 
 
 def builtin_scorer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray, Mapping], dict]:
