@@ -2,6 +2,7 @@
 legal but probably mistaken setting logs one warning line."""
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -291,3 +292,26 @@ def test_cli_bad_config_is_one_clear_line_and_writes_nothing(flags, says, tmp_pa
   proc = _cli.run(*_cli.TINY, f"--workdir={workdir}", *flags)
   _cli.assert_clear_error(proc, says)
   assert not workdir.exists()
+
+
+def test_a_saved_runs_config_reads_back_and_takes_only_sampling_fields_from_a_given_one():
+  from dit_jax import config_defaults
+
+  run = _cli.tiny_config(sample__guidance_interval=(0.3, 5.0))
+  saved = json.loads(run.to_json())
+  del saved["model"]["qk_norm"]  # A field added after the run was saved: its default.
+  back = config_defaults.from_saved(saved)
+  assert back.to_dict() == run.to_dict()  # Tuples are tuples again.
+  given = _cli.tiny_config()
+  given.sample.num_steps, given.eval.num_images, given.train.lr = 7, 32, 0.5
+  given.data.path, given.model.dtype = "/elsewhere", "bfloat16"
+  config = config_defaults.for_saved_run(back, given, "RUN")
+  assert (config.sample.num_steps, config.eval.num_images) == (7, 32)
+  assert config.sample.guidance_interval == ()  # The given config's sampling, whole.
+  assert (config.data.path, config.model.dtype) == ("/elsewhere", "bfloat16")
+  assert config.train.lr == run.train.lr  # Training fields stay the run's.
+  assert config_defaults.for_saved_run(back, None, "RUN") is back
+  for field, value in [("diffusion.objective", "eps"), ("model.num_classes", 3)]:
+    bad = _cli.tiny_config(**{field.replace(".", "__"): value})
+    with pytest.raises(ConfigError, match=rf"config\.{field}={value!r} here, .* in the run"):
+      config_defaults.for_saved_run(back, bad, "RUN")
