@@ -42,7 +42,6 @@ flags.mark_flags_as_required(["workdir"])
 
 # Config fields that name files or workdirs, which are read with local paths only so far.
 _LOCAL_ONLY_FIELDS = (
-  "data.path",
   "vae.path",
   "train.init_from",
   "sample.classifier.workdir",

@@ -70,6 +70,8 @@ def _configure_gcs(path: str) -> None:
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
     # tensorstore's GCS driver sends this token instead of looking for credentials.
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
+    # ArrayRecord's reader (google-cloud-cpp) reads its own variable.
+    os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)
   _configured = True
 
 
@@ -142,6 +144,15 @@ def listdir(p: str) -> list[str]:
   return sorted(child.name for child in d.iterdir())
 
 
+def find(p: str) -> list[str]:
+  """Every file under directory `p` (any depth), as full paths, sorted."""
+  p = resolve(p)
+  if is_remote(p):
+    _gcs_fs().invalidate_cache(p)
+    return sorted(f"{_SCHEME}{f}" for f in _gcs_fs().find(p))
+  return sorted(os.path.join(d, f) for d, _, files in os.walk(p) for f in files)
+
+
 def makedirs(p: str) -> None:
   path(p).mkdir(parents=True, exist_ok=True)
 
@@ -200,30 +211,38 @@ def write_text(p: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(p: str) -> Iterator[IO[bytes]]:
-  """A seekable binary file to write `p` through, for writers that stream (a zip archive): on a
-  local disk a temporary file beside it, fsynced and renamed over `p` at the end; for GCS a
-  temporary file on the local disk, uploaded as one object at the end. `p` is untouched if the
-  block raises."""
+def staged(p: str) -> Iterator[str]:
+  """A local path to write `p` through, for writers that take a path (ArrayRecord): on a local
+  disk a temporary file beside `p`, fsynced and renamed over it at the end; for GCS a temporary
+  file in the system's temporary directory, uploaded as one object at the end. `p` is untouched
+  if the block raises."""
   target = resolve(p)
   remote = is_remote(target)
   if remote:
-    f = tempfile.NamedTemporaryFile(prefix="dit_jax_", delete=False)  # noqa: SIM115
+    fd, local = tempfile.mkstemp(prefix="dit_jax_")
+    os.close(fd)
   else:
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    f = open(f"{target}.tmp{os.getpid()}", "wb")  # noqa: SIM115
+    local = f"{target}.tmp{os.getpid()}"
   try:
-    with f:
-      yield f
-      f.flush()
+    yield local
+    with open(local, "rb+") as f:
       os.fsync(f.fileno())
     if remote:
-      _gcs_fs().put_file(f.name, target)
+      _gcs_fs().put_file(local, target)
     else:
-      os.replace(f.name, target)
+      os.replace(local, target)
   finally:
-    if os.path.exists(f.name):
-      os.remove(f.name)
+    if os.path.exists(local):
+      os.remove(local)
+
+
+@contextlib.contextmanager
+def atomic_file(p: str) -> Iterator[IO[bytes]]:
+  """A seekable binary file to write `p` through, for writers that stream (a zip archive); as
+  `staged`."""
+  with staged(p) as local, open(local, "wb") as f:
+    yield f
 
 
 def read_json(p: str) -> Any:

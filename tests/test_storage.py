@@ -151,8 +151,8 @@ def test_gs_workdir_errors(gcs, tmp_path):
   proc = _bad_workdir(gcs.url(), tmp_path / "d", extra=["--mode=sample"], config=False)
   _cli.assert_clear_error(proc, "No checkpoint with its config in gs://", "pass the run's --config")
   # Not on the storage layer yet: said so, and nothing is written under ./gs:/ instead.
-  proc = _bad_workdir(gcs.url(), tmp_path / "e", extra=["--config.data.path=gs://b/latents"])
-  _cli.assert_clear_error(proc, "config.data.path=gs://b/latents is on gs://")
+  proc = _bad_workdir(gcs.url(), tmp_path / "e", extra=["--config.vae.path=gs://b/vae"])
+  _cli.assert_clear_error(proc, "config.vae.path=gs://b/vae is on gs://")
   # Without gcsfs (a stand-in package that fails to import, as a missing one does).
   shim = tmp_path / "shim" / "gcsfs"
   shim.mkdir(parents=True)

@@ -13,13 +13,17 @@ Written by `python -m dit_jax.tools.encode_latents`, read by the `latents` sourc
 
 Latents without latents.json (written by hand with np.save) are taken as unscaled and multiplied
 by config.data.latent_scale on read.
+
+With format "array_record" (encode_latents --format=array_record, the default for a gs:// --out),
+the arrays are sharded ArrayRecord files instead (`dit_jax.data.records`), and no progress.json:
+the shards present are the rows done.
 """
 
 import dataclasses
 import json
 import math
-import os
 
+from dit_jax import storage
 from dit_jax.errors import ConfigError
 
 METADATA_FILE = "latents.json"
@@ -54,6 +58,8 @@ class LatentsMetadata:
   compute_dtype: str  # The autoencoder's compute dtype.
   batch_size: int  # Images per encoder call (results may differ in the last bits across sizes).
   has_labels: bool
+  format: str = "npy"  # "npy" (memory-mapped arrays) or "array_record" (shards).
+  shard_size: int = 0  # Rows per shard (array_record).
 
   @property
   def latent_size(self) -> int:
@@ -74,7 +80,7 @@ class LatentsMetadata:
     return [f"{k}={a[k]!r} (this run: {b[k]!r})" for k in a if a[k] != b[k]]
 
   def save(self, directory: str) -> None:
-    _write_json(os.path.join(directory, METADATA_FILE), dataclasses.asdict(self))
+    _write_json(storage.join(directory, METADATA_FILE), dataclasses.asdict(self))
 
   @classmethod
   def load(cls, directory: str) -> "LatentsMetadata | None":
@@ -83,14 +89,16 @@ class LatentsMetadata:
     Raises:
       ConfigError: if latents.json cannot be read or lacks fields.
     """
-    path = os.path.join(directory, METADATA_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(directory, METADATA_FILE)
+    if not storage.isfile(path):
       return None
-    fields = {f.name for f in dataclasses.fields(cls)}
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     try:
-      with open(path) as f:
-        raw = json.load(f)
-      return cls(**{k: raw[k] for k in fields})
+      raw = storage.read_json(path)
+      # Fields added since (with defaults) may be missing from older files.
+      return cls(
+        **{k: raw[k] if k in raw or d is dataclasses.MISSING else d for k, d in defaults.items()}
+      )
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise ConfigError(
         f"{path!r} cannot be read as latents metadata ({type(e).__name__}: {e}); re-run "
@@ -100,22 +108,16 @@ class LatentsMetadata:
 
 def _write_json(path: str, value: dict) -> None:
   """Writes `value` so that `path` is either the old file or the new one, never half of one."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(value, indent=2))
 
 
 def read_progress(directory: str) -> int | None:
   """Rows already final in `directory`, or None if no chunk bookkeeping was started."""
-  path = os.path.join(directory, PROGRESS_FILE)
-  if not os.path.isfile(path):
+  path = storage.join(directory, PROGRESS_FILE)
+  if not storage.isfile(path):
     return None
   try:
-    with open(path) as f:
-      return int(json.load(f)["rows"])
+    return int(storage.read_json(path)["rows"])
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise ConfigError(
       f"{path!r} cannot be read ({type(e).__name__}: {e}); delete it to re-encode from the start."
@@ -123,18 +125,17 @@ def read_progress(directory: str) -> int | None:
 
 
 def write_progress(directory: str, rows: int) -> None:
-  _write_json(os.path.join(directory, PROGRESS_FILE), {"rows": rows})
+  _write_json(storage.join(directory, PROGRESS_FILE), {"rows": rows})
 
 
 def vae_factors(vae_path: str) -> tuple[float, float] | None:
   """(scaling_factor, shift_factor) of a diffusers AutoencoderKL directory's config.json, with
   diffusers' defaults; None if the directory has no config.json."""
-  path = os.path.join(vae_path, "config.json")
-  if not os.path.isfile(path):
+  path = storage.join(vae_path, "config.json")
+  if not storage.isfile(path):
     return None
   try:
-    with open(path) as f:
-      hf = json.load(f)
+    hf = storage.read_json(path)
     return float(hf.get("scaling_factor", 0.18215)), float(hf.get("shift_factor") or 0.0)
   except (OSError, ValueError, TypeError, AttributeError):
     return None  # Loading the autoencoder itself reports a broken config.

@@ -33,6 +33,7 @@ Pixel sources other than digits resize and crop exactly as ADM (guided-diffusion
 `center_crop_arr`, also DiT's): `adm_center_crop`.
 """
 
+import io
 import os
 from typing import Any, Protocol
 
@@ -41,7 +42,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from dit_jax.data import latents, text
+from dit_jax import storage
+from dit_jax.data import latents, records, text
 from dit_jax.errors import ConfigError
 
 SOURCE_NAMES = ("digits", "synthetic", "shapes", "tfds:<name>", "folder", "latents")
@@ -299,6 +301,9 @@ class FolderSource:
   """`root/<class>/<image>` files, decoded lazily; labels follow the sorted class names."""
 
   def __init__(self, root: str, image_size: int, channels: int):
+    if storage.is_remote(root):
+      self._init_remote(root, image_size, channels)
+      return
     if not os.path.isdir(root):
       raise DataError(
         f"config.data.path={root!r} does not exist or is not a directory; set it to an image "
@@ -332,13 +337,34 @@ class FolderSource:
     self._channels = channels
     self.num_classes = len(self.classes)
 
+  def _init_remote(self, root: str, image_size: int, channels: int) -> None:
+    """The same folder in a bucket (gs://), listed once; images are read as they are asked for."""
+    root = storage.resolve(root)
+    found = [f[len(root) + 1 :] for f in storage.find(root)]
+    by_class: dict[str, list[str]] = {}
+    for rel in found:
+      name, sep, rest = rel.partition("/")
+      if sep and not name.startswith(".") and rest.lower().endswith(IMAGE_EXTENSIONS):
+        by_class.setdefault(name, []).append(f"{root}/{rel}")
+    self.classes = sorted(by_class)
+    if not self.classes:
+      raise DataError(
+        f"config.data.path={root!r} has no class sub-folders with images; expected "
+        f"{root}/<class>/<image> with extensions {IMAGE_EXTENSIONS}."
+      )
+    self._files = [f for name in self.classes for f in sorted(by_class[name])]
+    labels = [label for label, name in enumerate(self.classes) for _ in by_class[name]]
+    self._labels = np.asarray(labels, np.int32)
+    self._size, self._channels, self.num_classes = image_size, channels, len(self.classes)
+
   def __len__(self) -> int:
     return len(self._files)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     path = self._files[index]
     try:
-      with Image.open(path) as image:
+      raw = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+      with Image.open(raw) as image:
         image.load()
         image = image.convert("L" if self._channels == 1 else "RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -368,6 +394,17 @@ class LatentsSource:
     vae_path: str = "",
   ):
     self._path = path
+    self._sharded = False
+    meta = latents.LatentsMetadata.load(path) if storage.isdir(path) else None
+    if meta is not None and meta.format == records.FORMAT:
+      self._init_records(meta, image_size, channels, scale, text_spec, vae_path)
+      return
+    if storage.is_remote(path):
+      raise DataError(
+        f"config.data.path={path!r} holds no array_record latents (no {latents.METADATA_FILE} "
+        "saying so): latents in a bucket are ArrayRecord shards, which `python -m "
+        "dit_jax.tools.encode_latents --out=gs://...` writes."
+      )
     self._latents_path = os.path.join(path, latents.LATENTS_FILE)
     self.labels_path = labels_path = os.path.join(path, latents.LABELS_FILE)
     self.text_spec = text_spec
@@ -446,15 +483,52 @@ class LatentsSource:
     self.num_classes = int(labels.max()) + 1
     self._labels = labels.astype(np.int32)
 
+  def _init_records(self, meta, image_size, channels, scale, text_spec, vae_path) -> None:
+    """The array_record layout (dit_jax.data.records): shards read on demand, labels in memory."""
+    path, self._sharded, self.metadata = self._path, True, meta
+    if text_spec is not None:
+      raise DataError(
+        f"config.data.path={path!r} holds array_record latents, which carry no text embeddings "
+        "yet; encode the latents of a text dataset with --format=npy."
+      )
+    self.text_spec, self._scale, self._context = None, np.float32(1.0), None
+    self._check_metadata(scale, vae_path)
+    self.has_std, self.has_flip = meta.std, meta.flip
+    self._latents_path = self.labels_path = path
+    self._open()
+    if self._latents.shape[1:] != (image_size, image_size, channels):
+      raise DataError(
+        f"config.data.path={path!r} holds latents of shape [H, W, C]="
+        f"{list(self._latents.shape[1:])}, but config.data.image_size={image_size} and "
+        f"config.data.channels={channels} expect {[image_size, image_size, channels]}; set "
+        "those two fields to match the files."
+      )
+    n = records.num_shards(meta.count, meta.shard_size)
+    labels = [
+      storage.load_npy(storage.join(path, records.shard_name("labels", i, n))) for i in range(n)
+    ]
+    labels = np.concatenate(labels)
+    assert labels.shape == (meta.count,), (labels.shape, meta.count)
+    self.num_classes, self._labels = int(labels.max()) + 1, labels.astype(np.int32)
+
   def _check_metadata(self, scale: float, vae_path: str) -> None:
     meta, path = self.metadata, self._path
-    rows = latents.read_progress(path)
+    if meta.format == records.FORMAT:
+      n = records.num_shards(meta.count, meta.shard_size)
+      present = set(storage.listdir(path))
+      done = sum(records.shard_name("latents", i, n) in present for i in range(n))
+      rows = min(done * meta.shard_size, meta.count)
+    else:
+      rows = latents.read_progress(path)
     if rows is None or rows < meta.count:
       raise DataError(
         f"config.data.path={path!r} is incomplete ({rows or 0} of {meta.count} examples "
         "encoded); re-run dit_jax.tools.encode_latents with the same arguments to finish it."
       )
-    missing = [f for f in meta.latent_files() if not os.path.isfile(os.path.join(path, f))]
+    if meta.format == records.FORMAT:
+      missing = []
+    else:
+      missing = [f for f in meta.latent_files() if not os.path.isfile(os.path.join(path, f))]
     if missing:
       raise DataError(
         f"config.data.path={path!r} lacks {missing}, which its {latents.METADATA_FILE} lists; "
@@ -491,6 +565,16 @@ class LatentsSource:
     return os.path.join(self._path, _LATENT_VARIANT_FILES[key])
 
   def _open(self) -> None:
+    if self._sharded:
+      meta = self.metadata
+      n = records.num_shards(meta.count, meta.shard_size)
+      shards = [storage.join(self._path, records.shard_name("latents", i, n)) for i in range(n)]
+      rec = records.Records(shards)
+      self._latents = records.Column(rec, "latent")
+      keys = ["latent_std"] * meta.std + ["latent_flip"] * meta.flip
+      keys += ["latent_flip_std"] * (meta.std and meta.flip)
+      self._extra = {k: records.Column(rec, k) for k in keys}
+      return
     self._latents = open_array(self._latents_path, _LATENTS_EXPECT)
     present = {"latent_std": self.has_std, "latent_flip": self.has_flip}
     present["latent_flip_std"] = self.has_std and self.has_flip

@@ -19,9 +19,14 @@ of the horizontally flipped images (flipped after the crop, as DiT's training tr
 float16 storage (the default) halves the files (ImageNet at 256 px: 10.5 GB instead of 21 GB per
 array); --dtype=float32 keeps the encoder's values exactly.
 
-The arrays are filled chunk by chunk through memory maps and progress.json records the rows
-finished, so a killed run, rerun with the same arguments, resumes after its last finished chunk
-and writes the same bytes as an uninterrupted run; a rerun with other arguments is refused. A
+With --format=array_record (the default for a gs:// --out) the same rows go into ArrayRecord
+shards of --shard_size rows instead (`dit_jax.data.records`), each written whole once finished,
+so a killed run resumes after its last whole shard, to the same bytes; training reads them from
+the bucket with random access.
+
+In the npy format the arrays are filled chunk by chunk through memory maps and progress.json records
+the rows finished, so a killed run, rerun with the same arguments, resumes after its last finished
+chunk and writes the same bytes as an uninterrupted run; a rerun with other arguments is refused. A
 multi-process job reads every chunk in every process (the encoder takes the same global batch
 everywhere) and only process 0 writes.
 """
@@ -37,12 +42,13 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from dit_jax import cli, parallel
-from dit_jax.data import latents, sources
+from dit_jax import cli, parallel, storage
+from dit_jax.data import latents, records, sources
 from dit_jax.errors import ConfigError
 from dit_jax.parallel import distributed
 
 DTYPES = ("float16", "float32")
+FORMATS = ("npy", records.FORMAT)
 _READ_THREADS = 8  # Decoding images dominates for folders and TFDS; PIL releases the GIL.
 
 
@@ -176,10 +182,36 @@ def _prepare(out: str, meta: latents.LatentsMetadata) -> int:
   return min(rows, meta.count)
 
 
+def _prepare_shards(out: str, meta: latents.LatentsMetadata) -> int:
+  """`_prepare` for the array_record layout: the rows done are those of the unbroken run of
+  finished shards from the first on (a shard file is there only once whole)."""
+  old = latents.LatentsMetadata.load(out)
+  present = set(storage.listdir(out))
+  if old is None:
+    ours = sorted(n for n in present if n.startswith(("latents-", "labels-")))
+    if ours:
+      raise ConfigError(
+        f"--out={out!r} holds {ours[:3]} but no {latents.METADATA_FILE}, so they were not "
+        "written by encode_latents; choose a new directory for --out."
+      )
+    meta.save(out)  # First: from here on a rerun knows which arguments these files belong to.
+    return 0
+  if old != meta:
+    raise ConfigError(
+      f"--out={out!r} holds latents made with other arguments: {'; '.join(old.differences(meta))}"
+      ". Rerun with the same arguments to resume, or choose another --out."
+    )
+  n, done = records.num_shards(meta.count, meta.shard_size), 0
+  while done < n and records.shard_name("latents", done, n) in present:
+    done += 1
+  return min(done * meta.shard_size, meta.count)
+
+
 def _agree_on_start(out: str, meta: latents.LatentsMetadata) -> int:
   """Process 0 prepares `out`; every process learns the first row to encode (or the error)."""
+  prepare = _prepare_shards if meta.format == records.FORMAT else _prepare
   return distributed.on_process_0(
-    lambda: _prepare(out, meta), f"write into --out={out!r}", "choose a writable directory."
+    lambda: prepare(out, meta), f"write into --out={out!r}", "choose a writable directory."
   )
 
 
@@ -205,6 +237,8 @@ def encode_latents(
   dtype: str = "float16",
   vae=None,
   max_chunks: int | None = None,
+  format: str = "",
+  shard_size: int = 10_000,
 ) -> latents.LatentsMetadata:
   """Encodes the images of `config`'s pixel data (see `pixel_config`) into `out`.
 
@@ -223,6 +257,10 @@ def encode_latents(
     vae: the `dit_jax.vae.VAE` loaded from `vae_path`, if the caller has it (else it is loaded
       on a mesh of all devices).
     max_chunks: stop after encoding this many chunks (a test hook that simulates a kill).
+    format: "npy" (memory-mapped arrays, local disks) or "array_record" (sharded, for buckets
+      and pods: dit_jax.data.records); "" = array_record for a gs:// `out`, else npy.
+    shard_size: rows per ArrayRecord shard (rounded up to a multiple of `batch_size`), each
+      written whole; a rerun resumes after the last finished shard.
 
   Returns:
     The metadata of `out`.
@@ -235,6 +273,17 @@ def encode_latents(
     raise ConfigError(f"--dtype={dtype!r} is not supported; choose one of {list(DTYPES)}.")
   if batch_size < 1:
     raise ConfigError(f"--batch_size={batch_size} must be at least 1.")
+  format = format or (records.FORMAT if storage.is_remote(out) else "npy")
+  if format not in FORMATS:
+    raise ConfigError(f"--format={format!r} is not supported; choose one of {list(FORMATS)}.")
+  if format == "npy" and storage.is_remote(out):
+    raise ConfigError(
+      f"--format=npy writes memory-mapped files, which --out={out} on GCS cannot hold; use "
+      "--format=array_record (the default for gs://)."
+    )
+  if shard_size < 1:
+    raise ConfigError(f"--shard_size={shard_size} must be at least 1.")
+  shard_size = -(-shard_size // batch_size) * batch_size if format == records.FORMAT else 0
   if vae is None:
     from dit_jax.vae import VAE
 
@@ -252,7 +301,7 @@ def encode_latents(
     ) from None
   count = len(src)
   meta = latents.LatentsMetadata(
-    vae=os.path.abspath(vae_path),
+    vae=storage.resolve(vae_path),
     scaling_factor=float(vc.scaling_factor),
     shift_factor=float(vc.shift_factor),
     latent_channels=vc.latent_channels,
@@ -269,14 +318,17 @@ def encode_latents(
     compute_dtype=vae.dtype,
     batch_size=batch_size,
     has_labels="label" in src[0],
+    format=format,
+    shard_size=shard_size,
   )
   start = _agree_on_start(out, meta)
   if start >= count:
     logging.info("%s is complete: %d latents; nothing to do.", out, count)
     return meta
   writer = jax.process_index() == 0
-  arrays = {}
-  if writer:
+  sharded = format == records.FORMAT
+  arrays, shard = {}, {}  # The memory maps (npy); the rows of the shard being filled.
+  if writer and not sharded:
     names = [*meta.latent_files(), *([latents.LABELS_FILE] if meta.has_labels else [])]
     arrays = {n: np.load(os.path.join(out, n), mmap_mode="r+") for n in names}
 
@@ -327,7 +379,15 @@ def encode_latents(
         name: _stored(results[name], dtype, f"{name} values of images {begin}..{end - 1}")
         for name in meta.latent_files()
       }
-      if writer:
+      if writer and sharded:
+        for name, values in stored.items():
+          shard.setdefault(_RECORD_KEYS[name], []).append(values)
+        if labels is not None:
+          shard.setdefault("label", []).append(labels)
+        if end % shard_size == 0 or end == count:
+          _write_shard(out, meta, (end - 1) // shard_size, shard)
+          shard = {}
+      elif writer:
         for name, values in stored.items():
           arrays[name][begin:end] = values
         if labels is not None:
@@ -359,6 +419,24 @@ def encode_latents(
   return meta
 
 
+_RECORD_KEYS = {
+  latents.LATENTS_FILE: "latent",
+  latents.STD_FILE: "latent_std",
+  latents.FLIP_FILE: "latent_flip",
+  latents.FLIP_STD_FILE: "latent_flip_std",
+}
+
+
+def _write_shard(out: str, meta: latents.LatentsMetadata, index: int, rows: dict) -> None:
+  """Writes shard `index`: its labels first, then its records (whose file marks it done)."""
+  n = records.num_shards(meta.count, meta.shard_size)
+  rows = {k: np.concatenate(v) for k, v in rows.items()}
+  labels = rows.pop("label", None)
+  if labels is not None:
+    storage.save_npy(storage.join(out, records.shard_name("labels", index, n)), labels)
+  records.write_shard(storage.join(out, records.shard_name("latents", index, n)), rows)
+
+
 def _define_flags() -> None:
   """Defines the flags only when run as a program, so that importing the module defines none."""
   from ml_collections import config_flags
@@ -372,6 +450,10 @@ def _define_flags() -> None:
   flags.DEFINE_bool("std", False, "Also store the posterior std (training samples from it).")
   flags.DEFINE_integer("batch_size", 64, "Images per encoder call over all devices.")
   flags.DEFINE_enum("dtype", "float16", DTYPES, "Storage dtype of the latents.")
+  flags.DEFINE_string(
+    "format", "", "npy | array_record (sharded; for buckets); default array_record on gs://."
+  )
+  flags.DEFINE_integer("shard_size", 10_000, "Rows per array_record shard.")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
   flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
   flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
@@ -396,6 +478,8 @@ def main(argv):
       std=f.std,
       batch_size=f.batch_size,
       dtype=f.dtype,
+      format=f.format,
+      shard_size=f.shard_size,
     )
   except ConfigError as e:
     sys.exit(f"Error: {e}")

@@ -1,0 +1,114 @@
+"""Latents as sharded ArrayRecord files (grain's random-access format), for data in a bucket.
+
+The `array_record` layout of a latents directory (`dit_jax.data.latents`), beside latents.json:
+  latents-<i>-of-<n>.array_record   rows [i * shard_size, (i + 1) * shard_size): one record per
+                                    example, a msgpack map of its arrays ("latent", and as
+                                    encoded "latent_std", "latent_flip", "latent_flip_std")
+  labels-<i>-of-<n>.npy             int32 class ids of those rows (class-labelled data)
+
+Each file is written whole (a temporary file renamed, or one object upload on GCS), labels first,
+so a shard file present is a finished shard. Readers open the shards directly (ArrayRecord reads
+gs:// itself, with random access), and a process reads only the records it asks for.
+"""
+
+import threading
+
+import numpy as np
+from flax import serialization
+
+from dit_jax import storage
+
+FORMAT = "array_record"
+_GROUP_SIZE_1 = "group_size:1"  # One record per chunk: random access reads one record.
+
+
+def shard_name(kind: str, index: int, num_shards: int) -> str:
+  ext = "array_record" if kind == "latents" else "npy"
+  return f"{kind}-{index:05d}-of-{num_shards:05d}.{ext}"
+
+
+def num_shards(count: int, shard_size: int) -> int:
+  return -(-count // shard_size)
+
+
+def encode(example: dict[str, np.ndarray]) -> bytes:
+  """One record: the example's arrays as a msgpack map (the same bytes for the same arrays)."""
+  return serialization.msgpack_serialize({k: np.asarray(v) for k, v in sorted(example.items())})
+
+
+def decode(record: bytes) -> dict[str, np.ndarray]:
+  return serialization.msgpack_restore(record)
+
+
+def write_shard(path: str, examples: dict[str, np.ndarray]) -> None:
+  """Writes the rows of `examples` (arrays [rows, ...] by name) as one ArrayRecord file."""
+  from array_record.python import array_record_module
+
+  rows = len(next(iter(examples.values())))
+  with storage.staged(path) as local:
+    writer = array_record_module.ArrayRecordWriter(local, _GROUP_SIZE_1)
+    for i in range(rows):
+      writer.write(encode({k: v[i] for k, v in examples.items()}))
+    writer.close()
+
+
+def shard_records(path: str) -> int:
+  """The number of records in the ArrayRecord file `path`."""
+  from array_record.python import array_record_module
+
+  reader = array_record_module.ArrayRecordReader(storage.resolve(path))
+  try:
+    return reader.num_records()
+  finally:
+    reader.close()
+
+
+class Records:
+  """Random access to the records of several ArrayRecord files, as one sequence of examples."""
+
+  def __init__(self, paths: list[str]):
+    self.paths = [storage.resolve(p) for p in paths]
+    self._open()
+
+  def _open(self) -> None:
+    import grain
+
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    self._last = threading.local()  # Each reading thread's last decoded record.
+
+  def __getstate__(self):
+    return {"paths": self.paths}
+
+  def __setstate__(self, state):
+    self.paths = state["paths"]
+    self._open()
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def get(self, index: int) -> dict[str, np.ndarray]:
+    last = getattr(self._last, "value", None)
+    if last is None or last[0] != index:
+      last = (index, decode(self._source[index]))
+      self._last.value = last
+    return last[1]
+
+
+class Column:
+  """One array of every record (e.g. "latent_std"), with the shape, dtype and row indexing of
+  the memory-mapped .npy it stands in for."""
+
+  def __init__(self, records: Records, key: str):
+    self._records, self._key = records, key
+    first = records.get(0)
+    if key not in first:
+      raise KeyError(key)
+    self.dtype = first[key].dtype
+    self.shape = (len(records), *first[key].shape)
+    self.ndim = len(self.shape)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, index) -> np.ndarray:
+    return self._records.get(int(index))[self._key]
