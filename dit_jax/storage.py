@@ -197,9 +197,13 @@ def write_bytes(p: str, data: bytes) -> None:
   if is_remote(target):
     path(target).write_bytes(data)  # One object upload: all of it or nothing.
     return
-  os.makedirs(os.path.dirname(target), exist_ok=True)
   tmp = f"{target}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
+  try:
+    f = open(tmp, "wb")  # noqa: SIM115
+  except FileNotFoundError:  # (A parent that is a file stays NotADirectoryError, as it says.)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    f = open(tmp, "wb")  # noqa: SIM115
+  with f:
     f.write(data)
     f.flush()
     os.fsync(f.fileno())

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import parallel
+from dit_jax import parallel, storage
 from dit_jax.train import loop
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.sharding]
@@ -114,3 +114,110 @@ def test_sigterm_on_a_pod_stops_every_process_at_the_same_saved_step(tmp_path):
   assert set(saved) == {"[p0", "[p1"} and len(set(saved.values())) == 1, out[-3000:]
   step = saved["[p0"]
   assert 3 <= step < 500 and os.path.isdir(os.path.join(workdir, "checkpoints", str(step)))
+
+
+def _gs_latents(url: str, count: int = 32, shard_size: int = 16, size: int = 8) -> None:
+  """Random 8x8x4 latents with labels as encode_latents stores them in a bucket."""
+  from dit_jax.data import latents, records
+
+  rng = np.random.default_rng(0)
+  latents.LatentsMetadata(
+    vae="(random latents)",
+    scaling_factor=0.18215,
+    shift_factor=0.0,
+    latent_channels=4,
+    downsample_factor=8,
+    image_size=size * 8,
+    crop=latents.NO_CROP,
+    flip=False,
+    std=True,
+    count=count,
+    source="random",
+    source_path="",
+    source_split="train",
+    dtype="float32",
+    compute_dtype="float32",
+    batch_size=shard_size,
+    has_labels=True,
+    format=records.FORMAT,
+    shard_size=shard_size,
+  ).save(url)
+  n = records.num_shards(count, shard_size)
+  for i in range(n):
+    rows = min(shard_size, count - i * shard_size)
+    shape = (rows, size, size, 4)
+    storage.save_npy(
+      storage.join(url, records.shard_name("labels", i, n)),
+      rng.integers(0, 10, rows).astype(np.int32),
+    )
+    records.write_shard(
+      storage.join(url, records.shard_name("latents", i, n)),
+      {
+        "latent": rng.standard_normal(shape).astype(np.float32),
+        "latent_std": rng.uniform(0.01, 0.1, shape).astype(np.float32),
+      },
+    )
+
+
+def test_a_pod_trains_on_gs_latents_into_a_gs_workdir_from_empty_directories(gcs, tmp_path):
+  """2 processes x 4 devices, each started in its own empty directory, train on ArrayRecord
+  latents in the bucket (each process reading its rows of every global batch) into a gs://
+  workdir: the losses of 1 process x 8 devices on the same data, a checkpoint that restores onto
+  1 device, and nothing written to either directory."""
+  from dit_jax.evaluation import runner
+  from dit_jax.train import setup
+
+  data_url, workdir = gcs.url("latents"), gcs.url("pod")
+  _gs_latents(data_url)
+  fields = {
+    "data.name": "latents",
+    "data.path": data_url,
+    "data.image_size": 8,
+    "data.channels": 4,
+    "data.latent_scale": 0.18215,
+    "train.num_steps": 2,
+    "train.log_every": 1,
+  }
+  args = [a.replace("configs/", os.path.join(REPO, "configs/")) for a in _cli.TINY]
+  args += [f"--config.{k}={v}" for k, v in fields.items()]
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  cwds = [tmp_path / f"p{i}" for i in range(2)]
+  procs = []
+  for i, cwd in enumerate(cwds):
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "dit_jax.main", *args, f"--workdir={workdir}"]
+    cmd += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+    procs.append(
+      subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
+    )
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, out[-3000:]
+  assert [os.listdir(cwd) for cwd in cwds] == [[], []]
+  pod = {}
+  for line in storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines():
+    row = json.loads(line)
+    pod[row["step"]] = row["loss"]
+  # The reference: 1 process x 8 devices (this one) on the same data in the bucket.
+  config = _cli.tiny_config(**{k.replace(".", "__"): v for k, v in fields.items()})
+  host = str(tmp_path / "host")
+  loop.run(config, host)
+  want = _losses(host)
+  assert sorted(pod) == sorted(want) == [1, 2]
+  np.testing.assert_allclose([pod[s] for s in want], [want[s] for s in want], rtol=LOSS_RTOL)
+  # The pod's checkpoint, with the config saved in it, restores onto 1 device.
+  saved = runner.run_config(workdir)
+  assert saved.data.path == data_url
+  exp = setup.build(saved, devices=jax.devices()[:1], training=False)
+  params, step = runner.restore_params(exp, workdir)
+  assert step == 2 and all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
+
+
+def _free_port() -> int:
+  import portpicker
+
+  return portpicker.pick_unused_port()
