@@ -80,9 +80,11 @@ def launch(
   port: int = 0,
   module: str = "dit_jax.main",
   last_lines: list[str] | None = None,
+  grace_s: float = 10.0,
 ) -> list[int]:
   """Starts `python -m module main_args` as the processes, streams their output, waits; returns
-  the exit codes (and fills `last_lines`, if given, with each process's last line of output)."""
+  the exit codes (and fills `last_lines`, if given, with each process's last line of output).
+  When one process fails, the others still running `grace_s` seconds later are terminated."""
   if num_processes < 1 or devices_per_process < 1:
     raise ValueError("--num_processes and --devices_per_process must be >= 1.")
   address = f"127.0.0.1:{port or free_port()}"
@@ -120,15 +122,21 @@ def launch(
       if p.poll() is None:
         p.send_signal(signum)
 
-  signal.signal(signal.SIGTERM, forward)
-  signal.signal(signal.SIGINT, forward)
-  # A process that fails leaves the others blocked in collectives: stop them too.
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+  # A process that fails leaves the others blocked in collectives: stop them too, after a grace
+  # period in which those that fail on their own (a bad flag fails every process) end by themselves
+  # and keep their own exit code.
+  failed_at = None
   while any(p.poll() is None for p in procs):
-    if any(p.poll() for p in procs):
+    if failed_at is None and any(p.poll() for p in procs):
+      failed_at = time.monotonic()
+    if failed_at is not None and time.monotonic() - failed_at > grace_s:
       for p in procs:
         if p.poll() is None:
           p.terminate()
     time.sleep(0.2)
+  for s, handler in previous.items():
+    signal.signal(s, handler)
   codes = [p.returncode for p in procs]
   for t in threads:
     t.join()

@@ -8,6 +8,7 @@ import concurrent.futures
 import glob
 import importlib.util
 import os
+import signal
 
 import _cli
 import ml_collections
@@ -134,7 +135,8 @@ CASES = {
   "launch_local_failed_processes": (
     "launch.local",
     ["--num_processes=2", "--devices_per_process=1", "--", *BAD_FIELD, "--workdir={tmp}/workdir"],
-    ["p0 exit code 1", "p0 ended with: config.train.batch_sz is not a config field"],
+    # Both processes fail on the flag; either may end first, so the order is not asserted.
+    ["exit code 1", "ended with: config.train.batch_sz is not a config field"],
   ),
 }
 TAKES_WORKDIR = ("dit_jax.main", "dit_jax.tools.import_dit", "dit_jax.tools.import_sd3")
@@ -256,6 +258,26 @@ def test_launch_local_names_the_process_that_failed_first():
     "p0 ended with: ValueError: boom"
   )
   assert local.failure_cause([1, 1], ["", ""]) == "the cause is in the [p<i>] lines above."
+
+
+@pytest.mark.multiprocess
+def test_launch_local_lets_failing_processes_end_and_stops_the_rest(monkeypatch, capsys):
+  # Every process that fails within the grace period keeps its own exit code, whichever ends
+  # first; one left blocked (in a collective) is terminated after it.
+  monkeypatch.setenv("PYTHONPATH", os.path.dirname(__file__))
+  last = []
+  codes = local.launch(
+    ["--behaviour=exit:1:1.5,exit:3:0,hang"],
+    3,
+    1,
+    module="_launch_child",
+    last_lines=last,
+    grace_s=4.0,
+  )
+  assert codes == [1, 3, -signal.SIGTERM], (codes, last)
+  assert last[:2] == ["Error: process 0 failed", "Error: process 1 failed"], last
+  assert local.failure_cause(codes, last) == "p0 ended with: process 0 failed"
+  assert "[p2] waiting in a collective" in capsys.readouterr().out
 
 
 GLOO = "[Gloo] Rank {} is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
