@@ -5,6 +5,7 @@ The README's "Config contract" documents the public names.
 """
 
 import difflib
+import json
 
 import ml_collections
 
@@ -342,8 +343,9 @@ def for_saved_run(
   """
   if given is None:
     return saved
-  ours, theirs = run_fields(given), run_fields(saved)
-  diff = [k for k in theirs if json_value(ours.get(k)) != json_value(theirs[k])]
+  # As they read back from JSON (tuples as lists), as the saved run's were.
+  ours, theirs = (json.loads(json.dumps(run_fields(c))) for c in (given, saved))
+  diff = [k for k in theirs if ours.get(k) != theirs[k]]
   if diff:
     shown = "; ".join(f"config.{k}={ours.get(k)!r} here, {theirs[k]!r} in the run" for k in diff)
     raise ConfigError(
@@ -361,12 +363,3 @@ def for_saved_run(
   for key in _MODEL_EXECUTION:
     config.model[key] = given.model[key]
   return config
-
-
-def json_value(value):
-  """`value` as it reads back from JSON (tuples as lists)."""
-  if isinstance(value, tuple | list):
-    return [json_value(v) for v in value]
-  if isinstance(value, dict):
-    return {k: json_value(v) for k, v in value.items()}
-  return value

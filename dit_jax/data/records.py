@@ -31,6 +31,12 @@ def num_shards(count: int, shard_size: int) -> int:
   return -(-count // shard_size)
 
 
+def shard_names(kind: str, count: int, shard_size: int) -> list[str]:
+  """The names of all `kind` ("latents" or "labels") files of `count` rows, in row order."""
+  n = num_shards(count, shard_size)
+  return [shard_name(kind, i, n) for i in range(n)]
+
+
 def encode(example: dict[str, np.ndarray]) -> bytes:
   """One record: the example's arrays as a msgpack map (the same bytes for the same arrays)."""
   return serialization.msgpack_serialize({k: np.asarray(v) for k, v in sorted(example.items())})
@@ -50,17 +56,6 @@ def write_shard(path: str, examples: dict[str, np.ndarray]) -> None:
     for i in range(rows):
       writer.write(encode({k: v[i] for k, v in examples.items()}))
     writer.close()
-
-
-def shard_records(path: str) -> int:
-  """The number of records in the ArrayRecord file `path`."""
-  from array_record.python import array_record_module
-
-  reader = array_record_module.ArrayRecordReader(storage.resolve(path))
-  try:
-    return reader.num_records()
-  finally:
-    reader.close()
 
 
 class Records:

@@ -422,7 +422,7 @@ class LatentsSource:
         "dit_jax.tools.encode_latents"
         + (", and text embeddings from dit_jax.tools.encode_text." if want_text else ".")
       )
-    self.metadata = latents.LatentsMetadata.load(path)
+    self.metadata = meta
     if self.metadata is not None:
       self._check_metadata(scale, vae_path)
     self.has_std = os.path.isfile(os.path.join(path, latents.STD_FILE))
@@ -444,12 +444,7 @@ class LatentsSource:
           f"{self._file(key)!r} holds {describe_array(array)}; expected float16 or float32 "
           f"{list(shape)} like {self._latents_path!r}: {_REENCODE}"
         )
-    if shape[1:] != (image_size, image_size, channels):
-      raise DataError(
-        f"config.data.path={path!r} holds latents of shape [H, W, C]={list(shape[1:])}, but "
-        f"config.data.image_size={image_size} and config.data.channels={channels} expect "
-        f"{[image_size, image_size, channels]}; set those two fields to match the files."
-      )
+    self._check_shape(image_size, channels)
     # encode_latents stores scaled latents; hand-written ones are scaled on read.
     self._scale = np.float32(1.0 if self.metadata is not None else scale)
     if want_text:
@@ -496,28 +491,28 @@ class LatentsSource:
     self.has_std, self.has_flip = meta.std, meta.flip
     self._latents_path = self.labels_path = path
     self._open()
-    if self._latents.shape[1:] != (image_size, image_size, channels):
-      raise DataError(
-        f"config.data.path={path!r} holds latents of shape [H, W, C]="
-        f"{list(self._latents.shape[1:])}, but config.data.image_size={image_size} and "
-        f"config.data.channels={channels} expect {[image_size, image_size, channels]}; set "
-        "those two fields to match the files."
-      )
-    n = records.num_shards(meta.count, meta.shard_size)
-    labels = [
-      storage.load_npy(storage.join(path, records.shard_name("labels", i, n))) for i in range(n)
-    ]
-    labels = np.concatenate(labels)
+    self._check_shape(image_size, channels)
+    names = records.shard_names("labels", meta.count, meta.shard_size)
+    labels = np.concatenate([storage.load_npy(storage.join(path, n)) for n in names])
     assert labels.shape == (meta.count,), (labels.shape, meta.count)
     self.num_classes, self._labels = int(labels.max()) + 1, labels.astype(np.int32)
 
+  def _check_shape(self, image_size: int, channels: int) -> None:
+    got, want = list(self._latents.shape[1:]), [image_size, image_size, channels]
+    if got != want:
+      raise DataError(
+        f"config.data.path={self._path!r} holds latents of shape [H, W, C]={got}, but "
+        f"config.data.image_size={image_size} and config.data.channels={channels} expect "
+        f"{want}; set those two fields to match the files."
+      )
+
   def _check_metadata(self, scale: float, vae_path: str) -> None:
     meta, path = self.metadata, self._path
-    if meta.format == records.FORMAT:
-      n = records.num_shards(meta.count, meta.shard_size)
+    sharded = meta.format == records.FORMAT
+    if sharded:
       present = set(storage.listdir(path))
-      done = sum(records.shard_name("latents", i, n) in present for i in range(n))
-      rows = min(done * meta.shard_size, meta.count)
+      names = records.shard_names("latents", meta.count, meta.shard_size)
+      rows = min(sum(n in present for n in names) * meta.shard_size, meta.count)
     else:
       rows = latents.read_progress(path)
     if rows is None or rows < meta.count:
@@ -525,10 +520,8 @@ class LatentsSource:
         f"config.data.path={path!r} is incomplete ({rows or 0} of {meta.count} examples "
         "encoded); re-run dit_jax.tools.encode_latents with the same arguments to finish it."
       )
-    if meta.format == records.FORMAT:
-      missing = []
-    else:
-      missing = [f for f in meta.latent_files() if not os.path.isfile(os.path.join(path, f))]
+    files = [] if sharded else meta.latent_files()  # (Shards hold every array.)
+    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
     if missing:
       raise DataError(
         f"config.data.path={path!r} lacks {missing}, which its {latents.METADATA_FILE} lists; "
@@ -567,9 +560,8 @@ class LatentsSource:
   def _open(self) -> None:
     if self._sharded:
       meta = self.metadata
-      n = records.num_shards(meta.count, meta.shard_size)
-      shards = [storage.join(self._path, records.shard_name("latents", i, n)) for i in range(n)]
-      rec = records.Records(shards)
+      names = records.shard_names("latents", meta.count, meta.shard_size)
+      rec = records.Records([storage.join(self._path, n) for n in names])
       self._latents = records.Column(rec, "latent")
       keys = ["latent_std"] * meta.std + ["latent_flip"] * meta.flip
       keys += ["latent_flip_std"] * (meta.std and meta.flip)

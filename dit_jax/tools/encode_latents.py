@@ -201,8 +201,8 @@ def _prepare_shards(out: str, meta: latents.LatentsMetadata) -> int:
       f"--out={out!r} holds latents made with other arguments: {'; '.join(old.differences(meta))}"
       ". Rerun with the same arguments to resume, or choose another --out."
     )
-  n, done = records.num_shards(meta.count, meta.shard_size), 0
-  while done < n and records.shard_name("latents", done, n) in present:
+  names, done = records.shard_names("latents", meta.count, meta.shard_size), 0
+  while done < len(names) and names[done] in present:
     done += 1
   return min(done * meta.shard_size, meta.count)
 
