@@ -18,8 +18,17 @@ import tempfile
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# The suite's programs are tiny, so XLA's compile time is nearly all of its time, and most of that
+# is LLVM optimizing machine code that then runs for milliseconds: compile without it (-O0; the
+# matmuls and convolutions still run in the same library kernels). Every subprocess gets the flag
+# too (tests/_site/sitecustomize.py), whatever XLA_FLAGS its test gives it.
+os.environ["DIT_JAX_TEST_XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join(
+  [
+    os.environ.get("XLA_FLAGS", ""),
+    "--xla_force_host_platform_device_count=8",
+    os.environ["DIT_JAX_TEST_XLA_FLAGS"],
+  ]
 ).strip()
 # Where libtpu is installed (for the ahead-of-time compile test) no TPU is used: let processes
 # load it side by side instead of locking it.

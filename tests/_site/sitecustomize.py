@@ -1,10 +1,16 @@
 """Loaded by every Python subprocess that the test suite starts (conftest.py puts this folder on
-PYTHONPATH): where DIT_JAX_TEST_COMPILE_LOG is set, it adds the XLA compile time of the process to
+PYTHONPATH): it adds the suite's XLA flags to the process's XLA_FLAGS, and where
+DIT_JAX_TEST_COMPILE_LOG is set, it adds the XLA compile time of the process to
 that log under the test file that started it, so the suite's compile summary counts subprocesses
 too. JAX is not imported here: the listener is registered once the program imports JAX itself."""
 
 import os
 import sys
+
+# The suite's XLA flags (tests/conftest.py), added to whatever XLA_FLAGS the test set.
+_flags = os.environ.get("DIT_JAX_TEST_XLA_FLAGS", "")
+if _flags and _flags not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flags}".strip()
 
 if os.environ.get("DIT_JAX_TEST_COMPILE_LOG"):
   import importlib.abc
