@@ -84,3 +84,15 @@ def upload(local_dir: str, url: str, only: tuple[str, ...] = ()) -> str:
         parts = [] if rel == "." else rel.split(os.sep)
         storage.write_bytes(storage.join(url, *parts, name), f.read())
   return url
+
+
+def download(url: str, local_dir: str) -> str:
+  """Copies the objects under `url` to the same relative paths under `local_dir`."""
+  from dit_jax import storage
+
+  for name in storage.find(url):
+    target = os.path.join(local_dir, *name[len(url.rstrip("/")) + 1 :].split("/"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+      f.write(storage.read_bytes(name))
+  return local_dir
