@@ -40,10 +40,12 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_addre
 flags.mark_flags_as_required(["workdir"])
 
 
-# Config fields that name files or workdirs, which are read with local paths only so far.
-_LOCAL_ONLY_FIELDS = (
+# Config fields that name files or workdirs: local paths or gs:// URLs.
+_PATH_FIELDS = (
+  "data.path",
   "vae.path",
   "train.init_from",
+  "sample.prompts",
   "sample.classifier.workdir",
   "sample.guide.workdir",
   "eval.reference",
@@ -51,18 +53,18 @@ _LOCAL_ONLY_FIELDS = (
 )
 
 
-def _check_storage_support(config) -> None:
-  """gs:// works for workdirs; the readers of the other paths are local-only yet: say so instead
-  of writing `./gs:/...`."""
-  for field in _LOCAL_ONLY_FIELDS:
+def _check_config_paths(config) -> None:
+  """One clear error now, not a minute of retries later, for a gs:// path of the config whose
+  service or bucket cannot be reached (or without the gcs extra)."""
+  for field in _PATH_FIELDS:
     value = config
     for part in field.split("."):
       value = value.get(part, "") if hasattr(value, "get") else ""
     if storage.is_remote(str(value)):
-      raise ConfigError(
-        f"config.{field}={value} is on gs://, which only the workdir supports yet; copy it to a "
-        "local or mounted disk and pass that path."
-      )
+      try:
+        storage.check_reachable(str(value))
+      except ConfigError as e:
+        raise ConfigError(f"config.{field}: {e}") from None
 
 
 def main(argv):
@@ -76,7 +78,7 @@ def main(argv):
       )
     storage.check_reachable(workdir)
     if config is not None:
-      _check_storage_support(config)
+      _check_config_paths(config)
   except ConfigError as e:
     sys.exit(f"Error: {e}")
   existing = workdir  # The workdir or the nearest of its parents that exists.
@@ -102,7 +104,7 @@ def main(argv):
       from dit_jax.evaluation import runner
 
       config = runner.run_config(workdir, config)
-      _check_storage_support(config)
+      _check_config_paths(config)
     if jax.process_index() == 0:
       logging.info("Config:\n%s", config)
     if _MODE.value == "train":

@@ -11,6 +11,7 @@ a GCS emulator: it is passed on to tensorstore as `TENSORSTORE_GCS_HTTP_URL`.
 """
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -187,6 +188,23 @@ def read_bytes(p: str) -> bytes:
   return path(p).read_bytes()
 
 
+def open_read(p: str) -> IO[bytes]:
+  """File `p` opened for reading bytes, seekable (GCS objects are read in ranges as needed)."""
+  source = resolve(p)
+  if is_remote(source):
+    return _gcs_fs().open(source, "rb")
+  return open(source, "rb")  # noqa: SIM115
+
+
+def sha256(p: str) -> str:
+  """The sha256 of file `p`, read in blocks."""
+  digest = hashlib.sha256()
+  with open_read(p) as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 def read_text(p: str) -> str:
   return path(p).read_text()
 
@@ -239,6 +257,34 @@ def staged(p: str) -> Iterator[str]:
   finally:
     if os.path.exists(local):
       os.remove(local)
+
+
+@contextlib.contextmanager
+def local_copy(p: str) -> Iterator[str]:
+  """A local path to read `p` through, for readers that take a path (safetensors, zip members,
+  memory maps): `p` itself on a local disk; for GCS a temporary copy of the object, deleted at the
+  end of the block."""
+  source = resolve(p)
+  if not is_remote(source):
+    yield source
+    return
+  with tempfile.TemporaryDirectory(prefix="dit_jax_") as d:
+    local = os.path.join(d, basename(source))
+    _gcs_fs().get_file(source, local)
+    yield local
+
+
+def stat(p: str) -> tuple[int, str]:
+  """(size in bytes, a version that changes when the file is written again: the modification
+  time on a local disk, the object's generation on GCS) of file `p`."""
+  source = resolve(p)
+  if is_remote(source):
+    fs = _gcs_fs()
+    fs.invalidate_cache(source)
+    info = fs.info(source)
+    return int(info["size"]), str(info.get("generation") or info.get("updated") or "")
+  s = os.stat(source)
+  return s.st_size, str(s.st_mtime_ns)
 
 
 @contextlib.contextmanager

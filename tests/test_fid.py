@@ -17,6 +17,7 @@ import pytest
 import scipy.linalg
 import scipy.special
 
+from dit_jax import storage
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import fid, inception, metrics
 
@@ -298,7 +299,7 @@ def test_reference_statistics_are_cached(tmp_path, monkeypatch):
   def read_only(*args, **kwargs):
     raise PermissionError("read-only file system")
 
-  monkeypatch.setattr(fid.tempfile, "mkstemp", read_only)
+  monkeypatch.setattr(storage, "write_bytes", read_only)  # Every write of the storage layer.
   third = fid.reference_statistics(path, FakeFeaturizer(), weights_id="w1")
   np.testing.assert_array_equal(third["sigma"], first["sigma"])
   assert not os.path.exists(fid.cache_path(path))

@@ -1,12 +1,14 @@
 """The storage layer (dit_jax/storage.py) on local disks and on GCS (a local emulator), and the
 clear errors for gs:// paths that cannot work."""
 
+import importlib.util
 import io
 import os
 import shutil
 
 import _cli
 import _gcs
+import jax
 import numpy as np
 import portpicker
 import pytest
@@ -150,9 +152,9 @@ def test_gs_workdir_errors(gcs, tmp_path):
   _cli.assert_clear_error(proc, "cannot reach the GCS emulator", closed)
   proc = _bad_workdir(gcs.url(), tmp_path / "d", extra=["--mode=sample"], config=False)
   _cli.assert_clear_error(proc, "No checkpoint with its config in gs://", "pass the run's --config")
-  # Not on the storage layer yet: said so, and nothing is written under ./gs:/ instead.
-  proc = _bad_workdir(gcs.url(), tmp_path / "e", extra=["--config.vae.path=gs://b/vae"])
-  _cli.assert_clear_error(proc, "config.vae.path=gs://b/vae is on gs://")
+  # A gs:// input of the config in a bucket that does not exist: named, before anything runs.
+  proc = _bad_workdir(gcs.url(), tmp_path / "e", extra=["--config.vae.path=gs://nobucket/vae"])
+  _cli.assert_clear_error(proc, "config.vae.path: bucket gs://nobucket does not exist")
   # Without gcsfs (a stand-in package that fails to import, as a missing one does).
   shim = tmp_path / "shim" / "gcsfs"
   shim.mkdir(parents=True)
@@ -160,3 +162,90 @@ def test_gs_workdir_errors(gcs, tmp_path):
   pythonpath = os.pathsep.join([str(tmp_path / "shim"), os.environ.get("PYTHONPATH", "")])
   proc = _bad_workdir(gcs.url(), tmp_path / "c", PYTHONPATH=pythonpath)
   _cli.assert_clear_error(proc, "needs the gcs extra", "pip install 'dit_jax[gcs]'")
+
+
+def _tree_equal(a, b) -> None:
+  leaves_a, tree_a = jax.tree.flatten(jax.device_get(a))
+  leaves_b, tree_b = jax.tree.flatten(jax.device_get(b))
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_inputs_on_gs_read_as_from_a_local_disk(gcs, trained_workdir, tmp_path):
+  """The config's inputs given as gs:// URLs (a VAE directory, the Inception weights, a reference
+  batch with its statistics cache beside it, a prompts file, a run to start from or guide with)
+  read as their local copies do."""
+  from dit_jax import checkpoint
+  from dit_jax.data import text
+  from dit_jax.evaluation import fid, inception
+  from dit_jax.models import autoencoder
+  from dit_jax.train import setup
+
+  local, url = str(tmp_path / "in"), gcs.url("inputs")
+  # A diffusers AutoencoderKL directory (vae.path).
+  vae = autoencoder.AutoencoderConfig(
+    block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4
+  )
+  params = autoencoder.random_params(vae, seed=0)
+  for where in (local, url):
+    autoencoder.save_diffusers(storage.join(where, "vae"), vae, params)
+  (cfg_a, a), (cfg_b, b) = (
+    autoencoder.load_diffusers(storage.join(w, "vae")) for w in (local, url)
+  )
+  assert cfg_a == cfg_b == vae
+  _tree_equal(a, b)
+
+  # The Inception weights (eval.inception_weights): the same hash keys the reference cache.
+  weights = [storage.join(w, "inception.npz") for w in (local, url)]
+  for w in weights:
+    inception.random_weights(w, seed=1)
+  assert fid.weights_hash(weights[0]) == fid.weights_hash(weights[1])
+  _tree_equal(inception.load_params(weights[0]), inception.load_params(weights[1]))
+  if importlib.util.find_spec("torch"):  # The standard .pth, converted once to .pth.npz beside.
+    pth = storage.join(url, "inception.pth")
+    inception.random_weights(pth, seed=1)
+    _tree_equal(inception.load_params(pth), inception.load_params(weights[0]))
+    assert storage.isfile(pth + ".npz")
+
+  # A reference batch (eval.reference): the same statistics, cached beside it in the bucket.
+  images = np.random.default_rng(2).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+  for w in (local, url):
+    storage.save_npz(storage.join(w, "ref.npz"), arr_0=images)
+
+  def featurize(batch):
+    x = batch.reshape(len(batch), -1).astype(np.float32) / 255
+    return {"pool": x[:, :16], "spatial": x[:, 16:24], "logits": x[:, 24:34]}
+
+  def must_not_featurize(_):
+    raise AssertionError("the reference was featurized again instead of read from the cache")
+
+  got = [
+    fid.reference_statistics(storage.join(w, "ref.npz"), featurize, weights_id="w")
+    for w in (local, url)
+  ]
+  _tree_equal(got[0], got[1])
+  assert storage.isfile(fid.cache_path(storage.join(url, "ref.npz")))
+  again = fid.reference_statistics(storage.join(url, "ref.npz"), must_not_featurize, weights_id="w")
+  _tree_equal(again, got[1])
+
+  # A prompts file (sample.prompts), read as open() reads text: any line ending.
+  storage.write_text(storage.join(url, "prompts.txt"), "a red circle\r\nblue\n\nlast")
+  assert text.read_captions(storage.join(url, "prompts.txt")) == [
+    "a red circle",
+    "blue",
+    "",
+    "last",
+  ]
+
+  # A run in a bucket to start from (train.init_from) and to guide with (sample.guide.workdir).
+  run = _gcs.upload(trained_workdir, gcs.url("run"), only=("checkpoints",))
+  exp = setup.build(_cli.tiny_config(), training=False)
+  from_gs = checkpoint.restore_weights(run, exp.abstract_state.params)
+  from_disk = checkpoint.restore_weights(trained_workdir, exp.abstract_state.params)
+  assert from_gs[0] == from_disk[0] == _cli.TINY_STEPS
+  _tree_equal(from_gs[1:], from_disk[1:])
+  guided = _cli.tiny_config(sample__guidance_scale=2.0)
+  guided.sample.guide.workdir, guided.sample.guide.step = run, 2
+  guide = sampling.load_guide(guided, exp.mesh)
+  assert guide.step == 2 and guide.workdir == run

@@ -16,11 +16,13 @@ On disk (written by `python -m dit_jax.tools.encode_text`, read by the `latents`
 """
 
 import dataclasses
+import io
 import json
 import os
 
 import numpy as np
 
+from dit_jax import storage
 from dit_jax.errors import ConfigError
 
 SPEC_FILE = "text_encoders.json"
@@ -134,8 +136,8 @@ class TextSpec:
 def read_captions(path: str) -> list[str]:
   """Line i of `path`, stripped, is caption i; an empty line is the empty caption."""
   try:
-    with open(path, encoding="utf-8") as f:
-      captions = [line.strip() for line in f]
+    lines = io.StringIO(storage.read_bytes(path).decode("utf-8"), newline=None)  # As open() reads.
+    captions = [line.strip() for line in lines]
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(f"The captions file {path!r} cannot be read ({e}).") from e
   if not captions:

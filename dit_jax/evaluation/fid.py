@@ -25,18 +25,16 @@ memory at once.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 from absl import flags, logging
 
-from dit_jax import cli
+from dit_jax import cli, storage
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import inception as inception_lib
 from dit_jax.evaluation import metrics
@@ -108,9 +106,9 @@ class NpzImages:
 
 def npz_keys(path: str) -> list[str]:
   """The names of the arrays in an .npz, or a ConfigError if it is missing or not an .npz."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise ConfigError(f"There is no file {path}; pass the path of an .npz (ADM's layout).")
-  with open(path, "rb") as f:
+  with storage.open_read(path) as f:
     head = f.read(16)
   # Else np.load takes any other file for a pickle, and says that it refuses pickles.
   if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", np.lib.format.MAGIC_PREFIX)):
@@ -118,15 +116,13 @@ def npz_keys(path: str) -> list[str]:
       f"{path} is not a readable .npz: it is not a zip archive (it begins {head!r}); write it "
       "again with np.savez."
     )
+  if head.startswith(np.lib.format.MAGIC_PREFIX):
+    raise ConfigError(f"{path} is a single .npy array, not an .npz; save it with np.savez.")
   try:
-    # mmap_mode: a plain .npy is mapped, not read, just to say that it is not an .npz.
-    loaded = np.load(path, mmap_mode="r")
+    with storage.open_read(path) as f, np.load(f) as loaded:
+      return list(loaded.files)
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise ConfigError(f"{path} is not a readable .npz ({e}); write it again with np.savez.") from e
-  if not isinstance(loaded, np.lib.npyio.NpzFile):
-    raise ConfigError(f"{path} is a single .npy array, not an .npz; save it with np.savez.")
-  with loaded:
-    return list(loaded.files)
 
 
 _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
@@ -136,7 +132,11 @@ _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 def _open_member(path: str) -> Iterator:
   """The raw .npy bytes of `arr_0`, as a file object."""
   try:
-    with zipfile.ZipFile(path) as zf, zf.open(f"{IMAGES_KEY}.npy") as f:
+    with (
+      storage.open_read(path) as raw,
+      zipfile.ZipFile(raw) as zf,
+      zf.open(f"{IMAGES_KEY}.npy") as f,
+    ):
       yield f
   except ConfigError:
     raise
@@ -160,7 +160,7 @@ def _read_npy_header(f, path: str) -> tuple[tuple[int, ...], np.dtype, bool]:
 
 
 def _load_whole(path: str) -> np.ndarray:
-  with np.load(path) as z:
+  with storage.open_read(path) as f, np.load(f) as z:
     return z[IMAGES_KEY]
 
 
@@ -230,13 +230,9 @@ def _featurize_chunks(chunks: Iterator[np.ndarray], featurize: Featurizer, name:
 
 def weights_hash(path: str) -> str:
   """sha256 of a weights file (what keys the reference cache), or a ConfigError if it is missing."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise ConfigError(f"There is no Inception weights file {path}; pass {WEIGHTS_HELP}.")
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+  return storage.sha256(path)
 
 
 def cache_path(path: str) -> str:
@@ -316,7 +312,7 @@ def reference_statistics(
 
 def _load_statistics(path: str) -> dict:
   try:
-    with np.load(path) as z:
+    with storage.open_read(path) as f, np.load(f) as z:
       stats = {k: np.asarray(z[k], dtype=np.float64) for k in STATS_KEYS}
   except _READ_ERRORS as e:
     raise ConfigError(f"{path}: the statistics cannot be read ({e}); write them again.") from e
@@ -330,24 +326,24 @@ def _load_statistics(path: str) -> dict:
 
 
 def _cache_key(path: str, weights_id: str, num_images: int) -> str:
-  stat = os.stat(path)
+  size, version = storage.stat(path)
   return json.dumps(
     {
       "version": _CACHE_VERSION,
       "weights": weights_id,
       "num_images": num_images,
-      "size": stat.st_size,
-      "mtime_ns": stat.st_mtime_ns,
+      "size": size,
+      "mtime_ns": version,
     },
     sort_keys=True,
   )
 
 
 def _read_cache(path: str, key: str) -> dict | None:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
   try:
-    with np.load(path) as z:
+    with storage.open_read(path) as f, np.load(f) as z:
       if str(z["key"]) != key:
         logging.info("%s is of other weights or another reference; computing again.", path)
         return None
@@ -361,20 +357,10 @@ def _read_cache(path: str, key: str) -> dict | None:
 
 def _write_cache(path: str, key: str, cached: dict) -> None:
   """Writes the cache atomically; a folder that cannot be written only costs the speed-up."""
-  directory = os.path.dirname(os.path.abspath(path))
   try:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=CACHE_SUFFIX, dir=directory)
-  except OSError as e:
-    logging.warning("Cannot cache the reference statistics in %s (%s); going on.", directory, e)
-    return
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, key=np.asarray(key), **cached)
-    os.replace(tmp, path)
+    storage.save_npz(path, key=np.asarray(key), **cached)
   except OSError as e:
     logging.warning("Cannot write the cache %s (%s); going on.", path, e)
-    if os.path.exists(tmp):
-      os.remove(tmp)
     return
   logging.info("Reference statistics cached in %s.", path)
 
@@ -450,7 +436,7 @@ def main(argv) -> None:
     raise ConfigError(f"Pass --inception=PATH, the weights of the FID Inception: {WEIGHTS_HELP}.")
   if args.batch_size < 1:
     raise ConfigError(f"--batch_size={args.batch_size} must be at least 1.")
-  if args.out:
+  if args.out and not storage.is_remote(args.out):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
       raise ConfigError(f"--out={args.out}: {out_dir} is not a writable folder.")
@@ -473,10 +459,7 @@ def main(argv) -> None:
   scores = score_features(features, reference)
   text = json.dumps(scores)
   if args.out:
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(text + "\n")
-    os.replace(tmp, args.out)
+    storage.write_text(args.out, text + "\n")
   print(text, flush=True)
 
 

@@ -28,8 +28,6 @@ the mesh's data axes and the params (24M, float32) are replicated.
 """
 
 import functools
-import hashlib
-import os
 import zipfile
 from typing import Any
 
@@ -42,7 +40,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dit_jax import parallel
+from dit_jax import parallel, storage
 from dit_jax.errors import ConfigError
 
 Params = dict[str, Any]
@@ -419,7 +417,7 @@ def random_weights(path: str, seed: int = 0) -> None:
   `path` ends in .npz, the converted form (no torch). For tests and benchmarks."""
   tensors = state_dict(random_params(seed))
   if path.endswith(".npz"):
-    _write_npz(path, tensors)
+    storage.save_npz(path, **tensors)
     return
   try:
     import torch
@@ -431,31 +429,13 @@ def random_weights(path: str, seed: int = 0) -> None:
   sd = {k: torch.from_numpy(v) for k, v in tensors.items()}
   for name in [k for k in sd if k.endswith(".bn.running_var")]:  # As torch's BatchNorm2d saves.
     sd[name.removesuffix("running_var") + "num_batches_tracked"] = torch.tensor(0)
-  tmp = path + ".tmp"
-  torch.save(sd, tmp)
-  os.replace(tmp, path)
-
-
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def _write_npz(path: str, tensors: dict[str, np.ndarray]) -> None:
-  # np.savez appends .npz to names without it; write through a file object to keep the name.
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **tensors)
-  os.replace(tmp, path)  # The file appears whole or not at all.
+  with storage.staged(path) as local:
+    torch.save(sd, local)
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
   try:
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+    return storage.load_npz(path)
   except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ConfigError(
       f"{path!r} cannot be read as .npz weights ({e}); pass the FID Inception weights "
@@ -472,7 +452,8 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
       "torch, or convert it on a machine with torch and copy the .npz next to it)."
     ) from None
   try:
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    with storage.local_copy(path) as local:
+      sd = torch.load(local, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types on a file that is not a checkpoint.
     raise ConfigError(
       f"{path!r} cannot be read as a PyTorch state dict ({type(e).__name__}); pass the FID "
@@ -490,7 +471,7 @@ def load_params(path: str) -> Params:
   """The params of a weights file: the standard PyTorch file (`pt_inception-2015-12-05-6726825d
   .pth`), converted once to `<path>.npz` next to it and read from there afterwards without torch,
   or such an .npz itself."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise ConfigError(
       f"The Inception weights {path!r} do not exist; download {WEIGHTS_URL} (the file pytorch-fid "
       "and torch-fidelity use) and pass its path as eval.inception_weights or --inception=."
@@ -499,15 +480,15 @@ def load_params(path: str) -> Params:
     tensors = _read_npz(path)
     tensors.pop(_SOURCE_KEY, None)
     return params_from_state_dict(tensors, path)
-  cache, digest = path + ".npz", _sha256(path)
-  if os.path.isfile(cache):
+  cache, digest = path + ".npz", storage.sha256(path)
+  if storage.isfile(cache):
     tensors = _read_npz(cache)
     if str(tensors.pop(_SOURCE_KEY, "")) == digest:
       return params_from_state_dict(tensors, cache)
     logging.info("%s was converted from another file; converting %s again.", cache, path)
   params = params_from_state_dict(_read_pth(path), path)  # Checked before anything is written.
   try:
-    _write_npz(cache, {**state_dict(params), _SOURCE_KEY: np.asarray(digest)})
+    storage.save_npz(cache, **state_dict(params), **{_SOURCE_KEY: np.asarray(digest)})
     logging.info("Converted %s to %s; later loads read that without PyTorch.", path, cache)
   except OSError as e:
     logging.warning("Cannot write %s (%s); converting %s in memory each time.", cache, e, path)

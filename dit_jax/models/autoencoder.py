@@ -12,9 +12,7 @@ diffusion_pytorch_model.safetensors) without PyTorch.
 """
 
 import dataclasses
-import glob
 import json
-import os
 import re
 from typing import Any
 
@@ -24,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from dit_jax import axes
+from dit_jax import axes, storage
 from dit_jax.errors import ConfigError
 from dit_jax.models.layers import logical
 
@@ -440,20 +438,19 @@ def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ..
 
 
 def _read_config(directory: str) -> AutoencoderConfig:
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise ConfigError(
       f"{directory!r} is not a directory; pass a diffusers AutoencoderKL directory "
       f"({CONFIG_FILE} + {WEIGHTS_FILE})."
     )
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = storage.join(directory, CONFIG_FILE)
+  if not storage.isfile(path):
     raise ConfigError(
       f"{path!r} does not exist; a diffusers AutoencoderKL directory holds {CONFIG_FILE} and "
       f"{WEIGHTS_FILE} (e.g. <pipeline>/vae)."
     )
   try:
-    with open(path) as f:
-      hf = json.load(f)
+    hf = storage.read_json(path)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConfigError(f"{path!r} cannot be read as JSON ({e}); is the download complete?") from None
   if not isinstance(hf, dict) or hf.get("_class_name") != CLASS_NAME:
@@ -470,12 +467,12 @@ def _read_config(directory: str) -> AutoencoderConfig:
 
 
 def _weights_file(directory: str) -> str:
-  path = os.path.join(directory, WEIGHTS_FILE)
-  if os.path.isfile(path):
+  path = storage.join(directory, WEIGHTS_FILE)
+  if storage.isfile(path):
     return path
-  found = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+  found = [n for n in storage.listdir(directory) if n.endswith(".safetensors")]
   if len(found) == 1:  # A variant such as diffusion_pytorch_model.fp16.safetensors.
-    return found[0]
+    return storage.join(directory, found[0])
   raise ConfigError(
     f"{path!r} does not exist"
     + (f" and {len(found)} other *.safetensors files are there" if found else "")
@@ -497,7 +494,7 @@ def load_diffusers(directory: str) -> tuple[AutoencoderConfig, Params]:
   params = {}
   try:
     # The flax reader handles bfloat16 tensors, which numpy cannot hold.
-    with safe_open(path, framework="flax") as fh:
+    with storage.local_copy(path) as local, safe_open(local, framework="flax") as fh:
       unused = set(fh.keys())
       for fpath, leaf in traverse_util.flatten_dict(param_shapes(config)).items():
         name = _diffusers_name(fpath)
@@ -552,23 +549,17 @@ def save_diffusers(
 ) -> None:
   """Writes `params` as a diffusers AutoencoderKL directory that `load_diffusers` and diffusers'
   `AutoencoderKL.from_pretrained` read; existing files are kept unless `overwrite`."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
   check_params(config, params)
-  paths = {name: os.path.join(directory, name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+  paths = {name: storage.join(directory, name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
   for path in paths.values():
-    if os.path.exists(path) and not overwrite:
+    if storage.exists(path) and not overwrite:
       raise ConfigError(f"{path!r} already exists; pick a new directory for the autoencoder.")
-  os.makedirs(directory, exist_ok=True)
   tensors = {
     _diffusers_name(p): np.ascontiguousarray(_to_torch(p, np.asarray(a, np.float32)))
     for p, a in traverse_util.flatten_dict(nn.unbox(params)).items()
   }
   # Each file appears whole or not at all; weights first, so a config always has its weights.
-  tmp = paths[WEIGHTS_FILE] + ".tmp"
-  save_file(tensors, tmp, metadata={"format": "pt"})
-  os.replace(tmp, paths[WEIGHTS_FILE])
-  tmp = paths[CONFIG_FILE] + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(config.to_diffusers(), f, indent=2)
-  os.replace(tmp, paths[CONFIG_FILE])
+  storage.write_bytes(paths[WEIGHTS_FILE], save(tensors, metadata={"format": "pt"}))
+  storage.write_json(paths[CONFIG_FILE], config.to_diffusers())

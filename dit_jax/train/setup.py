@@ -16,7 +16,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from dit_jax import config_defaults, data, models, parallel
+from dit_jax import config_defaults, data, models, parallel, storage
 from dit_jax import diffusion as diffusion_lib
 from dit_jax.conditioning import Conditioner, LabelConditioner, build_conditioner
 from dit_jax.data import text
@@ -227,7 +227,7 @@ def check_inception_eval(config: ml_collections.ConfigDict, num_images: int, fie
       f"recall) takes the FID Inception: set config.eval.inception_weights to {WEIGHTS_HELP} "
       f"(only {' and '.join(BUILTIN_METRICS_DATA)} have built-in metrics without it)."
     )
-  if not os.path.isfile(weights):
+  if not storage.isfile(weights):
     raise ConfigError(
       f"config.eval.inception_weights={weights!r} does not exist; pass {WEIGHTS_HELP}."
     )
