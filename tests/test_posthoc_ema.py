@@ -284,6 +284,30 @@ def test_posthoc_of_the_tracked_profiles_gives_them_back(power_run, tmp_path):
     )
 
 
+def test_posthoc_of_a_run_in_a_bucket_writes_into_the_bucket(power_run, gcs, tmp_path):
+  """Snapshots read from a gs:// run and the reconstructed workdir written to gs:// give the
+  parameters that the local run and a local output give."""
+  import _gcs
+
+  from dit_jax import storage
+
+  run = _gcs.upload(power_run, gcs.url("power"), only=("checkpoints", checkpoint.SNAPSHOTS))
+  snaps = checkpoint.EmaSnapshots(run, read_only=True)
+  try:
+    assert snaps.all_steps() == [2, 4, 6]
+  finally:
+    snaps.close()
+  out, local = gcs.url("ema007"), str(tmp_path / "ema007")
+  assert posthoc_ema.reconstruct(run, [0.07], out) == [out]
+  posthoc_ema.reconstruct(power_run, [0.07], local)
+  record = storage.read_json(storage.join(out, "posthoc_ema.json"))
+  assert record["source"] == run and record["step"] == 6
+  exp = setup.build(power_config(), training=False)
+  (a, step_a), (b, step_b) = (runner.restore_params(exp, w) for w in (out, local))
+  assert step_a == step_b == 6
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
 @pytest.mark.multiprocess  # power_run trains through the command line.
 def test_posthoc_bad_input_is_one_clear_error(power_run, tmp_path):
   out = str(tmp_path / "out")

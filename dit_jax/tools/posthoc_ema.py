@@ -19,9 +19,7 @@ Device memory: one copy of the parameters per output plus the EMAs of one snapsh
 """
 
 import ast
-import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 
@@ -31,7 +29,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from dit_jax import checkpoint, cli, config_defaults, utils
+from dit_jax import checkpoint, cli, config_defaults, storage, utils
 from dit_jax.errors import ConfigError
 from dit_jax.train import ema as ema_lib
 
@@ -128,7 +126,7 @@ def outputs(out: str, stds: Sequence[float]) -> list[str]:
   """The workdir of each std: `out` itself for one, `out/<std>` for several."""
   if len(stds) == 1:
     return [out]
-  return [os.path.join(out, f"{std:g}") for std in stds]
+  return [storage.join(out, f"{std:g}") for std in stds]
 
 
 def _snapshot_config(saved: dict) -> ml_collections.ConfigDict:
@@ -151,8 +149,8 @@ def reconstruct(
   from dit_jax.train import setup  # Here: building the model is not needed to check the input.
 
   check_stds(stds)
-  directory = os.path.join(os.path.abspath(workdir), checkpoint.SNAPSHOTS)
-  snaps = checkpoint.EmaSnapshots(workdir, read_only=True) if os.path.isdir(directory) else None
+  directory = storage.join(storage.resolve(workdir), checkpoint.SNAPSHOTS)
+  snaps = checkpoint.EmaSnapshots(workdir, read_only=True) if storage.isdir(directory) else None
   steps = snaps.all_steps() if snaps is not None else []
   if not steps:
     raise ConfigError(
@@ -211,7 +209,7 @@ def reconstruct(
   for k, (std, target) in enumerate(zip(stds, targets, strict=True)):
     source = (
       f"posthoc_ema sigma_rel={std:g} (gamma={gammas[k]:.4g}) from {len(used)} snapshot(s) up to "
-      f"step {step} of {os.path.abspath(workdir)}"
+      f"step {step} of {storage.resolve(workdir)}"
     )
     path = checkpoint.save_weights(target, step, acc[k], config, source=source)
     if jax.process_index() == 0:
@@ -224,10 +222,9 @@ def reconstruct(
           {"step": t, "gamma": g, "weight": float(w)}
           for t, g, w in zip(times, exps, weights[:, k], strict=True)
         ],
-        "source": os.path.abspath(workdir),
+        "source": storage.resolve(workdir),
       }
-      with open(os.path.join(target, "posthoc_ema.json"), "w") as f:
-        json.dump(record, f, indent=1)
+      storage.write_json(storage.join(target, "posthoc_ema.json"), record, indent=1)
       logging.info(
         "sigma_rel=%g: weights over %d stored EMAs (sum %.4f, relative profile error %.2g) "
         "written to %s.",
@@ -275,12 +272,11 @@ def sweep(
     scores = runner.evaluate(config, target, overwrite=True)
     rows.append({"std": std, "workdir": target, **scores})
   if jax.process_index() == 0:
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-      json.dump(rows, f, indent=2)
+    storage.write_json(storage.join(out, "sweep.json"), rows)
     keys = [next((k for k in group if k in rows[0]), None) for group in _PLOTTED]
     keys = [k for k in keys if k is not None]
     utils.line_plot(
-      os.path.join(out, "sweep.png"),
+      storage.join(out, "sweep.png"),
       [r["std"] for r in rows],
       {k: [r[k] for r in rows] for k in keys},
       x_label="sigma_rel",
