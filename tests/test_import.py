@@ -191,6 +191,24 @@ def test_imported_weights_restore_on_one_device_and_under_fsdp(imported, state_d
   ckpt.close()
 
 
+def test_import_from_a_bucket_into_a_bucket_restores_the_same_weights(imported, gcs):
+  from dit_jax import storage
+
+  workdir, pt = imported
+  url = gcs.url("import")
+  storage.write_bytes(storage.join(url, "DiT-tiny-2.pt"), storage.read_bytes(pt))
+  into = gcs.url("imported")
+  path = import_dit.import_dit(storage.join(url, "DiT-tiny-2.pt"), tiny_config(), into)
+  assert path == storage.join(into, "checkpoints", "0")
+  exp = setup.build(tiny_config(), devices=jax.devices()[:1])
+  (a, step_a), (b, step_b) = (runner.restore_params(exp, w) for w in (into, workdir))
+  assert step_a == step_b == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+  ckpt = checkpoint.Checkpointer(into, read_only=True, config=tiny_config())
+  assert ckpt.origin(0)["source"] == storage.join(url, "DiT-tiny-2.pt")
+  ckpt.close()
+
+
 def test_weights_of_another_variant_name_it(state_dict):
   other = official_state_dict(patch=4)
   with pytest.raises(ConfigError) as e:

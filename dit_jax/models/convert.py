@@ -16,15 +16,13 @@ DiT: a facebookresearch/DiT `models.py` state dict (e.g. the released DiT-XL-2-2
 """
 
 import argparse
-import glob
-import json
-import os
 from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
 
+from dit_jax import storage
 from dit_jax.errors import ConfigError
 from dit_jax.models import SIZES, VARIANTS, layers, variant_dims
 
@@ -196,19 +194,19 @@ def load_sd3(directory: str) -> tuple[Params, dict]:
   """
   from safetensors import safe_open
 
-  config_path = os.path.join(directory, "config.json")
-  files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-  if not os.path.isfile(config_path) or not files:
+  config_path = storage.join(directory, "config.json")
+  names = storage.listdir(directory) if storage.isdir(directory) else []
+  files = [storage.join(directory, n) for n in names if n.endswith(".safetensors")]
+  if not storage.isfile(config_path) or not files:
     raise ConfigError(
       f"{directory!r} is not a diffusers SD3 transformer directory: it needs config.json and "
       "*.safetensors (e.g. <model>/transformer)."
     )
-  with open(config_path) as f:
-    hf = json.load(f)
+  hf = storage.read_json(config_path)
   state = {}
   for file in files:
     # The flax reader handles bfloat16, which numpy cannot hold.
-    with safe_open(file, framework="flax") as fh:
+    with storage.local_copy(file) as local, safe_open(local, framework="flax") as fh:
       for key in fh.keys():
         state[key] = np.asarray(fh.get_tensor(key), np.float32)
   return convert_sd3(state, hf), sd3_overrides(hf)
@@ -471,12 +469,12 @@ def load_dit_pt(path: str) -> dict[str, np.ndarray]:
       "Reading a .pt checkpoint needs PyTorch; install the `text` extra "
       "(`pip install 'dit_jax[text]'`) or `pip install torch`."
     ) from e
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise ConfigError(f"The DiT checkpoint {path!r} does not exist.")
   try:
     # Tensors and plain containers only (no code runs); train.py also pickles its argparse args.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      obj = torch.load(path, map_location="cpu", weights_only=True)
+    with storage.local_copy(path) as local, torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(local, map_location="cpu", weights_only=True)
   except Exception as e:  # Any unreadable file: say which and why.
     raise ConfigError(
       f"{path!r} is not a PyTorch checkpoint that torch.load can read safely "

@@ -12,7 +12,6 @@ DIR then holds the weights only: sample from it on any mesh, or fine-tune from i
 with --config.train.init_from=DIR. Needs torch to read the .pt (`pip install torch`).
 """
 
-import os
 import sys
 from typing import Any
 
@@ -21,7 +20,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from dit_jax import checkpoint, cli, utils
+from dit_jax import checkpoint, cli, storage, utils
 from dit_jax.errors import ConfigError
 
 
@@ -65,7 +64,7 @@ def import_dit(checkpoint_path: str, config: ml_collections.ConfigDict, workdir:
 
   checkpoint.check_new_workdir(workdir)  # Before reading a file of gigabytes.
   params = convert.convert_dit(convert.load_dit_pt(checkpoint_path), config)
-  return save_imported(params, config, workdir, source=os.path.abspath(checkpoint_path))
+  return save_imported(params, config, workdir, source=storage.resolve(checkpoint_path))
 
 
 def main(argv):

@@ -12,7 +12,6 @@ agree with config.model's where that sets them. DIR then holds the weights only:
 any mesh, or fine-tune from it in a new workdir with --config.train.init_from=DIR.
 """
 
-import os
 import sys
 from typing import Any
 
@@ -20,7 +19,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import checkpoint, cli, utils
+from dit_jax import checkpoint, cli, storage, utils
 from dit_jax.errors import ConfigError
 from dit_jax.tools.import_dit import save_imported
 
@@ -104,7 +103,7 @@ def import_sd3(transformer: str, config: ml_collections.ConfigDict, workdir: str
   layout.model.context_dim = overrides["model"]["context_dim"]
   layout.model.pooled_dim = overrides["model"]["pooled_dim"]
   return save_imported(
-    params, config, workdir, source=os.path.abspath(transformer), layout_config=layout
+    params, config, workdir, source=storage.resolve(transformer), layout_config=layout
   )
 
 
