@@ -7,8 +7,11 @@ tests start inherit the variables and reach the same emulator.
 
 import logging
 import os
+import threading
+import time
 import uuid
 
+import numpy as np
 import portpicker
 
 BUCKET = "dit-jax-test"
@@ -68,6 +71,13 @@ class Emulator:
     return f"gs://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
 
   def stop(self) -> None:
+    # A closed input pipeline's read-ahead may still be reading from the bucket (grain shuts its
+    # threads down without waiting): let those reads end before the server goes, or they retry
+    # against a closed port and the process cannot exit.
+    deadline = time.monotonic() + 60
+    while any(t.name.startswith("grain-") for t in threading.enumerate()):
+      assert time.monotonic() < deadline, "grain's reading threads did not end within 60 s"
+      time.sleep(0.05)
     self._server.stop()
 
 
@@ -96,3 +106,47 @@ def download(url: str, local_dir: str) -> str:
     with open(target, "wb") as f:
       f.write(storage.read_bytes(name))
   return local_dir
+
+
+def write_latents(url: str, count: int = 32, shard_size: int = 16, size: int = 8) -> None:
+  """Random 8x8x4 latents with labels as encode_latents stores them in a bucket."""
+  from dit_jax import storage
+  from dit_jax.data import latents, records
+
+  rng = np.random.default_rng(0)
+  latents.LatentsMetadata(
+    vae="(random latents)",
+    scaling_factor=0.18215,
+    shift_factor=0.0,
+    latent_channels=4,
+    downsample_factor=8,
+    image_size=size * 8,
+    crop=latents.NO_CROP,
+    flip=False,
+    std=True,
+    count=count,
+    source="random",
+    source_path="",
+    source_split="train",
+    dtype="float32",
+    compute_dtype="float32",
+    batch_size=shard_size,
+    has_labels=True,
+    format=records.FORMAT,
+    shard_size=shard_size,
+  ).save(url)
+  n = records.num_shards(count, shard_size)
+  for i in range(n):
+    rows = min(shard_size, count - i * shard_size)
+    shape = (rows, size, size, 4)
+    storage.save_npy(
+      storage.join(url, records.shard_name("labels", i, n)),
+      rng.integers(0, 10, rows).astype(np.int32),
+    )
+    records.write_shard(
+      storage.join(url, records.shard_name("latents", i, n)),
+      {
+        "latent": rng.standard_normal(shape).astype(np.float32),
+        "latent_std": rng.uniform(0.01, 0.1, shape).astype(np.float32),
+      },
+    )

@@ -24,3 +24,23 @@ def test_flops_grow_with_depth_and_train_costs_about_three_forward_passes():
     assert 2.5 < ratio < 5.0, ratio
   # Blocks dominate this model's FLOPs; 3x the blocks must cost well over 2x.
   assert six["sample"] > 2.0 * two["sample"]
+
+
+def test_input_benchmark_reads_latents_from_a_bucket(gcs):
+  """`python -m dit_jax.benchmark --input` on a config whose data.path is a gs:// dataset: the
+  ArrayRecord latents that encode_latents writes to a bucket, read as training reads them."""
+  import _cli
+  import _gcs
+
+  url = gcs.url("latents")
+  _gcs.write_latents(url)
+  config = _cli.tiny_config(
+    data__name="latents",
+    data__path=url,
+    data__image_size=8,
+    data__channels=4,
+    data__latent_scale=0.18215,
+  )
+  result = benchmark.benchmark_input(config, steps=3, warmup=1)
+  assert result["seconds"] > 0
+  assert result["images_per_sec"] == config.train.batch_size / result["seconds"]

@@ -67,49 +67,6 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in rows}
 
 
-def _gs_latents(url: str, count: int = 32, shard_size: int = 16, size: int = 8) -> None:
-  """Random 8x8x4 latents with labels as encode_latents stores them in a bucket."""
-  from dit_jax.data import latents, records
-
-  rng = np.random.default_rng(0)
-  latents.LatentsMetadata(
-    vae="(random latents)",
-    scaling_factor=0.18215,
-    shift_factor=0.0,
-    latent_channels=4,
-    downsample_factor=8,
-    image_size=size * 8,
-    crop=latents.NO_CROP,
-    flip=False,
-    std=True,
-    count=count,
-    source="random",
-    source_path="",
-    source_split="train",
-    dtype="float32",
-    compute_dtype="float32",
-    batch_size=shard_size,
-    has_labels=True,
-    format=records.FORMAT,
-    shard_size=shard_size,
-  ).save(url)
-  n = records.num_shards(count, shard_size)
-  for i in range(n):
-    rows = min(shard_size, count - i * shard_size)
-    shape = (rows, size, size, 4)
-    storage.save_npy(
-      storage.join(url, records.shard_name("labels", i, n)),
-      rng.integers(0, 10, rows).astype(np.int32),
-    )
-    records.write_shard(
-      storage.join(url, records.shard_name("latents", i, n)),
-      {
-        "latent": rng.standard_normal(shape).astype(np.float32),
-        "latent_std": rng.uniform(0.01, 0.1, shape).astype(np.float32),
-      },
-    )
-
-
 def test_two_processes_train_like_one_and_share_checkpoints(gcs, tmp_path):
   """2 processes x 4 devices (launch.local, started in an empty directory) train on ArrayRecord
   latents in a bucket, each process reading its rows of every global batch, into a gs:// workdir:
@@ -121,7 +78,7 @@ def test_two_processes_train_like_one_and_share_checkpoints(gcs, tmp_path):
   from dit_jax.train import setup
 
   data_url = gcs.url("latents")
-  _gs_latents(data_url)  # 32 examples: 4 global batches of 8 an epoch.
+  _gcs.write_latents(data_url)  # 32 examples: 4 global batches of 8 an epoch.
   fields = {
     "data.name": "latents",
     "data.path": data_url,
