@@ -284,6 +284,7 @@ def test_posthoc_of_the_tracked_profiles_gives_them_back(power_run, tmp_path):
     )
 
 
+@pytest.mark.multiprocess  # power_run trains through the command line.
 def test_posthoc_of_a_run_in_a_bucket_writes_into_the_bucket(power_run, gcs, tmp_path):
   """Snapshots read from a gs:// run and the reconstructed workdir written to gs:// give the
   parameters that the local run and a local output give."""

@@ -172,6 +172,7 @@ def _tree_equal(a, b) -> None:
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.multiprocess  # trained_workdir trains through the command line.
 def test_inputs_on_gs_read_as_from_a_local_disk(gcs, trained_workdir, tmp_path):
   """The config's inputs given as gs:// URLs (a VAE directory, the Inception weights, a reference
   batch with its statistics cache beside it, a prompts file, a run to start from or guide with)
