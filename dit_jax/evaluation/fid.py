@@ -333,7 +333,7 @@ def _cache_key(path: str, weights_id: str, num_images: int) -> str:
       "weights": weights_id,
       "num_images": num_images,
       "size": size,
-      "mtime_ns": version,
+      "file_version": version,
     },
     sort_keys=True,
   )
