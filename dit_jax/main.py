@@ -14,7 +14,6 @@ command line ends in one line `Error: ...` (dit_jax.cli).
 """
 
 import json
-import os
 import sys
 
 from absl import flags, logging
@@ -81,11 +80,13 @@ def main(argv):
       _check_config_paths(config)
   except ConfigError as e:
     sys.exit(f"Error: {e}")
-  existing = workdir  # The workdir or the nearest of its parents that exists.
-  while existing and not os.path.exists(existing) and existing != os.path.dirname(existing):
-    existing = os.path.dirname(existing)
-  if not storage.is_remote(workdir) and os.path.isfile(existing):
-    where = "is a file" if existing == workdir else f"is inside {existing}, which is a file"
+  existing = "" if storage.is_remote(workdir) else storage.nearest_existing(workdir)
+  if existing and storage.isfile(existing):
+    where = (
+      "is a file"
+      if existing == storage.resolve(workdir)
+      else f"is inside {existing}, which is a file"
+    )
     sys.exit(
       f"Error: --workdir={workdir} {where}, not a directory; pass a new directory or the "
       "workdir of a run."

@@ -328,6 +328,23 @@ def load_npy(p: str, mmap: bool = False) -> np.ndarray:
   return np.load(resolve(p), mmap_mode="r" if mmap else None)
 
 
+def open_memmap(p: str, mode: str = "r", dtype=None, shape: tuple | None = None) -> np.memmap:
+  """The .npy file `p` as a memory map, for the `npy` layouts filled row by row on a local disk:
+  mode "r" or "r+" opens it, "w+" creates it with `dtype` and `shape`. GCS objects cannot be
+  mapped: a `gs://` path is a StorageError."""
+  source = resolve(p)
+  if is_remote(source):
+    raise StorageError(f"{source}: memory-mapped .npy files need a local disk, not GCS.")
+  if mode == "w+":
+    os.makedirs(os.path.dirname(source), exist_ok=True)
+    return np.lib.format.open_memmap(source, mode="w+", dtype=dtype, shape=shape)
+  return np.load(source, mmap_mode=mode, allow_pickle=False)
+
+
+def getsize(p: str) -> int:
+  return stat(p)[0]
+
+
 def write_npz_streamed(
   p: str, key: str, chunks: Iterable[np.ndarray], shape: tuple, dtype, extra: dict
 ) -> None:
@@ -493,6 +510,26 @@ class AppendLog:
     self.flush()
     if not self._remote:
       self._file.close()
+
+
+def check_writable(p: str) -> None:
+  """One clear error now if file `p` could not be written at the end of a long job: a local
+  folder that is missing or read-only; for GCS, as `check_reachable`."""
+  target = resolve(p)
+  if is_remote(target):
+    check_reachable(target)
+    return
+  folder = os.path.dirname(target)
+  if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    raise StorageError(f"{p}: {folder} is not a writable folder.")
+
+
+def nearest_existing(p: str) -> str:
+  """`p`, or the nearest of its parents that exists."""
+  p = resolve(p)
+  while not exists(p) and parent(p) != p:
+    p = parent(p)
+  return p
 
 
 def check_reachable(p: str) -> None:

@@ -131,6 +131,11 @@ CASES = {
     ["--num_slices=0"],
   ),
   "encode_text": ("dit_jax.tools.encode_text", ["--batch_size=abc"], ["--batch_size=abc"]),
+  "encode_text_format": (
+    "dit_jax.tools.encode_text",
+    ["--captions={tmp}/file", "--out={tmp}/text", "--format=parquet"],
+    ["--format='parquet' is not supported; choose one of ['npy', 'array_record']"],
+  ),
   "launch_local": ("launch.local", ["--num_processes=0"], ["--num_processes=0"]),
   "launch_local_failed_processes": (
     "launch.local",

@@ -222,6 +222,11 @@ def test_errors_name_the_problem(paths, tmp_path):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(ConfigError, match=f"clip_l='{missing}' is not a directory"):
     encode_text.load_encoders({"clip_l": missing})
+  with pytest.raises(ConfigError, match="is on GCS, but the encoders load from a local"):
+    encode_text.load_encoders({"clip_l": "gs://bucket/sd3/text_encoder"})
+  encoders = _load(paths, ("clip_l",))
+  with pytest.raises(ConfigError, match=r"--format='parquet' is not supported"):
+    encode_text.write(CAPTIONS, encoders, str(tmp_path / "out"), format="parquet")
   with pytest.raises(ConfigError, match="lacks the weights"):
     encode_text.load_encoder("clip_l", paths["t5"], CLIP_LEN)
   with pytest.raises(ConfigError, match="clip_max_length <= 16"):

@@ -128,3 +128,79 @@ def test_latents_with_encoded_text_train_and_sample(tmp_path):
   config.sample.prompts = str(tmp_path / "other")
   with pytest.raises(ConfigError, match="encode the prompts with the encoders"):
     runner.sample(config, workdir, overwrite=True)
+
+
+def test_text_beside_latents_in_a_bucket_resumes_trains_and_samples(gcs, tmp_path):
+  """encode_text into a gs:// directory of ArrayRecord latents writes ArrayRecord text shards
+  (the latents' shard size), resumes a killed run to the bytes of an uninterrupted local one,
+  refuses to mix inputs, and an MMDiT trains on the bucket and samples prompts from it."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import _gcs
+  import _tiny_text_encoders as tiny
+
+  from dit_jax import storage
+  from dit_jax.data import records, text
+  from dit_jax.tools import encode_text
+
+  paths = {
+    "clip_l": tiny.save_clip(str(tmp_path / "clip_l"), 32, 16, max_positions=8, seed=0),
+    "t5": tiny.save_t5(str(tmp_path / "t5"), 48, seed=1),
+  }
+  encoders = encode_text.load_encoders(paths, clip_max_length=8, t5_max_length=6)
+  url = gcs.url("t2i")
+  _gcs.write_latents(url, count=16, shard_size=8)
+  captions = [f"caption {i}" for i in range(16)]
+  names = records.shard_names(text.SHARD_KIND, 16, 8)
+  # Killed after 3 batches of 4: the first shard is whole, the second not begun; not complete.
+  encode_text.write(captions, encoders, url, batch_size=4, max_batches=3)
+  assert [n for n in storage.listdir(url) if n.startswith("text-")] == names[:1]
+  assert not storage.isfile(storage.join(url, text.SPEC_FILE))
+  with pytest.raises(ConfigError, match="holds no text embeddings"):
+    text.TextSpec.load(url)
+  encode_text.write(captions, encoders, url, batch_size=4)
+  assert text.stored_layout(url) == text.StoredText(records.FORMAT, 16, 8)
+  local = str(tmp_path / "local")
+  encode_text.write(captions, encoders, local, batch_size=4, format=records.FORMAT, shard_size=8)
+  for name in names:
+    assert storage.read_bytes(storage.join(url, name)) == storage.read_bytes(
+      storage.join(local, name)
+    ), name
+  # The same values as the memory-mapped layout, row by row and gathered.
+  npy = str(tmp_path / "npy")
+  encode_text.write(captions, encoders, npy, batch_size=4)
+  (context, pooled), (want_context, want_pooled) = data.open_text(url), data.open_text(npy)
+  rows = np.array([[15, 0], [8, 7]])
+  np.testing.assert_array_equal(context[rows], np.asarray(want_context)[rows])
+  np.testing.assert_array_equal(pooled[3], want_pooled[3])
+  assert context.shape == want_context.shape and context.dtype == np.float16
+
+  # Other captions into the same shards, or a caption count that is not the latents': refused.
+  with pytest.raises(ConfigError, match="other inputs.*--overwrite"):
+    encode_text.write([f"a {c}" for c in captions], encoders, url, batch_size=4)
+  with pytest.raises(ConfigError, match="15 captions, but --out=.* holds 16 latents"):
+    encode_text.write(captions[:15], encoders, url, batch_size=4)
+  assert storage.read_bytes(storage.join(url, names[1])) == storage.read_bytes(
+    storage.join(local, names[1])
+  )
+  other = [f"a {c}" for c in captions]  # (A suffix would be cut: 8 CLIP tokens.)
+  encode_text.write(
+    other, encoders, local, batch_size=4, format=records.FORMAT, shard_size=8, overwrite=True
+  )
+  assert text.stored_layout(local) == text.StoredText(records.FORMAT, 16, 8)
+  assert storage.read_bytes(storage.join(url, names[0])) != storage.read_bytes(
+    storage.join(local, names[0])
+  )
+  with pytest.raises(ConfigError, match="--format=npy writes memory-mapped files"):
+    encode_text.write(captions, encoders, gcs.url("npy"), format="npy")
+
+  config = tiny_t2i(name="latents", path=url, image_size=8, channels=4, latent_scale=0.18215)
+  workdir = gcs.url("t2i-run")
+  assert np.isfinite(loop.run(config, workdir)["loss"])
+  prompts = gcs.url("prompts")
+  encode_text.write(["a new prompt", "another"], encoders, prompts, dtype="float32")
+  config.sample.prompts = prompts
+  path = runner.sample(config, workdir)
+  samples = storage.load_npz(path)
+  assert samples["latents"].shape == (10, 8, 8, 4) and np.isfinite(samples["latents"]).all()
+  assert list(samples["captions"])[:3] == ["a new prompt", "another", "a new prompt"]

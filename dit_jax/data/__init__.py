@@ -8,6 +8,7 @@ from dit_jax.data.sources import (
   build_source,
   is_pixel_data,
   open_array,
+  open_text,
   text_spec,
   wants_text,
 )
@@ -20,6 +21,7 @@ __all__ = [
   "build_train_iterator",
   "is_pixel_data",
   "open_array",
+  "open_text",
   "real_images",
   "text_spec",
   "wants_text",

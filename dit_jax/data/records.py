@@ -5,6 +5,8 @@ The `array_record` layout of a latents directory (`dit_jax.data.latents`), besid
                                     example, a msgpack map of its arrays ("latent", and as
                                     encoded "latent_std", "latent_flip", "latent_flip_std")
   labels-<i>-of-<n>.npy             int32 class ids of those rows (class-labelled data)
+  text-<i>-of-<n>.array_record      (text-conditioned data) the rows' text embeddings, written by
+                                    encode_text (layout in `dit_jax.data.text`)
 
 Each file is written whole (a temporary file renamed, or one object upload on GCS), labels first,
 so a shard file present is a finished shard. Readers open the shards directly (ArrayRecord reads
@@ -23,7 +25,7 @@ _GROUP_SIZE_1 = "group_size:1"  # One record per chunk: random access reads one 
 
 
 def shard_name(kind: str, index: int, num_shards: int) -> str:
-  ext = "array_record" if kind == "latents" else "npy"
+  ext = "npy" if kind == "labels" else "array_record"
   return f"{kind}-{index:05d}-of-{num_shards:05d}.{ext}"
 
 
@@ -32,7 +34,8 @@ def num_shards(count: int, shard_size: int) -> int:
 
 
 def shard_names(kind: str, count: int, shard_size: int) -> list[str]:
-  """The names of all `kind` ("latents" or "labels") files of `count` rows, in row order."""
+  """The names of all `kind` ("latents", "labels" or "text") files of `count` rows, in row
+  order."""
   n = num_shards(count, shard_size)
   return [shard_name(kind, i, n) for i in range(n)]
 
@@ -106,4 +109,13 @@ class Column:
     return self.shape[0]
 
   def __getitem__(self, index) -> np.ndarray:
-    return self._records.get(int(index))[self._key]
+    """Row `index`, or the rows of a slice or an integer array, stacked in its shape."""
+    if isinstance(index, slice):
+      index = range(*index.indices(len(self)))
+    if np.ndim(index) == 0:
+      return self._records.get(int(index))[self._key]
+    rows = np.asarray(index, np.int64)
+    out = np.empty((*rows.shape, *self.shape[1:]), self.dtype)
+    for at, row in zip(np.ndindex(rows.shape), rows.flat, strict=True):
+      out[at] = self._records.get(int(row))[self._key]
+    return out

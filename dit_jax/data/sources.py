@@ -34,7 +34,6 @@ Pixel sources other than digits resize and crop exactly as ADM (guided-diffusion
 """
 
 import io
-import os
 from typing import Any, Protocol
 
 import ml_collections
@@ -103,7 +102,7 @@ def _not_npy(head: bytes) -> str:
 
 def _npy_problem(path: str) -> str | None:
   """Why `path` is not a whole .npy array of numbers (its header and size say), or None."""
-  with open(path, "rb") as f:
+  with storage.open_read(path) as f:
     head = f.read(len(_NPY_MAGIC) + 26)
     if not head.startswith(_NPY_MAGIC):
       return _not_npy(head)
@@ -119,14 +118,14 @@ def _npy_problem(path: str) -> str | None:
     if dtype.hasobject:
       return "holds Python objects (an array saved with allow_pickle=True), not numbers"
     want = f.tell() + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-  size = os.path.getsize(path)
+  size = storage.getsize(path)
   if size < want:
     return f"is truncated ({size} of the {want} bytes of {dtype} {list(shape)})"
   return None
 
 
 def open_array(path: str, expect: str) -> np.ndarray:
-  """Memory-maps the .npy file `path`.
+  """Memory-maps the .npy file `path` (a `gs://` one is read into memory: keep those small).
 
   Args:
     path: the file.
@@ -138,7 +137,7 @@ def open_array(path: str, expect: str) -> np.ndarray:
   """
   try:
     problem = _npy_problem(path)
-    array = None if problem else np.load(path, mmap_mode="r", allow_pickle=False)
+    array = None if problem else storage.load_npy(path, mmap=True)
   except OSError as e:
     problem = f"cannot be read ({e})"
   except ValueError as e:
@@ -146,6 +145,32 @@ def open_array(path: str, expect: str) -> np.ndarray:
   if problem:
     raise DataError(f"{path!r} {problem}; {expect}")
   return array
+
+
+def open_text(directory: str) -> tuple[Any, Any]:
+  """The text embeddings that dit_jax.tools.encode_text wrote into `directory`: (context
+  [N, L, Dc], pooled [N, Dp]) as memory-mapped .npy arrays, or as columns of its ArrayRecord
+  shards (read a row at a time); `TextSpec.load(directory)` gives their layout.
+
+  Raises:
+    DataError: if they are missing, unfinished or not arrays.
+  """
+  stored = text.stored_layout(directory)
+  if stored.format != records.FORMAT:
+    expect = "expected text embeddings; re-run dit_jax.tools.encode_text into this directory."
+    context = open_array(storage.join(directory, text.CONTEXT_FILE), expect)
+    return context, open_array(storage.join(directory, text.POOLED_FILE), expect)
+  names = records.shard_names(text.SHARD_KIND, stored.count, stored.shard_size)
+  present = set(storage.listdir(directory))
+  missing = [n for n in names if n not in present]
+  if missing:
+    raise DataError(
+      f"{directory!r} lacks {len(missing)} of the {len(names)} text shards that its "
+      f"{text.SPEC_FILE} lists (first: {missing[0]}); re-run dit_jax.tools.encode_text with the "
+      "same arguments to finish them."
+    )
+  rows = records.Records([storage.join(directory, n) for n in names])
+  return records.Column(rows, "context"), records.Column(rows, "pooled")
 
 
 def _element(image: np.ndarray, label: Any) -> dict[str, np.ndarray]:
@@ -301,57 +326,35 @@ class FolderSource:
   """`root/<class>/<image>` files, decoded lazily; labels follow the sorted class names."""
 
   def __init__(self, root: str, image_size: int, channels: int):
-    if storage.is_remote(root):
-      self._init_remote(root, image_size, channels)
-      return
-    if not os.path.isdir(root):
+    """Lists `root` (a local directory or a gs:// prefix) once; images are read when asked for."""
+    remote = storage.is_remote(root)
+    if not remote and not storage.isdir(root):
       raise DataError(
         f"config.data.path={root!r} does not exist or is not a directory; set it to an image "
         "folder with one sub-folder per class."
       )
-    self.classes = sorted(
-      entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
-    )
-    if not self.classes:
-      raise DataError(
-        f"config.data.path={root!r} has no class sub-folders; expected {root}/<class>/<image>."
-      )
-    files, labels = [], []
-    for label, name in enumerate(self.classes):
-      class_files = sorted(
-        os.path.join(directory, filename)
-        for directory, _, filenames in os.walk(os.path.join(root, name))
-        for filename in filenames
-        if filename.lower().endswith(IMAGE_EXTENSIONS)
-      )
-      if not class_files:
-        raise DataError(
-          f"Class folder {os.path.join(root, name)!r} under config.data.path={root!r} has no "
-          f"images with extensions {IMAGE_EXTENSIONS}; add images or remove the folder."
-        )
-      files += class_files
-      labels += [label] * len(class_files)
-    self._files = files
-    self._labels = np.asarray(labels, np.int32)
-    self._size = image_size
-    self._channels = channels
-    self.num_classes = len(self.classes)
-
-  def _init_remote(self, root: str, image_size: int, channels: int) -> None:
-    """The same folder in a bucket (gs://), listed once; images are read as they are asked for."""
-    root = storage.resolve(root)
-    found = [f[len(root) + 1 :] for f in storage.find(root)]
+    base = storage.resolve(root)
     by_class: dict[str, list[str]] = {}
-    for rel in found:
-      name, sep, rest = rel.partition("/")
+    if not remote:  # A local class folder without images is an error, not a missing label.
+      for name in storage.listdir(base):
+        if not name.startswith(".") and storage.isdir(storage.join(base, name)):
+          by_class[name] = []
+    for file in storage.find(base):
+      name, sep, rest = file[len(base) + 1 :].partition("/")
       if sep and not name.startswith(".") and rest.lower().endswith(IMAGE_EXTENSIONS):
-        by_class.setdefault(name, []).append(f"{root}/{rel}")
+        by_class.setdefault(name, []).append(file)
     self.classes = sorted(by_class)
     if not self.classes:
       raise DataError(
         f"config.data.path={root!r} has no class sub-folders with images; expected "
         f"{root}/<class>/<image> with extensions {IMAGE_EXTENSIONS}."
       )
+    for name in self.classes:
+      if not by_class[name]:
+        raise DataError(
+          f"Class folder {storage.join(base, name)!r} under config.data.path={root!r} has no "
+          f"images with extensions {IMAGE_EXTENSIONS}; add images or remove the folder."
+        )
     self._files = [f for name in self.classes for f in sorted(by_class[name])]
     labels = [label for label, name in enumerate(self.classes) for _ in by_class[name]]
     self._labels = np.asarray(labels, np.int32)
@@ -363,8 +366,7 @@ class FolderSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     path = self._files[index]
     try:
-      raw = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
-      with Image.open(raw) as image:
+      with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
         image.load()
         image = image.convert("L" if self._channels == 1 else "RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -405,16 +407,12 @@ class LatentsSource:
         "saying so): latents in a bucket are ArrayRecord shards, which `python -m "
         "dit_jax.tools.encode_latents --out=gs://...` writes."
       )
-    self._latents_path = os.path.join(path, latents.LATENTS_FILE)
-    self.labels_path = labels_path = os.path.join(path, latents.LABELS_FILE)
+    self._latents_path = storage.join(path, latents.LATENTS_FILE)
+    self.labels_path = labels_path = storage.join(path, latents.LABELS_FILE)
     self.text_spec = text_spec
     want_text = text_spec is not None
-    cond_files = (
-      [os.path.join(path, f) for f in (text.CONTEXT_FILE, text.POOLED_FILE)]
-      if want_text
-      else [labels_path]
-    )
-    missing = [p for p in (self._latents_path, *cond_files) if not os.path.isfile(p)]
+    cond_files = [] if want_text else [labels_path]  # (Text is checked as it is opened.)
+    missing = [p for p in (self._latents_path, *cond_files) if not storage.isfile(p)]
     if missing:
       raise DataError(
         f"config.data.path={path!r} does not hold pre-encoded latents: missing {missing}. "
@@ -425,9 +423,9 @@ class LatentsSource:
     self.metadata = meta
     if self.metadata is not None:
       self._check_metadata(scale, vae_path)
-    self.has_std = os.path.isfile(os.path.join(path, latents.STD_FILE))
-    self.has_flip = os.path.isfile(os.path.join(path, latents.FLIP_FILE))
-    if self.has_std and self.has_flip and not os.path.isfile(self._file("latent_flip_std")):
+    self.has_std = storage.isfile(storage.join(path, latents.STD_FILE))
+    self.has_flip = storage.isfile(storage.join(path, latents.FLIP_FILE))
+    if self.has_std and self.has_flip and not storage.isfile(self._file("latent_flip_std")):
       raise DataError(
         f"config.data.path={path!r} has {latents.STD_FILE} and {latents.FLIP_FILE} but no "
         f"{latents.FLIP_STD_FILE}; re-run dit_jax.tools.encode_latents with --flip --std."
@@ -448,19 +446,7 @@ class LatentsSource:
     # encode_latents stores scaled latents; hand-written ones are scaled on read.
     self._scale = np.float32(1.0 if self.metadata is not None else scale)
     if want_text:
-      s = self.text_spec
-      expect = {
-        self._context_path: (shape[0], s.context_len, s.context_dim),
-        self._pooled_path: (shape[0], s.pooled_dim),
-      }
-      for file, array in ((self._context_path, self._context), (self._pooled_path, self._pooled)):
-        if array.shape != expect[file]:
-          raise DataError(
-            f"{file!r} holds {list(array.shape)}; expected {list(expect[file])} to match "
-            f"{self._latents_path!r} and {text.SPEC_FILE}. Re-run dit_jax.tools.encode_text."
-          )
-      self._labels = None
-      self.num_classes = None
+      self._check_text()
       return
     expect = (
       f"expected integer class ids [{shape[0]}] (one per row of {latents.LATENTS_FILE}) in "
@@ -481,21 +467,34 @@ class LatentsSource:
   def _init_records(self, meta, image_size, channels, scale, text_spec, vae_path) -> None:
     """The array_record layout (dit_jax.data.records): shards read on demand, labels in memory."""
     path, self._sharded, self.metadata = self._path, True, meta
-    if text_spec is not None:
-      raise DataError(
-        f"config.data.path={path!r} holds array_record latents, which carry no text embeddings "
-        "yet; encode the latents of a text dataset with --format=npy."
-      )
-    self.text_spec, self._scale, self._context = None, np.float32(1.0), None
+    self.text_spec, self._scale = text_spec, np.float32(1.0)
     self._check_metadata(scale, vae_path)
     self.has_std, self.has_flip = meta.std, meta.flip
     self._latents_path = self.labels_path = path
     self._open()
     self._check_shape(image_size, channels)
+    if text_spec is not None:
+      self._check_text()
+      return
     names = records.shard_names("labels", meta.count, meta.shard_size)
     labels = np.concatenate([storage.load_npy(storage.join(path, n)) for n in names])
     assert labels.shape == (meta.count,), (labels.shape, meta.count)
     self.num_classes, self._labels = int(labels.max()) + 1, labels.astype(np.int32)
+
+  def _check_text(self) -> None:
+    """The text embeddings have one row per latent and the sizes of text_encoders.json."""
+    s, n = self.text_spec, len(self._latents)
+    for what, array, want in (
+      ("context", self._context, (n, s.context_len, s.context_dim)),
+      ("pooled", self._pooled, (n, s.pooled_dim)),
+    ):
+      if tuple(array.shape) != want:
+        raise DataError(
+          f"The text {what} in config.data.path={self._path!r} is {list(array.shape)}; expected "
+          f"{list(want)} to match the {n} latents and {text.SPEC_FILE}. Re-run "
+          "dit_jax.tools.encode_text with the captions of these latents."
+        )
+    self._labels, self.num_classes = None, None
 
   def _check_shape(self, image_size: int, channels: int) -> None:
     got, want = list(self._latents.shape[1:]), [image_size, image_size, channels]
@@ -521,7 +520,7 @@ class LatentsSource:
         "encoded); re-run dit_jax.tools.encode_latents with the same arguments to finish it."
       )
     files = [] if sharded else meta.latent_files()  # (Shards hold every array.)
-    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+    missing = [f for f in files if not storage.isfile(storage.join(path, f))]
     if missing:
       raise DataError(
         f"config.data.path={path!r} lacks {missing}, which its {latents.METADATA_FILE} lists; "
@@ -546,16 +545,8 @@ class LatentsSource:
         f"config.vae.path to the VAE that encoded them ({meta.vae})."
       )
 
-  @property
-  def _context_path(self) -> str:
-    return os.path.join(self._path, text.CONTEXT_FILE)
-
-  @property
-  def _pooled_path(self) -> str:
-    return os.path.join(self._path, text.POOLED_FILE)
-
   def _file(self, key: str) -> str:
-    return os.path.join(self._path, _LATENT_VARIANT_FILES[key])
+    return storage.join(self._path, _LATENT_VARIANT_FILES[key])
 
   def _open(self) -> None:
     if self._sharded:
@@ -566,16 +557,14 @@ class LatentsSource:
       keys = ["latent_std"] * meta.std + ["latent_flip"] * meta.flip
       keys += ["latent_flip_std"] * (meta.std and meta.flip)
       self._extra = {k: records.Column(rec, k) for k in keys}
-      return
-    self._latents = open_array(self._latents_path, _LATENTS_EXPECT)
-    present = {"latent_std": self.has_std, "latent_flip": self.has_flip}
-    present["latent_flip_std"] = self.has_std and self.has_flip
-    expect = f"expected float16 or float32 latents like {latents.LATENTS_FILE}: {_REENCODE}"
-    self._extra = {k: open_array(self._file(k), expect) for k, on in present.items() if on}
+    else:
+      self._latents = open_array(self._latents_path, _LATENTS_EXPECT)
+      present = {"latent_std": self.has_std, "latent_flip": self.has_flip}
+      present["latent_flip_std"] = self.has_std and self.has_flip
+      expect = f"expected float16 or float32 latents like {latents.LATENTS_FILE}: {_REENCODE}"
+      self._extra = {k: open_array(self._file(k), expect) for k, on in present.items() if on}
     if self.text_spec is not None:
-      expect = "expected text embeddings; re-run dit_jax.tools.encode_text into this directory."
-      self._context = open_array(self._context_path, expect)
-      self._pooled = open_array(self._pooled_path, expect)
+      self._context, self._pooled = open_text(self._path)
 
   def __getstate__(self) -> dict[str, Any]:
     # Pickling a memmap copies the whole array into every grain worker; reopen it there instead.

@@ -8,17 +8,20 @@ the empty caption, which stands in for a dropped encoder and is the unconditiona
 classifier-free guidance.
 
 On disk (written by `python -m dit_jax.tools.encode_text`, read by the `latents` source):
-  text_encoders.json   the spec without the arrays (see `TextSpec.save`)
+  text_encoders.json   the spec without the arrays (see `TextSpec.save`), and how the
+                       embeddings are stored (`StoredText`); written last, so its presence marks
+                       them complete
   null_text.npz        context [L, Dc] and pooled [Dp]: the empty caption's encoding
   context.npy          float16 or float32 [N, L, Dc]
   pooled.npy           float16 or float32 [N, Dp]
   captions.txt         the N captions, one per line (for reference and evaluation)
+In the array_record format (for buckets and pods, beside array_record latents), context.npy and
+pooled.npy are ArrayRecord shards instead, `text-<i>-of-<n>.array_record` of `shard_size` rows
+each, one record per caption holding its "context" and "pooled" (`dit_jax.data.records`).
 """
 
 import dataclasses
 import io
-import json
-import os
 
 import numpy as np
 
@@ -30,6 +33,31 @@ NULL_FILE = "null_text.npz"
 CONTEXT_FILE = "context.npy"
 POOLED_FILE = "pooled.npy"
 CAPTIONS_FILE = "captions.txt"
+SHARD_KIND = "text"  # The shards' names: text-<i>-of-<n>.array_record.
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredText:
+  """How the embeddings of a directory are stored: format "npy" (context.npy, pooled.npy) or
+  "array_record" (`count` captions in shards of `shard_size` rows)."""
+
+  format: str = "npy"
+  count: int = 0
+  shard_size: int = 0
+
+
+def stored_layout(directory: str) -> StoredText:
+  """The `StoredText` that text_encoders.json in `directory` records ("npy" if it says none)."""
+  path = storage.join(directory, SPEC_FILE)
+  try:
+    meta = storage.read_json(path)
+    fields = {f.name for f in dataclasses.fields(StoredText)}
+    return StoredText(**{k: v for k, v in meta.get("storage", {}).items() if k in fields})
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    raise ConfigError(
+      f"{path!r} cannot be read ({type(e).__name__}: {e}); rewrite the text embeddings with "
+      "`python -m dit_jax.tools.encode_text`."
+    ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,38 +105,36 @@ class TextSpec:
             f"Text encoder {slot.name!r} has a range {(lo, hi)} outside [0, {size}]."
           )
 
-  def save(self, directory: str) -> None:
-    """Writes text_encoders.json and null_text.npz into `directory`."""
-    os.makedirs(directory, exist_ok=True)
+  def save(self, directory: str, stored: StoredText = StoredText()) -> None:
+    """Writes null_text.npz, then text_encoders.json (with `stored`), into `directory`."""
+    storage.save_npz(
+      storage.join(directory, NULL_FILE),
+      context=self.null_context.astype(np.float32),
+      pooled=self.null_pooled.astype(np.float32),
+    )
     meta = {
       "context_len": self.context_len,
       "context_dim": self.context_dim,
       "pooled_dim": self.pooled_dim,
       "encoders": [dataclasses.asdict(slot) for slot in self.encoders],
+      "storage": dataclasses.asdict(stored),
     }
-    with open(os.path.join(directory, SPEC_FILE), "w") as f:
-      json.dump(meta, f, indent=2)
-    np.savez(
-      os.path.join(directory, NULL_FILE),
-      context=self.null_context.astype(np.float32),
-      pooled=self.null_pooled.astype(np.float32),
-    )
+    storage.write_json(storage.join(directory, SPEC_FILE), meta)
 
   @classmethod
   def load(cls, directory: str) -> "TextSpec":
     """Reads a spec written by `save`; a clear error if the files are missing or malformed."""
-    spec_path, null_path = (os.path.join(directory, f) for f in (SPEC_FILE, NULL_FILE))
-    missing = [p for p in (spec_path, null_path) if not os.path.isfile(p)]
+    spec_path, null_path = (storage.join(directory, f) for f in (SPEC_FILE, NULL_FILE))
+    missing = [p for p in (spec_path, null_path) if not storage.isfile(p)]
     if missing:
       raise ConfigError(
         f"{directory!r} holds no text embeddings: missing {missing}. Write them with "
         "`python -m dit_jax.tools.encode_text --captions=... --out=DIR`."
       )
     try:
-      with open(spec_path) as f:
-        meta = json.load(f)
-      with np.load(null_path) as null:
-        null_context, null_pooled = null["context"], null["pooled"]
+      meta = storage.read_json(spec_path)
+      null = storage.load_npz(null_path)
+      null_context, null_pooled = null["context"], null["pooled"]
       encoders = tuple(
         EncoderSlot(
           name=str(e["name"]),

@@ -13,6 +13,7 @@ Regenerate the shipped weights (one to two minutes on 2 CPU cores; same --seed, 
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ import numpy as np
 import optax
 from absl import logging
 from flax import traverse_util
+
+from dit_jax import storage
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
@@ -180,15 +183,15 @@ def load_classifier(path: str | None = None) -> DigitsClassifier:
     The classifier, with the npz's metadata in `.metadata`.
   """
   path = path or ASSET_PATH
-  if not os.path.exists(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(
       f"Digits classifier weights not found at {path}. Regenerate them with: {REGENERATE_COMMAND}"
     )
-  with np.load(path, allow_pickle=False) as data:
-    flat = {k[len(_PARAM_PREFIX) :]: data[k] for k in data.files if k.startswith(_PARAM_PREFIX)}
-    metadata = {
-      k[len(_META_PREFIX) :]: data[k].item() for k in data.files if k.startswith(_META_PREFIX)
-    }
+  data = storage.load_npz(path)
+  flat = {k[len(_PARAM_PREFIX) :]: v for k, v in data.items() if k.startswith(_PARAM_PREFIX)}
+  metadata = {
+    k[len(_META_PREFIX) :]: v.item() for k, v in data.items() if k.startswith(_META_PREFIX)
+  }
   version = metadata.get("format_version")
   if version != FORMAT_VERSION:
     raise ValueError(
@@ -205,11 +208,9 @@ def save_classifier(classifier: DigitsClassifier, path: str) -> None:
   arrays = {_PARAM_PREFIX + k: np.asarray(v, np.float32) for k, v in flat.items()}
   meta = dict(classifier.metadata, format_version=FORMAT_VERSION)
   arrays.update({_META_PREFIX + k: np.asarray(v) for k, v in meta.items()})
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  # Write to a temporary name first so that an interrupted run never leaves a truncated asset.
-  tmp = path + ".tmp.npz"
-  np.savez_compressed(tmp, **arrays)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **arrays)
+  storage.write_bytes(path, buffer.getvalue())  # Atomic: never a truncated asset.
 
 
 def load_real_digits(
@@ -430,7 +431,7 @@ def _main(argv: list[str]) -> None:
   print(
     f"validation accuracy {meta['val_accuracy']:.4f} (16px), {meta['val_accuracy_32']:.4f} "
     f"(32px); train accuracy {meta['train_accuracy']:.4f}; trained in "
-    f"{meta['train_time_s']:.1f} s; wrote {_FLAGS.out} ({os.path.getsize(_FLAGS.out)} bytes)"
+    f"{meta['train_time_s']:.1f} s; wrote {_FLAGS.out} ({storage.getsize(_FLAGS.out)} bytes)"
   )
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 
@@ -436,10 +435,11 @@ def main(argv) -> None:
     raise ConfigError(f"Pass --inception=PATH, the weights of the FID Inception: {WEIGHTS_HELP}.")
   if args.batch_size < 1:
     raise ConfigError(f"--batch_size={args.batch_size} must be at least 1.")
-  if args.out and not storage.is_remote(args.out):
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-      raise ConfigError(f"--out={args.out}: {out_dir} is not a writable folder.")
+  if args.out:
+    try:
+      storage.check_writable(args.out)
+    except storage.StorageError as e:
+      raise ConfigError(f"--out={e}") from None
   # Check both inputs before the network is built.
   reference_keys = npz_keys(args.reference)
   if IMAGES_KEY in reference_keys:

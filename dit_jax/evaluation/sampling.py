@@ -84,8 +84,8 @@ def _read_prompts(path: str) -> list[str]:
 def text_conditions(config: ml_collections.ConfigDict, num: int) -> Conditions:
   """Text conditioning for `num` images: prompts cycled in order, and their captions.
 
-  `config.sample.prompts` is a directory written by dit_jax.tools.encode_text (context.npy,
-  pooled.npy, captions.txt), or a text file of prompts that the built-in encoder of the `shapes`
+  `config.sample.prompts` is a directory written by dit_jax.tools.encode_text (on a local disk
+  or gs://), or a text file of prompts that the built-in encoder of the `shapes`
   data can encode; `config.sample.prompt_text` gives such prompts in the config ("|"-separated);
   neither: the held-out captions of `shapes`, or the data's own captions.
   """
@@ -105,9 +105,7 @@ def text_conditions(config: ml_collections.ConfigDict, num: int) -> Conditions:
         f"pooled_dim)={got_sizes}, but the model takes {want_sizes}; encode the prompts with "
         "the encoders and max lengths used for the training data."
       )
-    expect = "expected encoded prompts; write them with dit_jax.tools.encode_text."
-    context = data.open_array(storage.join(directory, text.CONTEXT_FILE), expect)
-    pooled = data.open_array(storage.join(directory, text.POOLED_FILE), expect)
+    context, pooled = data.open_text(directory)
     captions_path = storage.join(directory, text.CAPTIONS_FILE)
     captions = text.read_captions(captions_path) if storage.isfile(captions_path) else None
     index = np.arange(num) % len(pooled)

@@ -32,7 +32,6 @@ everywhere) and only process 0 writes.
 """
 
 import dataclasses
-import os
 import sys
 import time
 from concurrent import futures
@@ -106,7 +105,7 @@ def pixel_config(
     raise ConfigError("--source=folder needs --source_path=<image folder with class sub-folders>.")
   pixel = config.copy_and_resolve_references()
   pixel.data.name = name
-  pixel.data.path = os.path.abspath(path) if path else ""
+  pixel.data.path = storage.resolve(path) if path else ""
   pixel.data.image_size = image_size
   # Digits are grayscale only; they are repeated over the channels of an RGB encoder.
   pixel.data.channels = 1 if name == "digits" else vae_config.in_channels
@@ -131,16 +130,16 @@ def _prepare(out: str, meta: latents.LatentsMetadata) -> int:
     latents.FLIP_STD_FILE,
     latents.LABELS_FILE,
   )
-  present = [f for f in ours if os.path.exists(os.path.join(out, f))]
+  present = [f for f in ours if storage.exists(storage.join(out, f))]
   old = latents.LatentsMetadata.load(out)
   if old is None:
-    if present or os.path.exists(os.path.join(out, latents.PROGRESS_FILE)):
+    if present or storage.exists(storage.join(out, latents.PROGRESS_FILE)):
       raise ConfigError(
         f"--out={out!r} holds {present or [latents.PROGRESS_FILE]} but no "
         f"{latents.METADATA_FILE}, so they were not written by encode_latents; choose a new "
         "directory for --out."
       )
-    os.makedirs(out, exist_ok=True)
+    storage.makedirs(out)
     meta.save(out)  # First: from here on a rerun knows which arguments these files belong to.
   elif old != meta:
     raise ConfigError(
@@ -160,18 +159,18 @@ def _prepare(out: str, meta: latents.LatentsMetadata) -> int:
   if rows == 0:
     for name in files:
       is_labels = name == latents.LABELS_FILE
-      np.lib.format.open_memmap(
-        os.path.join(out, name),
-        mode="w+",
-        dtype=np.int32 if is_labels else meta.dtype,
-        shape=shape[:1] if is_labels else shape,
+      storage.open_memmap(
+        storage.join(out, name),
+        "w+",
+        np.int32 if is_labels else meta.dtype,
+        shape[:1] if is_labels else shape,
       )
     return 0
   for name in files:
-    path = os.path.join(out, name)
+    path = storage.join(out, name)
     want = shape[:1] if name == latents.LABELS_FILE else shape
     try:
-      ok = np.load(path, mmap_mode="r").shape == want
+      ok = storage.open_memmap(path).shape == want
     except (OSError, ValueError):
       ok = False
     if not ok:
@@ -330,7 +329,7 @@ def encode_latents(
   arrays, shard = {}, {}  # The memory maps (npy); the rows of the shard being filled.
   if writer and not sharded:
     names = [*meta.latent_files(), *([latents.LABELS_FILE] if meta.has_labels else [])]
-    arrays = {n: np.load(os.path.join(out, n), mmap_mode="r+") for n in names}
+    arrays = {n: storage.open_memmap(storage.join(out, n), "r+") for n in names}
 
   def read(begin: int) -> tuple[np.ndarray, np.ndarray | None]:
     elements = list(pool.map(lambda i: src[i], range(begin, min(begin + batch_size, count))))

@@ -21,7 +21,8 @@ need not fit in memory as embeddings.
 """
 
 import dataclasses
-import os
+import hashlib
+import json
 import re
 import sys
 from collections.abc import Sequence
@@ -30,8 +31,8 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-from dit_jax import cli
-from dit_jax.data import text
+from dit_jax import cli, storage
+from dit_jax.data import latents, records, text
 from dit_jax.errors import ConfigError
 
 ENCODER_NAMES = ("clip_l", "clip_g", "t5")
@@ -88,13 +89,12 @@ def _import_torch():
 def _tokenizer_dir(name: str, path: str) -> str:
   """`path` if it holds a tokenizer, else the sibling tokenizer[_N] of a diffusers
   text_encoder[_N] folder (SD3's checkpoints keep them apart)."""
-  if any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+  if any(storage.isfile(storage.join(path, f)) for f in _TOKENIZER_FILES):
     return path
-  parent, base = os.path.split(os.path.normpath(path))
-  match = re.fullmatch(r"text_encoder(_\d+)?", base)
+  match = re.fullmatch(r"text_encoder(_\d+)?", storage.basename(storage.resolve(path)))
   if match:
-    sibling = os.path.join(parent, "tokenizer" + (match.group(1) or ""))
-    if os.path.isdir(sibling):
+    sibling = storage.join(storage.parent(path), "tokenizer" + (match.group(1) or ""))
+    if storage.isdir(sibling):
       return sibling
   raise ConfigError(
     f"{name}={path!r} holds no tokenizer (none of {list(_TOKENIZER_FILES)}); save the encoder's "
@@ -121,7 +121,12 @@ def load_encoder(
   _check_choice(name, ENCODER_NAMES, "text encoder")
   _check_choice(compute_dtype, COMPUTE_DTYPES, "compute_dtype")
   torch, transformers = _import_torch()
-  if not os.path.isdir(path):
+  if storage.is_remote(path):
+    raise ConfigError(
+      f"{name}={path!r} is on GCS, but the encoders load from a local directory; copy it first "
+      f"(gcloud storage cp -r {path} .) and pass the copy."
+    )
+  if not storage.isdir(path):
     raise ConfigError(
       f"{name}={path!r} is not a directory; pass a local directory holding the saved encoder "
       "and its tokenizer (nothing is downloaded)."
@@ -289,66 +294,193 @@ def count_truncated(captions: Sequence[str], encoders: dict[str, TextEncoder]) -
   return counts
 
 
+FORMATS = ("npy", records.FORMAT)
+JOB_FILE = "text_job.json"  # array_record: what the shards there were encoded from.
+DEFAULT_SHARD_SIZE = 10_000
+
+
+def _stored(x: np.ndarray, dtype: str, start: int, rows: int) -> np.ndarray:
+  stored = x.astype(dtype)
+  if not np.isfinite(stored).all():
+    fix = "--dtype=float32" if np.isfinite(x).all() else "--compute_dtype=float32"
+    raise ConfigError(
+      f"Captions {start}..{start + rows - 1} encode to non-finite values in {dtype} storage; "
+      f"rerun with {fix}."
+    )
+  return stored
+
+
+def _choose_layout(out: str, count: int, format: str, shard_size: int, batch_size: int):
+  """(format, shard_size) for `out`: array_record for a gs:// `out` or one that holds
+  array_record latents (whose shard size the text then takes), else npy."""
+  beside = latents.LatentsMetadata.load(out) if storage.isdir(out) else None
+  if beside is not None and beside.count != count:
+    raise ConfigError(
+      f"--captions has {count} captions, but --out={out} holds {beside.count} latents; give one "
+      "caption per latent, in the latents' order."
+    )
+  sharded_latents = beside is not None and beside.format == records.FORMAT
+  format = format or (records.FORMAT if storage.is_remote(out) or sharded_latents else "npy")
+  _check_choice(format, FORMATS, "--format")
+  if format == "npy" and storage.is_remote(out):
+    raise ConfigError(
+      f"--format=npy writes memory-mapped files, which --out={out} on GCS cannot hold; use "
+      "--format=array_record (the default for gs://)."
+    )
+  if format != records.FORMAT:
+    return format, 0
+  if shard_size < 0:
+    raise ConfigError(f"--shard_size={shard_size} must be positive (0: the default).")
+  shard_size = shard_size or (beside.shard_size if sharded_latents else DEFAULT_SHARD_SIZE)
+  return format, -(-shard_size // batch_size) * batch_size  # Whole batches per shard.
+
+
+def _resume_shards(out: str, job: dict, overwrite: bool) -> int:
+  """Rows already encoded in `out` by the same job (`job`: what they depend on), after the
+  unbroken run of whole shards from the first; starts the job's bookkeeping if there is none."""
+  job_path = storage.join(out, JOB_FILE)
+  names = records.shard_names(text.SHARD_KIND, job["count"], job["shard_size"])
+  present = set(storage.listdir(out))
+  old = storage.read_json(job_path) if storage.isfile(job_path) else None
+  ours = sorted(n for n in present if n.startswith(text.SHARD_KIND + "-"))
+  if old != job and (old is not None or ours):
+    if not overwrite:
+      diff = "; ".join(
+        f"{k}={(old or {}).get(k)!r} there, {job[k]!r} here"
+        for k in job
+        if (old or {}).get(k) != job[k]
+      )
+      raise ConfigError(
+        f"--out={out} holds text shards encoded from other inputs ({diff or 'no ' + JOB_FILE}); "
+        "rerun with the same captions, encoders and flags to resume, or pass --overwrite to "
+        "encode them anew."
+      )
+    logging.warning("Removing the text shards in %s (--overwrite).", out)
+    for name in [*ours, JOB_FILE]:
+      storage.remove(storage.join(out, name))
+    present = set()
+  if old != job or not storage.isfile(job_path):
+    storage.write_json(job_path, job)
+  done = 0
+  while done < len(names) and names[done] in present:
+    done += 1
+  return min(done * job["shard_size"], job["count"])
+
+
 def write(
   captions: Sequence[str],
   encoders: dict[str, TextEncoder],
   out: str,
   batch_size: int = 64,
   dtype: str = "float16",
+  *,
+  format: str = "",
+  shard_size: int = 0,
+  overwrite: bool = False,
+  max_batches: int | None = None,
 ) -> tuple[text.TextSpec, dict[str, int]]:
-  """Encodes `captions` batch by batch into `out` (format of `dit_jax.data.text`).
+  """Encodes `captions` batch by batch into `out` (format of `dit_jax.data.text`), a local
+  directory or a gs:// one.
+
+  The npy format fills context.npy and pooled.npy through memory maps (a local disk), rewritten
+  on every run. The array_record format writes shards of `shard_size` captions, each whole once
+  finished, so a rerun of a killed job resumes after its last whole shard and writes the same
+  bytes. text_encoders.json comes last: until it is there, the embeddings are not complete.
+
+  Args:
+    captions: caption i is the text of example i of the latents in `out`.
+    encoders: from `load_encoders`.
+    out: the output directory (the latents' directory).
+    batch_size: captions per forward pass.
+    dtype: storage dtype, one of DTYPES.
+    format: "npy" or "array_record"; "" = array_record for a gs:// `out` or beside array_record
+      latents, else npy.
+    shard_size: captions per shard (array_record; rounded up to whole batches); 0 = the shard
+      size of the latents beside, else DEFAULT_SHARD_SIZE.
+    overwrite: replace the shards of another job instead of refusing to.
+    max_batches: stop after this many batches (a test hook that simulates a kill).
 
   Returns:
-    The spec written, and how many captions each encoder truncated.
+    The spec written, and how many captions each encoder truncated in this run.
 
   Raises:
-    ConfigError: for a bad dtype or batch size, or embeddings that are not finite (in float32,
+    ConfigError: for a bad dtype, format or batch size, captions that do not match the latents
+      in `out`, shards there from other inputs, or embeddings that are not finite (in float32,
       or only after casting to float16).
   """
   _check_choice(dtype, DTYPES, "dtype")
   if batch_size < 1:
     raise ConfigError(f"batch_size={batch_size} must be at least 1.")
+  n = len(captions)
+  format, shard_size = _choose_layout(out, n, format, shard_size, batch_size)
   from tqdm import tqdm
 
   spec = text_spec(encoders)
-  os.makedirs(out, exist_ok=True)
-  # The spec is written last: until then a crashed or running job does not look complete.
+  storage.makedirs(out)
+  sharded = format == records.FORMAT
+  start = 0
+  if sharded:
+    job = {
+      "count": n,
+      "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
+      "shard_size": shard_size,
+      "batch_size": batch_size,
+      "dtype": dtype,
+      "layout": [dataclasses.asdict(slot) for slot in spec.encoders],
+      # The empty caption's encoding stands for the encoders' weights and compute dtype.
+      "null_sha256": hashlib.sha256(
+        spec.null_context.tobytes() + spec.null_pooled.tobytes()
+      ).hexdigest(),
+    }
+    start = _resume_shards(out, json.loads(json.dumps(job)), overwrite)  # (As it reads back.)
+  spec_path = storage.join(out, text.SPEC_FILE)
+  stored = text.StoredText(format, n if sharded else 0, shard_size)
+  if start >= n and storage.isfile(spec_path) and text.stored_layout(out) == stored:
+    logging.info("%s holds all %d text embeddings already; nothing to do.", out, n)
+    return spec, dict.fromkeys(encoders, 0)
+  # Until the spec is written again, a crashed or running job does not look complete.
   for stale in (text.SPEC_FILE, text.NULL_FILE):
-    if os.path.exists(os.path.join(out, stale)):
-      os.remove(os.path.join(out, stale))
-  n = len(captions)
-  context = np.lib.format.open_memmap(
-    os.path.join(out, text.CONTEXT_FILE),
-    mode="w+",
-    dtype=dtype,
-    shape=(n, spec.context_len, spec.context_dim),
-  )
-  pooled = np.lib.format.open_memmap(
-    os.path.join(out, text.POOLED_FILE), mode="w+", dtype=dtype, shape=(n, spec.pooled_dim)
-  )
+    storage.remove(storage.join(out, stale))
+  if not sharded:
+    context = storage.open_memmap(
+      storage.join(out, text.CONTEXT_FILE), "w+", dtype, (n, spec.context_len, spec.context_dim)
+    )
+    pooled = storage.open_memmap(
+      storage.join(out, text.POOLED_FILE), "w+", dtype, (n, spec.pooled_dim)
+    )
+  num_shards = records.num_shards(n, shard_size) if sharded else 0
+  shard = {"context": [], "pooled": []}
   truncated = dict.fromkeys(encoders, 0)
-  with tqdm(total=n, desc="encode_text", unit="caption", dynamic_ncols=True) as bar:
-    for start in range(0, n, batch_size):
-      batch = captions[start : start + batch_size]
+  with tqdm(total=n, initial=start, desc="encode_text", unit="caption", dynamic_ncols=True) as bar:
+    for batches, begin in enumerate(range(start, n, batch_size)):
+      if max_batches is not None and batches >= max_batches:
+        logging.info("Stopping after %d batches (max_batches); %d of %d done.", batches, begin, n)
+        return spec, truncated
+      batch = captions[begin : begin + batch_size]
       c, p = encode(batch, encoders)
       for name, count in count_truncated(batch, encoders).items():
         truncated[name] += count
-      for x, target in ((c, context), (p, pooled)):
-        stored = x.astype(dtype)
-        if not np.isfinite(stored).all():
-          fix = "--dtype=float32" if np.isfinite(x).all() else "--compute_dtype=float32"
-          raise ConfigError(
-            f"Captions {start}..{start + len(batch) - 1} encode to non-finite values in {dtype} "
-            f"storage; rerun with {fix}."
-          )
-        target[start : start + len(batch)] = stored
+      c, p = _stored(c, dtype, begin, len(batch)), _stored(p, dtype, begin, len(batch))
+      end = begin + len(batch)
+      if sharded:
+        shard["context"].append(c)
+        shard["pooled"].append(p)
+        if end % shard_size == 0 or end == n:
+          name = records.shard_name(text.SHARD_KIND, (end - 1) // shard_size, num_shards)
+          rows = {k: np.concatenate(v) for k, v in shard.items()}
+          records.write_shard(storage.join(out, name), rows)
+          shard = {"context": [], "pooled": []}
+      else:
+        context[begin:end], pooled[begin:end] = c, p
       bar.update(len(batch))
-  context.flush()
-  pooled.flush()
-  del context, pooled
-  with open(os.path.join(out, text.CAPTIONS_FILE), "w", encoding="utf-8") as f:
-    f.writelines(caption + "\n" for caption in captions)
-  spec.save(out)
+  if not sharded:
+    context.flush()
+    pooled.flush()
+    del context, pooled
+  storage.write_text(
+    storage.join(out, text.CAPTIONS_FILE), "".join(caption + "\n" for caption in captions)
+  )
+  spec.save(out, stored)
   return spec, truncated
 
 
@@ -366,6 +498,11 @@ def _define_flags() -> None:
   flags.DEFINE_enum("dtype", "float16", DTYPES, "Storage dtype of context and pooled.")
   flags.DEFINE_enum("compute_dtype", "float32", COMPUTE_DTYPES, "Dtype the encoders run in.")
   flags.DEFINE_string("device", "cpu", "torch device: cpu, cuda or cuda:N.")
+  flags.DEFINE_string(
+    "format", "", "npy | array_record (shards; default on gs:// and beside array_record latents)."
+  )
+  flags.DEFINE_integer("shard_size", 0, "Captions per array_record shard (0: the latents').")
+  flags.DEFINE_bool("overwrite", False, "Replace text shards encoded from other inputs.")
   flags.mark_flags_as_required(["captions", "out"])
 
 
@@ -374,6 +511,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
+    if f.format:  # Before the encoders load: a bad flag is reported at once.
+      _check_choice(f.format, FORMATS, "--format")
     captions = text.read_captions(f.captions)
     encoders = load_encoders(
       {"clip_l": f.clip_l, "clip_g": f.clip_g, "t5": f.t5},
@@ -382,7 +521,16 @@ def main(argv):
       f.device,
       f.compute_dtype,
     )
-    spec, truncated = write(captions, encoders, f.out, f.batch_size, f.dtype)
+    spec, truncated = write(
+      captions,
+      encoders,
+      f.out,
+      f.batch_size,
+      f.dtype,
+      format=f.format,
+      shard_size=f.shard_size,
+      overwrite=f.overwrite,
+    )
   except ConfigError as e:
     sys.exit(f"Error: {e}")
   n = len(captions)
