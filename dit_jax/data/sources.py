@@ -23,7 +23,9 @@ Names:
                  labels.npy   integer [N], class ids in 0..K-1, and/or
                  the text embeddings written by `python -m dit_jax.tools.encode_text`
                  (context.npy, pooled.npy, text_encoders.json, null_text.npz; dit_jax.data.text).
-               All are plain `np.save` files, memory-mapped, not loaded. With the latents.json of
+               All are plain `np.save` files, memory-mapped, not loaded; in a bucket (and with
+               encode_latents --format=array_record) they are ArrayRecord shards read a record at
+               a time (dit_jax.data.records), the text ones too. With the latents.json of
                `python -m dit_jax.tools.encode_latents` (layout in dit_jax.data.latents) they are
                already scaled and config.data.latent_scale must equal its scaling_factor; the
                posterior std and the flipped images' latents it may write are drawn from by the

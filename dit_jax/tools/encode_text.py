@@ -17,7 +17,11 @@ width, then T5's last hidden state over t5_max_length tokens in the rows after; 
 then CLIP-G's projected end-of-text embedding. Writes context.npy, pooled.npy, captions.txt,
 text_encoders.json and null_text.npz (the empty caption's encoding) into --out, in the format of
 `dit_jax.data.text`; the arrays are filled batch by batch through memory maps, so the captions
-need not fit in memory as embeddings.
+need not fit in memory as embeddings. Into a gs:// --out, or beside ArrayRecord latents, it writes
+ArrayRecord shards instead (--format=array_record, of the latents' --shard_size), each whole once
+finished, so a killed run rerun with the same arguments resumes after its last whole shard and
+writes the same bytes; text_job.json records what they were encoded from, and a rerun with other
+captions or encoders is refused unless --overwrite.
 """
 
 import dataclasses
