@@ -46,7 +46,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import cli, conditioning, parallel, utils
+from dit_jax import cli, conditioning, parallel, storage, utils
 from dit_jax.config_defaults import base_config
 from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
@@ -496,6 +496,7 @@ def main(argv):
   del argv
   try:
     _check_flag_combinations()
+    storage.check_reachable(_VAE.value or "", _INCEPTION.value or "")
   except ConfigError as e:
     sys.exit(f"Error: {e}")
   if _VAE.value or _INCEPTION.value:
@@ -505,6 +506,10 @@ def main(argv):
       sys.exit(f"Error: {e}")
     return
   config = _CONFIG.value
+  try:
+    cli.check_config_paths(config)
+  except ConfigError as e:
+    sys.exit(f"Error: {e}")
   if _INPUT.value or _LOOP.value:
     _main_input(config) if _INPUT.value else _main_loop(config)
     return

@@ -35,6 +35,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections.config_flags.config_flags import is_config_flag
 
+from dit_jax import storage
 from dit_jax.errors import ConfigError
 
 _CONTRACT = "(README: Config contract)"
@@ -243,3 +244,30 @@ def workdir_error(error: OSError, workdir: str) -> str | None:
 
 def _fail(message: str) -> NoReturn:
   sys.exit(f"Error: {message}")
+
+
+# The fields of a config that name files or directories (local, or gs:// URLs).
+CONFIG_PATH_FIELDS = (
+  "data.path",
+  "vae.path",
+  "train.init_from",
+  "sample.prompts",
+  "sample.classifier.workdir",
+  "sample.guide.workdir",
+  "eval.reference",
+  "eval.inception_weights",
+)
+
+
+def check_config_paths(config: ml_collections.ConfigDict) -> None:
+  """One clear error now, not a minute of retries later, for a gs:// path of the config whose
+  service or bucket cannot be reached (or without the gcs extra)."""
+  for field in CONFIG_PATH_FIELDS:
+    value = config
+    for part in field.split("."):
+      value = value.get(part, "") if hasattr(value, "get") else ""
+    if storage.is_remote(str(value)):
+      try:
+        storage.check_reachable(str(value))
+      except ConfigError as e:
+        raise ConfigError(f"config.{field}: {e}") from None

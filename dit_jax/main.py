@@ -40,32 +40,6 @@ flags.mark_flags_as_required(["workdir"])
 
 
 # Config fields that name files or workdirs: local paths or gs:// URLs.
-_PATH_FIELDS = (
-  "data.path",
-  "vae.path",
-  "train.init_from",
-  "sample.prompts",
-  "sample.classifier.workdir",
-  "sample.guide.workdir",
-  "eval.reference",
-  "eval.inception_weights",
-)
-
-
-def _check_config_paths(config) -> None:
-  """One clear error now, not a minute of retries later, for a gs:// path of the config whose
-  service or bucket cannot be reached (or without the gcs extra)."""
-  for field in _PATH_FIELDS:
-    value = config
-    for part in field.split("."):
-      value = value.get(part, "") if hasattr(value, "get") else ""
-    if storage.is_remote(str(value)):
-      try:
-        storage.check_reachable(str(value))
-      except ConfigError as e:
-        raise ConfigError(f"config.{field}: {e}") from None
-
-
 def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
@@ -77,7 +51,7 @@ def main(argv):
       )
     storage.check_reachable(workdir)
     if config is not None:
-      _check_config_paths(config)
+      cli.check_config_paths(config)
   except ConfigError as e:
     sys.exit(f"Error: {e}")
   existing = "" if storage.is_remote(workdir) else storage.nearest_existing(workdir)
@@ -105,7 +79,7 @@ def main(argv):
       from dit_jax.evaluation import runner
 
       config = runner.run_config(workdir, config)
-      _check_config_paths(config)
+      cli.check_config_paths(config)
     if jax.process_index() == 0:
       logging.info("Config:\n%s", config)
     if _MODE.value == "train":

@@ -532,9 +532,16 @@ def nearest_existing(p: str) -> str:
   return p
 
 
-def check_reachable(p: str) -> None:
-  """For a `gs://` path: one clear error now if the service cannot be reached or the bucket does
-  not exist, instead of a minute of retries and a traceback later. Nothing to do for local paths."""
+def check_reachable(*paths: str) -> None:
+  """For each `gs://` path: one clear error now if the service cannot be reached or the bucket
+  does not exist, instead of a minute of retries and a traceback later. Nothing to do for local
+  paths and empty ones (flags left unset)."""
+  for p in paths:
+    if p:
+      _check_reachable(p)
+
+
+def _check_reachable(p: str) -> None:
   p = resolve(p)
   if not is_remote(p):
     return

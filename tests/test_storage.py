@@ -164,6 +164,36 @@ def test_gs_workdir_errors(gcs, tmp_path):
   _cli.assert_clear_error(proc, "needs the gcs extra", "pip install 'dit_jax[gcs]'")
 
 
+_QS = os.path.join(_cli.REPO, "configs", "quickstart.py")
+_TOOLS_WITH_A_MISSING_BUCKET = {
+  "dit_jax.tools.encode_text": ["--captions=c.txt", "--out=gs://nobucket/text"],
+  "dit_jax.tools.encode_latents": [f"--config={_QS}", "--vae=gs://nobucket/vae", "--out=lat"],
+  "dit_jax.tools.posthoc_ema": ["--workdir=gs://nobucket/run", "--out=ema", "--std=0.05"],
+  "dit_jax.tools.import_dit": [f"--config={_QS}", "--checkpoint=gs://nobucket/a.pt", "--workdir=w"],
+  "dit_jax.tools.import_sd3": [f"--config={_QS}", "--transformer=gs://nobucket/t", "--workdir=w"],
+  "dit_jax.evaluation.fid": ["--samples=gs://nobucket/s.npz", "--reference=r.npz", "--inception=i"],
+  "dit_jax.benchmark": [f"--config={_QS}", "--input", "--config.data.path=gs://nobucket/lat"],
+}
+
+
+@pytest.mark.multiprocess
+def test_tools_name_a_bucket_that_does_not_exist(gcs, tmp_path):
+  """Every tool that takes a path checks its gs:// ones first: one line naming the bucket, no
+  traceback, nothing written."""
+  import concurrent.futures
+
+  def start(module):
+    return _cli.run(*_TOOLS_WITH_A_MISSING_BUCKET[module], module=module, cwd=str(tmp_path))
+
+  modules = list(_TOOLS_WITH_A_MISSING_BUCKET)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    runs = list(pool.map(start, modules))
+  for module, proc in zip(modules, runs, strict=True):
+    assert "Traceback" not in proc.output, (module, proc.output[-2000:])
+    _cli.assert_clear_error(proc, "bucket gs://nobucket does not exist")
+  assert os.listdir(tmp_path) == [], "a tool wrote into its current directory"
+
+
 def _tree_equal(a, b) -> None:
   leaves_a, tree_a = jax.tree.flatten(jax.device_get(a))
   leaves_b, tree_b = jax.tree.flatten(jax.device_get(b))

@@ -431,6 +431,7 @@ def _define_flags() -> None:
 def main(argv) -> None:
   del argv
   args = flags.FLAGS
+  storage.check_reachable(args.samples, args.reference, args.inception)
   if not args.inception:
     raise ConfigError(f"Pass --inception=PATH, the weights of the FID Inception: {WEIGHTS_HELP}.")
   if args.batch_size < 1:

@@ -466,6 +466,8 @@ def main(argv):
   try:
     from dit_jax.parallel import distributed
 
+    storage.check_reachable(f.out, f.vae, f.source_path)
+    cli.check_config_paths(f.config)
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     meta = encode_latents(
       f.config,

@@ -515,6 +515,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   try:
+    storage.check_reachable(f.out, f.captions)
     if f.format:  # Before the encoders load: a bad flag is reported at once.
       _check_choice(f.format, FORMATS, "--format")
     captions = text.read_captions(f.captions)

@@ -71,6 +71,7 @@ def main(argv):
   del argv
   utils.quiet_library_logs()
   try:
+    storage.check_reachable(flags.FLAGS.checkpoint, flags.FLAGS.workdir)
     import_dit(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.workdir)
   except ConfigError as e:
     sys.exit(f"Error: {e}")

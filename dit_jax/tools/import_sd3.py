@@ -111,6 +111,7 @@ def main(argv):
   del argv
   utils.quiet_library_logs()
   try:
+    storage.check_reachable(flags.FLAGS.transformer, flags.FLAGS.workdir)
     import_sd3(flags.FLAGS.transformer, flags.FLAGS.config, flags.FLAGS.workdir)
   except ConfigError as e:
     sys.exit(f"Error: {e}")

@@ -293,6 +293,7 @@ def main(argv):
   utils.quiet_library_logs()
   f = flags.FLAGS
   try:
+    storage.check_reachable(f.workdir, f.out)
     stds = parse_stds(f.std)
     if f.evaluate:
       sweep(f.workdir, stds, f.out, f.step, f.set)
