@@ -5,9 +5,9 @@
       --mode=evaluate
 
 Meant for: one CPU (2 cores suffice). DiT-mini/4 (width 128, depth 6) on 16x16 digits trains
-1,000 steps in about 5 minutes; with guidance 3.0 its samples reach class_accuracy 0.999
-(rectified flow, the default) and 1.000 with --config.diffusion.objective=v or =eps (README.md
-has the figures, and why eps needs the preconditioning and the min-SNR weighting set below).
+1,000 steps in about 5 minutes; with guidance 3.0 its samples reach class_accuracy 1.000 with
+rectified flow (the default) and with --config.diffusion.objective=v or =eps (docs/results.md has
+the figures; docs/quickstart.md why eps needs the preconditioning and min-SNR weighting below).
 Arg string: none (any is an error); set fields with --config.<field>=<value>.
 """
 

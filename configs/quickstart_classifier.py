@@ -14,7 +14,7 @@ noised to unit times u = 0, 0.25, 0.5, 0.75, 0.95 (sigma/alpha 0, 1/3, 1, 3, 19)
 0.954, 0.517, 0.149 on all the digits, i.e. training images under fresh noise. Held out: trained
 with --config.data.split=fit (80% of the digits) and evaluated with --config.data.split=held_out
 (the other 359), 0.983, 0.992, 0.919, 0.485, 0.134 (chance: 0.10). Trained longer, it guides
-better (README.md, "Guidance"): class accuracy at guidance scales 1, 3, 10 rose from 0.907,
+better (docs/guidance.md): class accuracy at guidance scales 1, 3, 10 rose from 0.907,
 0.931, 0.915 (600 steps) to 0.967, 0.991, 0.990 (1,500) and 0.982, 0.998, 0.999 (3,000).
 Arg string: none (any is an error); set fields with --config.<field>=<value>.
 """

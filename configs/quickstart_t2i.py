@@ -7,7 +7,7 @@
 Meant for: one CPU (2 cores suffice). An MMDiT (width 128, 4 joint blocks, QK-norm) learns to
 draw "a red circle at the top left" and the like at 16x16 with rectified flow and logit-normal
 timesteps; `--mode=evaluate` draws the 8 caption combinations held out of training and reads
-colour, shape and position back with the shapes checker (see README.md for the figures).
+colour, shape and position back with the shapes checker (docs/text_to_image.md has the figures).
 Arg string: none (any is an error); set fields with --config.<field>=<value>.
 """
 

@@ -38,7 +38,7 @@ from ml_collections.config_flags.config_flags import is_config_flag
 from dit_jax import storage
 from dit_jax.errors import ConfigError
 
-_CONTRACT = "(README: Config contract)"
+_CONTRACT = "(docs/configs.md: the config contract)"
 _HELP = "pass --helpshort to list the flags"
 # ml_collections wraps an exception of get_config into one of the same type with this text and
 # the traceback (the original is its context); absl wraps that into a flag error.

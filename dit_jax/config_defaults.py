@@ -1,7 +1,7 @@
 """The base config every `configs/*.py` starts from. Imports no JAX (only ml_collections).
 
 Every field a user may set lives here with its default, so that a locked config rejects typos.
-The README's "Config contract" documents the public names.
+docs/configs.md ("Config contract") documents the public names.
 """
 
 import difflib

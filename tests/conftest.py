@@ -1,7 +1,7 @@
 """The suite's process set-up: 8 fake CPU devices, a persistent XLA compilation cache that every
 subprocess inherits, the tiers, and a compile-time table per test file at the end of the run.
 
-Tiers (markers; README's test paragraph gives their budgets):
+Tiers (markers; docs/testing.md gives their budgets):
 - unmarked: in-process, on one device: the default mesh (`parallel.default_devices`) is narrowed
   to the first device, so a tiny step compiles as a one-device program, as in the subprocesses;
 - `sharding`: in-process on all 8 devices (the default mesh spans them), for tests about
