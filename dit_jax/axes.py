@@ -16,6 +16,7 @@ TEXT = "text"  # Channels of the text conditioning given to the model (context a
 LAYERS = "layers"  # Stacked (scanned) blocks.
 
 LOGICAL_AXES = (BATCH, SEQ, EMBED, MLP, HEADS, KV, VOCAB, PATCH, FREQ, TEXT, LAYERS)
+TOKENS = (BATCH, SEQ, EMBED)  # The transformers' activations [B, L, D].
 
 # Input and output channels of the autoencoder's convolutions, norms and attention projections.
 # `dit_jax.vae.VAE` runs it data-parallel with replicated params, so they have no config rules.

@@ -37,7 +37,6 @@ the input; config.data.prefetch=0 shows the cost of reading each batch in the st
 
 import os
 import statistics
-import sys
 import time
 
 import jax
@@ -388,7 +387,7 @@ def benchmark_inception(
 ) -> dict[str, float]:
   """Seconds per batch, images/s, FLOPs per image and FLOP/s of the FID Inception (random weights,
   resize included) on uint8 images [batch_size, image_size, image_size, 3] over all devices."""
-  from dit_jax.evaluation import inception
+  from dit_jax.models import inception
 
   net = inception.Inception(inception.random_params(), dtype=dtype)
   n = parallel.data_parallel_size(net.mesh)
@@ -494,29 +493,17 @@ def _check_flag_combinations() -> None:
 
 def main(argv):
   del argv
-  try:
-    _check_flag_combinations()
-    storage.check_reachable(_VAE.value or "", _INCEPTION.value or "")
-  except ConfigError as e:
-    sys.exit(f"Error: {e}")
+  _check_flag_combinations()
+  storage.check_reachable(_VAE.value or "", _INCEPTION.value or "")
   if _VAE.value or _INCEPTION.value:
-    try:
-      _main_vae() if _VAE.value else _main_inception()
-    except ConfigError as e:
-      sys.exit(f"Error: {e}")
+    _main_vae() if _VAE.value else _main_inception()
     return
   config = _CONFIG.value
-  try:
-    cli.check_config_paths(config)
-  except ConfigError as e:
-    sys.exit(f"Error: {e}")
+  cli.check_config_paths(config)
   if _INPUT.value or _LOOP.value:
     _main_input(config) if _INPUT.value else _main_loop(config)
-    return
-  try:
+  else:
     _main_steps(config)
-  except ConfigError as e:
-    sys.exit(f"Error: {e}")
 
 
 def _cpu_name() -> str:

@@ -35,8 +35,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections.config_flags.config_flags import is_config_flag
 
-from dit_jax import storage
-from dit_jax.errors import ConfigError
+from dit_jax import storage, xla_flags
+from dit_jax.errors import ConfigError, UserError
 
 _CONTRACT = "(docs/configs.md: the config contract)"
 _HELP = "pass --helpshort to list the flags"
@@ -54,10 +54,12 @@ def run(main: Callable[[list[str]], Any], *, positional: bool = False) -> None:
       if False, any is an error.
   """
 
+  xla_flags.apply()  # Before JAX starts a backend (nothing computes at import).
+
   def main_with_clear_errors(argv: list[str]) -> Any:
     try:
       return main(argv)
-    except ConfigError as e:
+    except UserError as e:
       _fail(str(e))
     except app.UsageError as e:
       _fail(f"{e}; {_HELP}.")

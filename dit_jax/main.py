@@ -39,21 +39,18 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_addre
 flags.mark_flags_as_required(["workdir"])
 
 
-# Config fields that name files or workdirs: local paths or gs:// URLs.
 def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
-  try:  # A gs:// workdir: the gcs extra, the service and the bucket, before anything else.
-    if config is None and _MODE.value == "train":
-      raise ConfigError(
-        "--mode=train needs --config=configs/<file>.py (sampling and evaluating a run read the "
-        "config saved in its workdir)."
-      )
-    storage.check_reachable(workdir)
-    if config is not None:
-      cli.check_config_paths(config)
-  except ConfigError as e:
-    sys.exit(f"Error: {e}")
+  if config is None and _MODE.value == "train":
+    raise ConfigError(
+      "--mode=train needs --config=configs/<file>.py (sampling and evaluating a run read the "
+      "config saved in its workdir)."
+    )
+  # A gs:// workdir: the gcs extra, the service and the bucket, before anything else.
+  storage.check_reachable(workdir)
+  if config is not None:
+    cli.check_config_paths(config)
   existing = "" if storage.is_remote(workdir) else storage.nearest_existing(workdir)
   if existing and storage.isfile(existing):
     where = (
@@ -92,8 +89,6 @@ def main(argv):
       scores = runner.evaluate(config, workdir, overwrite=_OVERWRITE.value)
       if jax.process_index() == 0:
         print(json.dumps(scores, indent=2))
-  except ConfigError as e:
-    sys.exit(f"Error: {e}")
   except OSError as e:
     message = cli.workdir_error(e, workdir)
     if message is None:

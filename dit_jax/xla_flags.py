@@ -1,8 +1,9 @@
-"""XLA CPU flags that make dit_jax's programs faster on CPUs, added to XLA_FLAGS on import.
+"""XLA CPU flags that make dit_jax's programs faster on CPUs, added to XLA_FLAGS by `apply`.
 
-XLA reads XLA_FLAGS once, when the first JAX backend starts, so `import dit_jax` must come before
-the first JAX computation (every entry point of the package does this). The flags choose the
-library that runs matrix products on the CPU backend:
+XLA reads XLA_FLAGS once, when the first JAX backend starts, so `apply` must come before the first
+JAX computation: every program calls it as it starts (`dit_jax.cli.run`), before parsing its
+flags; importing the package does not. The flags choose the library that runs matrix products on
+the CPU backend:
 
 - `--xla_cpu_experimental_ynn_fusion_type=` turns off YNNPACK's dot fusions, which jaxlib 0.10
   uses by default and which ran DiT's products at 70-150 GFLOP/s here (the transposed products

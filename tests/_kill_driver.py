@@ -7,7 +7,7 @@ import sys
 
 from absl import app
 
-from dit_jax import checkpoint, main
+from dit_jax import checkpoint, main, xla_flags
 
 KILL_AT = int(os.environ["KILL_AT_SAVE"])
 _save = checkpoint.Checkpointer.save
@@ -24,4 +24,5 @@ checkpoint.Checkpointer.save = save_then_die
 
 if __name__ == "__main__":
   sys.argv[0] = "dit_jax.main"
+  xla_flags.apply()  # As cli.run does for the real program.
   app.run(main.main)

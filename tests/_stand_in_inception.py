@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax import parallel
-from dit_jax.evaluation import inception
+from dit_jax.models import inception
 
 _SIZE = 8  # Inputs are resized to _SIZE x _SIZE.
 _WIDTHS = (2048, 17 * 17 * inception.SPATIAL_CHANNELS, inception.NUM_LOGITS)
@@ -35,7 +35,7 @@ class StandIn(inception.Inception):
   and `mesh` behave as the real one's (batch split over the mesh's data axes)."""
 
   def __init__(self, projection: np.ndarray, mesh=None):
-    self.mesh = inception._default_mesh() if mesh is None else mesh
+    self.mesh = inception.default_mesh() if mesh is None else mesh
     self.dtype = "float32"
     replicated, batch = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
     self._params = jax.device_put(jnp.asarray(projection), replicated)

@@ -30,6 +30,10 @@ os.environ["XLA_FLAGS"] = " ".join(
     os.environ["DIT_JAX_TEST_XLA_FLAGS"],
   ]
 ).strip()
+# The CPU flags the programs add as they start (dit_jax.xla_flags), for the tests' own process.
+from dit_jax import xla_flags  # noqa: E402
+
+xla_flags.apply()
 # Where libtpu is installed (for the ahead-of-time compile test) no TPU is used: let processes
 # load it side by side instead of locking it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -133,7 +137,7 @@ def trained_workdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
   """Random weights of the real FID Inception, as the converted .npz (no torch), written once."""
-  from dit_jax.evaluation import inception
+  from dit_jax.models import inception
 
   def build(path):
     inception.random_weights(os.path.join(path, "inception.npz"), seed=0)

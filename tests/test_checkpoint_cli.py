@@ -59,7 +59,7 @@ def test_a_failed_read_lets_the_reads_it_started_finish(monkeypatch):
     await asyncio.gather(read_in_flight(), read_damaged())
 
   original = asyncio_utils._run_sync_via_new_loop
-  with checkpoint._settled_failed_reads(), pytest.raises(ValueError, match="damaged"):
+  with checkpoint.settled_failed_reads(), pytest.raises(ValueError, match="damaged"):
     asyncio_utils.run_sync(restore())
   assert asyncio_utils._run_sync_via_new_loop is original
   time.sleep(0.4)  # The read has finished by now, in either case.

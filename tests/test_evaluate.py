@@ -29,13 +29,14 @@ from PIL import Image
 from dit_jax import checkpoint, parallel
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import inception, metrics, runner, sampling, scoring
+from dit_jax.evaluation import metrics, runner, sampling, scoring
+from dit_jax.models import inception
 from dit_jax.train import loop, setup
 
 NUM = 16  # Samples per evaluation: 2 chunks of 8, one row per device.
 STEPS, EVAL_EVERY = 4, 2
 # The real ones, before the tests replace them.
-_FRECHET, _SAMPLE_CHUNKS = metrics.frechet_distance, sampling._sample_chunks
+_FRECHET, _SAMPLE_CHUNKS = metrics.frechet_distance, sampling.sample_chunks
 
 
 def low_rank_frechet(mu1, sigma1, mu2, sigma2):
@@ -147,7 +148,7 @@ def _kill_after_chunks(monkeypatch, calls: int, chunks: int, firsts: list[int]) 
         raise KeyboardInterrupt
       yield item
 
-  monkeypatch.setattr(sampling, "_sample_chunks", chunked)
+  monkeypatch.setattr(sampling, "sample_chunks", chunked)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ import scipy.special
 
 from dit_jax import storage
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import fid, inception, metrics
+from dit_jax.evaluation import fid, metrics
+from dit_jax.models import inception
 
 # What the evaluator reports, as ADM's interface names it.
 SCORE_KEYS = {

@@ -14,8 +14,8 @@ import pytest
 
 from dit_jax import config_defaults, parallel
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import inception
-from dit_jax.evaluation.inception import Inception
+from dit_jax.models import inception
+from dit_jax.models.inception import Inception
 
 
 def _torch_fidelity(module: str) -> types.ModuleType:

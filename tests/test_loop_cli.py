@@ -53,7 +53,7 @@ def test_ctrl_c_saves_at_the_next_step_and_a_rerun_resumes_there(trained_workdir
     time.sleep(0.05)
   proc.send_signal(signal.SIGINT)
   proc.output = proc.communicate(timeout=240)[0]
-  # Status 1 (loop.Interrupted, a ConfigError): the run did not finish, so `train && evaluate`
+  # Status 1 (loop.Interrupted, a TrainingStopped): the run did not finish, so `train && evaluate`
   # stops here.
   line = _cli.assert_clear_error(proc, "Stopped by Ctrl-C: saved checkpoint", "to resume")
   saved = int(line.split("saved checkpoint ")[1].split()[0])

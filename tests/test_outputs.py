@@ -73,7 +73,7 @@ def test_killed_sampling_resumes_without_overwrite(workdir, monkeypatch):
   config = _cli.tiny_config()
   config.sample.name, config.sample.num_images = "killed", 16  # Two chunks of 8.
   npz, png, parts = sampling.sample_files(workdir, "killed")
-  real, firsts = sampling._sample_chunks, []
+  real, firsts = sampling.sample_chunks, []
 
   def one_chunk_then_killed(*args, **kwargs):
     firsts.append(kwargs.get("first", 0))
@@ -86,7 +86,7 @@ def test_killed_sampling_resumes_without_overwrite(workdir, monkeypatch):
     raise KeyboardInterrupt
 
   with monkeypatch.context() as m:
-    m.setattr(sampling, "_sample_chunks", one_chunk_then_killed)
+    m.setattr(sampling, "sample_chunks", one_chunk_then_killed)
     with pytest.raises(KeyboardInterrupt):
       runner.sample(config, workdir)
     assert not os.path.exists(npz) and os.path.isdir(parts)

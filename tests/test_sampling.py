@@ -53,7 +53,7 @@ def _sample(exp, params, workdir, name, run=None, step=3, seed=0):
 def _killed_after(monkeypatch, chunks: int, firsts: list[int]):
   """Makes sampling stop (as if killed) when chunk number `chunks` (from 0) is done, before it
   is written; records where each sampling call starts."""
-  real = sampling._sample_chunks
+  real = sampling.sample_chunks
 
   def chunked(*args, **kwargs):
     firsts.append(kwargs.get("first", 0))
@@ -62,7 +62,7 @@ def _killed_after(monkeypatch, chunks: int, firsts: list[int]):
         raise KeyboardInterrupt
       yield item
 
-  monkeypatch.setattr(sampling, "_sample_chunks", chunked)
+  monkeypatch.setattr(sampling, "sample_chunks", chunked)
 
 
 def test_killed_sampling_resumes_to_the_same_file(model, tmp_path, monkeypatch):

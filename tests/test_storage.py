@@ -209,8 +209,8 @@ def test_inputs_on_gs_read_as_from_a_local_disk(gcs, trained_workdir, tmp_path):
   read as their local copies do."""
   from dit_jax import checkpoint
   from dit_jax.data import text
-  from dit_jax.evaluation import fid, inception
-  from dit_jax.models import autoencoder
+  from dit_jax.evaluation import fid
+  from dit_jax.models import autoencoder, inception
   from dit_jax.train import setup
 
   local, url = str(tmp_path / "in"), gcs.url("inputs")

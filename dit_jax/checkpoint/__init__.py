@@ -66,7 +66,7 @@ def _run_settled(coro):
 
 
 @contextlib.contextmanager
-def _settled_failed_reads() -> Iterator[None]:
+def settled_failed_reads() -> Iterator[None]:
   """While checkpoints that may be damaged are read: a failed read leaves no reads in flight.
 
   Orbax runs each restore in a new event loop and closes it as soon as one array read fails, with
@@ -188,7 +188,7 @@ class Checkpointer:
 
   def _newest(self, restore, *, set_aside: bool):
     damaged = []
-    with _settled_failed_reads():
+    with settled_failed_reads():
       for step in reversed(self.all_steps()):
         try:
           value = restore(step)

@@ -10,7 +10,7 @@ Names:
   digits       the 1,797 8x8 handwritten digits that scikit-learn ships, resized to image_size;
                config.data.split "train" is all of them (scikit-learn has no split), "fit" and
                "held_out" the 80% / 20% on which the shipped digit classifier was trained and
-               validated (`evaluation.digits_classifier.heldout_split`).
+               validated (`heldout_split`).
   synthetic    `config.data.synthetic_size` standard-normal images, deterministic per index,
                with random labels, or random text embeddings of the sizes config.model.context_len,
                context_dim and pooled_dim for a text-conditioned model (mmdit).
@@ -211,6 +211,27 @@ def _check_pixel_channels(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def heldout_split(
+  num_examples: int, val_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+  """A fixed random split of example indices into (train, validation).
+
+  Args:
+    num_examples: size of the dataset.
+    val_fraction: fraction of examples held out.
+    seed: seed of the permutation; independent of the training seed, so the held-out set
+      stays the same when the classifier is retrained with another seed.
+
+  Returns:
+    (train_indices, val_indices), each sorted.
+  """
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+  perm = np.random.default_rng(seed).permutation(num_examples)
+  num_val = int(round(num_examples * val_fraction))
+  return np.sort(perm[num_val:]), np.sort(perm[:num_val])
+
+
 class DigitsSource:
   """scikit-learn's 8x8 digits, resized once at construction (bicubic on the float image)."""
 
@@ -232,8 +253,6 @@ class DigitsSource:
     self._images = np.clip(images, -1.0, 1.0)[..., None]  # [N, S, S, 1]
     self._labels = digits.target.astype(np.int32)
     if split != "train":
-      from dit_jax.evaluation.digits_classifier import heldout_split
-
       fit, held_out = heldout_split(len(self._labels))
       index = fit if split == "fit" else held_out
       self._images, self._labels = self._images[index], self._labels[index]

@@ -28,6 +28,7 @@ from absl import logging
 from flax import traverse_util
 
 from dit_jax import storage
+from dit_jax.data.sources import heldout_split
 
 IMAGE_SIZE = 16
 NUM_CLASSES = 10
@@ -239,27 +240,6 @@ def load_real_digits(
   return images.astype(np.float32), digits.target.astype(np.int32)
 
 
-def heldout_split(
-  num_examples: int, val_fraction: float = 0.2, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-  """A fixed random split of example indices into (train, validation).
-
-  Args:
-    num_examples: size of the dataset.
-    val_fraction: fraction of examples held out.
-    seed: seed of the permutation; independent of the training seed, so the held-out set
-      stays the same when the classifier is retrained with another seed.
-
-  Returns:
-    (train_indices, val_indices), each sorted.
-  """
-  if not 0.0 < val_fraction < 1.0:
-    raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
-  perm = np.random.default_rng(seed).permutation(num_examples)
-  num_val = int(round(num_examples * val_fraction))
-  return np.sort(perm[num_val:]), np.sort(perm[:num_val])
-
-
 def _training_views(images_8: np.ndarray) -> np.ndarray:
   """Several 16x16 renderings of the same 8x8 digits, [V, N, 16, 16, 1].
 
@@ -438,6 +418,9 @@ def _main(argv: list[str]) -> None:
 if __name__ == "__main__":
   from absl import app, flags
 
+  from dit_jax import xla_flags
+
+  xla_flags.apply()
   # Flags are defined only when run as a program: importing this module from a trainer must not
   # add `--out` or `--seed` to the trainer's flags.
   flags.DEFINE_string("out", ASSET_PATH, "Where to write the npz.")

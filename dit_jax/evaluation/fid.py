@@ -35,8 +35,8 @@ from absl import flags, logging
 
 from dit_jax import cli, storage
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import inception as inception_lib
 from dit_jax.evaluation import metrics
+from dit_jax.models import inception as inception_lib
 
 # images [n, H, W, 3] uint8 -> {"pool": [n, 2048], "spatial": [n, S], "logits": [n, 1008]}
 Featurizer = Callable[[np.ndarray], Mapping[str, np.ndarray]]
@@ -48,10 +48,7 @@ CACHE_SUFFIX = ".dit_jax_stats.npz"
 # Bumped when what the cache holds, or how it is computed, changes.
 _CACHE_VERSION = 1
 _CHUNK_IMAGES = 1024
-WEIGHTS_HELP = (
-  f"{inception_lib.WEIGHTS_NAME} (pytorch-fid's, from {inception_lib.WEIGHTS_URL}) or the .npz "
-  "converted from it"
-)
+WEIGHTS_HELP = inception_lib.WEIGHTS_HELP
 
 
 class NpzImages:

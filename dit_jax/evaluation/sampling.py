@@ -500,7 +500,7 @@ def _stochastic(config: ml_collections.ConfigDict) -> bool:
   return sampler == "ddpm" or (sampler == "ddim" and config.sample.eta > 0)
 
 
-def _sample_chunks(
+def sample_chunks(
   exp: Experiment,
   run,
   params,
@@ -559,7 +559,7 @@ def generate(
   run = run or make_sampler(exp)
   bar = _progress(num_images, 0, progress)
   out = []
-  for _, chunk in _sample_chunks(exp, run, params, conds, num_images, seed=seed, decoder=decoder):
+  for _, chunk in sample_chunks(exp, run, params, conds, num_images, seed=seed, decoder=decoder):
     out.append(chunk)
     if bar is not None:
       bar.update(len(chunk))
@@ -703,7 +703,7 @@ def write_samples(
     logging.info("Resuming: %d of %d samples are in %s.", first, num_images, parts_dir)
   bar = _progress(num_images, first, progress)
   try:
-    for start, chunk in _sample_chunks(
+    for start, chunk in sample_chunks(
       exp, run, params, conds, num_images, seed=seed, first=first, decoder=decoder
     ):
 

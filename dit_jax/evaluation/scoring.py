@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from dit_jax import data, parallel, storage, utils
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import fid, metrics, sampling
-from dit_jax.evaluation import inception as inception_lib
+from dit_jax.models import inception as inception_lib
 from dit_jax.parallel import distributed
 from dit_jax.train import setup
 
@@ -432,7 +432,7 @@ class Scorer:
     batch = sampling.chunk_size(cfg, num_images)
 
     def chunks(first: int) -> Iterator[tuple[int, np.ndarray]]:
-      for start, images in sampling._sample_chunks(
+      for start, images in sampling.sample_chunks(
         self.exp,
         self.run,
         params,

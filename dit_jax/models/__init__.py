@@ -1,13 +1,17 @@
 """Model registry: sizes come from a variant table, classes from `config.model.name`."""
 
+from typing import TYPE_CHECKING
+
 import ml_collections
 
 from dit_jax import config_defaults
-from dit_jax.data.text import TextSpec
 from dit_jax.errors import ConfigError, check_choice
 from dit_jax.models.classifier import Classifier, ClassifierConfig
 from dit_jax.models.dit import DiT, DiTConfig
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig
+
+if TYPE_CHECKING:  # The data's text layout, of which the models read only the sizes.
+  from dit_jax.data.text import TextSpec
 
 # DiT Table 1, plus two small sizes for CPU runs and tests ("mini", "tiny").
 SIZES = {
@@ -46,7 +50,7 @@ def variant_dims(model: ml_collections.ConfigDict) -> dict:
 
 
 def build_model(
-  config: ml_collections.ConfigDict, text_spec: TextSpec | None = None
+  config: ml_collections.ConfigDict, text_spec: "TextSpec | None" = None
 ) -> DiT | MMDiT | Classifier:
   """Returns the Flax module selected by `config.model` for images of `config.data` (and, for
   MMDiT, the text layout `text_spec` of the data)."""

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from dit_jax import axes
 from dit_jax.models import layers
-from dit_jax.models.dit import _ACT, REMAT_POLICIES, DiTBlock
+from dit_jax.models.dit import REMAT_POLICIES, DiTBlock
 from dit_jax.models.layers import constrain, dense
 
 
@@ -66,7 +66,7 @@ class Classifier(nn.Module):
     tokens = tokens.reshape(b, gh * gw, p * p * c).astype(dtype)  # [B, L, p*p*C]
     tokens = dense(cfg.width, (axes.PATCH, axes.EMBED), dtype, name="patch_embed")(tokens)
     pos = layers.sincos_2d(cfg.width, gh, gw)  # [L, D], fixed
-    tokens = constrain(tokens + jnp.asarray(pos, jnp.float32)[None], _ACT)  # [B, L, D]
+    tokens = constrain(tokens + jnp.asarray(pos, jnp.float32)[None], axes.TOKENS)  # [B, L, D]
     t_emb = layers.TimestepEmbedder(cfg.width, dtype, name="t_embedder")(t)  # [B, D]
 
     block = DiTBlock

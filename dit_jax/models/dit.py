@@ -36,8 +36,6 @@ REMAT_POLICIES = {
   "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
-_ACT = (axes.BATCH, axes.SEQ, axes.EMBED)
-
 
 class DiTBlock(nn.Module):
   """One transformer block; `cond` is [B, D] (adaLN variants) or [B, 2, D] (cross-attention);
@@ -87,7 +85,7 @@ class DiTBlock(nn.Module):
         )
         x = x + cross(layers.layer_norm(True, self.dtype, name="norm_cross")(x), cond)
       x = x + mlp(layers.layer_norm(True, self.dtype, name="norm2")(x))
-    return constrain(x, _ACT), None
+    return constrain(x, axes.TOKENS), None
 
 
 class FinalLayer(nn.Module):
@@ -193,7 +191,7 @@ class DiT(nn.Module):
     tokens = dense(cfg.width, (axes.PATCH, axes.EMBED), dtype, name="patch_embed")(tokens)
     pos = layers.sincos_2d(cfg.width, gh, gw)  # [L, D], fixed
     # The residual stream stays float32 whatever the compute dtype (see `DiT`).
-    tokens = constrain(tokens + jnp.asarray(pos, jnp.float32)[None], _ACT)  # [B, L, D]
+    tokens = constrain(tokens + jnp.asarray(pos, jnp.float32)[None], axes.TOKENS)  # [B, L, D]
 
     t_emb = layers.TimestepEmbedder(cfg.width, dtype, name="t_embedder")(t)  # [B, D]
     y_emb = layers.LabelEmbedder(cfg.num_classes, cfg.width, dtype, name="y_embedder")(labels)

@@ -25,7 +25,6 @@ from dit_jax.models.attention import dot_product_attention
 from dit_jax.models.dit import REMAT_POLICIES, FinalLayer
 from dit_jax.models.layers import constrain, dense
 
-_ACT = (axes.BATCH, axes.SEQ, axes.EMBED)
 _HEADS_ACT = (axes.BATCH, axes.SEQ, axes.HEADS, axes.KV)
 STREAMS = ("img", "txt")
 
@@ -114,7 +113,7 @@ class JointAttention(nn.Module):
       h = dense(
         width, (axes.HEADS, axes.KV, axes.EMBED), self.dtype, axis=(-2, -1), name=f"{stream}_out"
       )(h)
-      return constrain(h, _ACT)  # [B, L_s, D]
+      return constrain(h, axes.TOKENS)  # [B, L_s, D]
 
     img_out = project("img", out[:, :n_img])
     txt_out = project("txt", out[:, n_img:]) if self.text_out else None
@@ -174,7 +173,7 @@ class MMDiTBlock(nn.Module):
       txt_mlp = layers.Mlp(hidden, self.dtype, name="txt_mlp")
       txt_h = layers.modulate(norm("txt_norm2", txt), t_shift_m, t_scale_m)
       txt = txt + t_gate_m[:, None] * txt_mlp(txt_h)
-    return (constrain(img, _ACT), constrain(txt, _ACT)), None
+    return (constrain(img, axes.TOKENS), constrain(txt, axes.TOKENS)), None
 
 
 class PooledEmbedder(nn.Module):
@@ -218,12 +217,13 @@ class MMDiT(nn.Module):
     img = img.reshape(b, gh * gw, p * p * c).astype(dtype)  # [B, L, p*p*C]
     img = dense(cfg.width, (axes.PATCH, axes.EMBED), dtype, name="patch_embed")(img)
     # Both residual streams stay float32 whatever the compute dtype (see `dit_jax.models.dit.DiT`).
-    img = constrain(img + jnp.asarray(position_table(cfg), jnp.float32)[None], _ACT)  # [B, L, D]
+    pos = jnp.asarray(position_table(cfg), jnp.float32)[None]
+    img = constrain(img + pos, axes.TOKENS)  # [B, L, D]
 
     txt = dense(cfg.width, (axes.TEXT, axes.EMBED), dtype, name="context_embedder")(
       context.astype(dtype)
     )
-    txt = constrain(txt.astype(jnp.float32), _ACT)  # [B, L_txt, D]
+    txt = constrain(txt.astype(jnp.float32), axes.TOKENS)  # [B, L_txt, D]
 
     t_emb = layers.TimestepEmbedder(cfg.width, dtype, name="t_embedder")(t)  # [B, D]
     pooled_emb = PooledEmbedder(cfg.width, dtype, name="pooled_embedder")(pooled)  # [B, D]

@@ -32,7 +32,6 @@ everywhere) and only process 0 writes.
 """
 
 import dataclasses
-import sys
 import time
 from concurrent import futures
 
@@ -463,27 +462,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  try:
-    from dit_jax.parallel import distributed
-
-    storage.check_reachable(f.out, f.vae, f.source_path)
-    cli.check_config_paths(f.config)
-    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
-    meta = encode_latents(
-      f.config,
-      f.vae,
-      f.out,
-      source=f.source,
-      source_path=f.source_path,
-      flip=f.flip,
-      std=f.std,
-      batch_size=f.batch_size,
-      dtype=f.dtype,
-      format=f.format,
-      shard_size=f.shard_size,
-    )
-  except ConfigError as e:
-    sys.exit(f"Error: {e}")
+  storage.check_reachable(f.out, f.vae, f.source_path)
+  cli.check_config_paths(f.config)
+  distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  meta = encode_latents(
+    f.config,
+    f.vae,
+    f.out,
+    source=f.source,
+    source_path=f.source_path,
+    flip=f.flip,
+    std=f.std,
+    batch_size=f.batch_size,
+    dtype=f.dtype,
+    format=f.format,
+    shard_size=f.shard_size,
+  )
   if jax.process_index() == 0:
     logging.info("%s: %s", f.out, dataclasses.asdict(meta))
 

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +36,7 @@ from absl import app, flags, logging
 
 from dit_jax import cli, storage
 from dit_jax.data import latents, records, text
-from dit_jax.errors import ConfigError
+from dit_jax.errors import ConfigError, check_choice
 
 ENCODER_NAMES = ("clip_l", "clip_g", "t5")
 CLIP_NAMES = ("clip_l", "clip_g")
@@ -70,11 +69,6 @@ class TextEncoder:
   def pooled_width(self) -> int:
     """Channels of the pooled vector (0 for T5, which has none)."""
     return self.model.config.projection_dim if self.is_clip else 0
-
-
-def _check_choice(value: str, choices: Sequence[str], field: str) -> None:
-  if value not in choices:
-    raise ConfigError(f"{field}={value!r} is not supported; choose one of {list(choices)}.")
 
 
 def _import_torch():
@@ -122,8 +116,8 @@ def load_encoder(
     ConfigError: for a missing or unloadable directory, a checkpoint of another model class,
       a CLIP max_length beyond its position embeddings, or an unavailable device.
   """
-  _check_choice(name, ENCODER_NAMES, "text encoder")
-  _check_choice(compute_dtype, COMPUTE_DTYPES, "compute_dtype")
+  check_choice(name, ENCODER_NAMES, "text encoder", prefix="")
+  check_choice(compute_dtype, COMPUTE_DTYPES, "compute_dtype", prefix="")
   torch, transformers = _import_torch()
   if storage.is_remote(path):
     raise ConfigError(
@@ -325,7 +319,7 @@ def _choose_layout(out: str, count: int, format: str, shard_size: int, batch_siz
     )
   sharded_latents = beside is not None and beside.format == records.FORMAT
   format = format or (records.FORMAT if storage.is_remote(out) or sharded_latents else "npy")
-  _check_choice(format, FORMATS, "--format")
+  check_choice(format, FORMATS, "--format", prefix="")
   if format == "npy" and storage.is_remote(out):
     raise ConfigError(
       f"--format=npy writes memory-mapped files, which --out={out} on GCS cannot hold; use "
@@ -412,7 +406,7 @@ def write(
       in `out`, shards there from other inputs, or embeddings that are not finite (in float32,
       or only after casting to float16).
   """
-  _check_choice(dtype, DTYPES, "dtype")
+  check_choice(dtype, DTYPES, "dtype", prefix="")
   if batch_size < 1:
     raise ConfigError(f"batch_size={batch_size} must be at least 1.")
   n = len(captions)
@@ -514,30 +508,27 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  try:
-    storage.check_reachable(f.out, f.captions)
-    if f.format:  # Before the encoders load: a bad flag is reported at once.
-      _check_choice(f.format, FORMATS, "--format")
-    captions = text.read_captions(f.captions)
-    encoders = load_encoders(
-      {"clip_l": f.clip_l, "clip_g": f.clip_g, "t5": f.t5},
-      f.clip_max_length,
-      f.t5_max_length,
-      f.device,
-      f.compute_dtype,
-    )
-    spec, truncated = write(
-      captions,
-      encoders,
-      f.out,
-      f.batch_size,
-      f.dtype,
-      format=f.format,
-      shard_size=f.shard_size,
-      overwrite=f.overwrite,
-    )
-  except ConfigError as e:
-    sys.exit(f"Error: {e}")
+  storage.check_reachable(f.out, f.captions)
+  if f.format:  # Before the encoders load: a bad flag is reported at once.
+    check_choice(f.format, FORMATS, "--format", prefix="")
+  captions = text.read_captions(f.captions)
+  encoders = load_encoders(
+    {"clip_l": f.clip_l, "clip_g": f.clip_g, "t5": f.t5},
+    f.clip_max_length,
+    f.t5_max_length,
+    f.device,
+    f.compute_dtype,
+  )
+  spec, truncated = write(
+    captions,
+    encoders,
+    f.out,
+    f.batch_size,
+    f.dtype,
+    format=f.format,
+    shard_size=f.shard_size,
+    overwrite=f.overwrite,
+  )
   n = len(captions)
   slots = ", ".join(f"{s.name} rows {s.seq} channels {s.context_channels}" for s in spec.encoders)
   logging.info(

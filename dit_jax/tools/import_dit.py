@@ -12,7 +12,6 @@ DIR then holds the weights only: sample from it on any mesh, or fine-tune from i
 with --config.train.init_from=DIR. Needs torch to read the .pt (`pip install torch`).
 """
 
-import sys
 from typing import Any
 
 import jax
@@ -21,7 +20,6 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from dit_jax import checkpoint, cli, storage, utils
-from dit_jax.errors import ConfigError
 
 
 def _define_flags() -> None:
@@ -70,11 +68,8 @@ def import_dit(checkpoint_path: str, config: ml_collections.ConfigDict, workdir:
 def main(argv):
   del argv
   utils.quiet_library_logs()
-  try:
-    storage.check_reachable(flags.FLAGS.checkpoint, flags.FLAGS.workdir)
-    import_dit(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.workdir)
-  except ConfigError as e:
-    sys.exit(f"Error: {e}")
+  storage.check_reachable(flags.FLAGS.checkpoint, flags.FLAGS.workdir)
+  import_dit(flags.FLAGS.checkpoint, flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

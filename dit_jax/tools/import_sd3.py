@@ -12,7 +12,6 @@ agree with config.model's where that sets them. DIR then holds the weights only:
 any mesh, or fine-tune from it in a new workdir with --config.train.init_from=DIR.
 """
 
-import sys
 from typing import Any
 
 import ml_collections
@@ -110,11 +109,8 @@ def import_sd3(transformer: str, config: ml_collections.ConfigDict, workdir: str
 def main(argv):
   del argv
   utils.quiet_library_logs()
-  try:
-    storage.check_reachable(flags.FLAGS.transformer, flags.FLAGS.workdir)
-    import_sd3(flags.FLAGS.transformer, flags.FLAGS.config, flags.FLAGS.workdir)
-  except ConfigError as e:
-    sys.exit(f"Error: {e}")
+  storage.check_reachable(flags.FLAGS.transformer, flags.FLAGS.workdir)
+  import_sd3(flags.FLAGS.transformer, flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Device memory: one copy of the parameters per output plus the EMAs of one snapsh
 
 import ast
 import math
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -292,17 +291,14 @@ def main(argv):
   del argv
   utils.quiet_library_logs()
   f = flags.FLAGS
-  try:
-    storage.check_reachable(f.workdir, f.out)
-    stds = parse_stds(f.std)
-    if f.evaluate:
-      sweep(f.workdir, stds, f.out, f.step, f.set)
-    elif f.set:
-      raise ConfigError("--set changes how --evaluate scores; add --evaluate, or drop --set.")
-    else:
-      reconstruct(f.workdir, stds, f.out, f.step)
-  except ConfigError as e:
-    sys.exit(f"Error: {e}")
+  storage.check_reachable(f.workdir, f.out)
+  stds = parse_stds(f.std)
+  if f.evaluate:
+    sweep(f.workdir, stds, f.out, f.step, f.set)
+  elif f.set:
+    raise ConfigError("--set changes how --evaluate scores; add --evaluate, or drop --set.")
+  else:
+    reconstruct(f.workdir, stds, f.out, f.step)
 
 
 if __name__ == "__main__":

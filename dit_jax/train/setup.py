@@ -218,7 +218,7 @@ def check_inception_eval(config: ml_collections.ConfigDict, num_images: int, fie
   """Raises a ConfigError unless the FID Inception can score `num_images` samples of `config`
   (config.`field`): its weights file is given and there, the images number at least 2, and a
   latent model has a VAE to decode its samples with."""
-  from dit_jax.evaluation.fid import WEIGHTS_HELP  # Here: only evaluations need it.
+  from dit_jax.models.inception import WEIGHTS_HELP  # Here: only evaluations need it.
 
   weights = config.eval.inception_weights
   if not weights:

@@ -12,6 +12,15 @@ _flags = os.environ.get("DIT_JAX_TEST_XLA_FLAGS", "")
 if _flags and _flags not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flags}".strip()
 
+# The CPU flags that `import dit_jax` used to add: every program the tests start gets them, as the
+# programs do themselves through dit_jax.cli.run.
+try:
+  from dit_jax import xla_flags as _xla_flags
+
+  _xla_flags.apply()
+except ImportError:
+  pass
+
 if os.environ.get("DIT_JAX_TEST_COMPILE_LOG"):
   import importlib.abc
   import importlib.util

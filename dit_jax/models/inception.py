@@ -49,6 +49,8 @@ WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = (
   "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_NAME
 )
+# What to pass where the weights are asked for (config.eval.inception_weights, fid --inception).
+WEIGHTS_HELP = f"{WEIGHTS_NAME} (pytorch-fid's, from {WEIGHTS_URL}) or the .npz converted from it"
 SIZE = 299  # The graph resizes every input to this.
 SPATIAL_CHANNELS = 7  # ADM's sFID keeps this many channels of mixed_6/conv.
 NUM_LOGITS = 1008
@@ -504,7 +506,7 @@ def _global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def _default_mesh() -> Mesh:
+def default_mesh() -> Mesh:
   from dit_jax import config_defaults
 
   return parallel.make_mesh(config_defaults.base_config())
@@ -524,7 +526,7 @@ class Inception:
         f"The Inception's dtype {dtype!r} is not supported; choose one of {DTYPES}."
       )
     check_params(params)
-    self.mesh = _default_mesh() if mesh is None else mesh
+    self.mesh = default_mesh() if mesh is None else mesh
     self.dtype = dtype
     module = InceptionV3(jnp.dtype(dtype))
     replicated, batch = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
