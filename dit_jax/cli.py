@@ -54,7 +54,13 @@ def run(main: Callable[[list[str]], Any], *, positional: bool = False) -> None:
       if False, any is an error.
   """
 
-  xla_flags.apply()  # Before JAX starts a backend (nothing computes at import).
+  # Before JAX starts a backend (nothing computes at import).
+  xla_flags.apply()
+  platforms = platforms_without_tpu(
+    os.environ.get("JAX_PLATFORMS", ""), _has_tpu_device(), _installed("libtpu"), _has_cuda_plugin()
+  )
+  if platforms:
+    os.environ["JAX_PLATFORMS"] = platforms
 
   def main_with_clear_errors(argv: list[str]) -> Any:
     try:
@@ -65,6 +71,40 @@ def run(main: Callable[[list[str]], Any], *, positional: bool = False) -> None:
       _fail(f"{e}; {_HELP}.")
 
   app.run(main_with_clear_errors, flags_parser=lambda argv: parse_flags(argv, positional))
+
+
+def platforms_without_tpu(
+  jax_platforms: str, has_tpu_device: bool, has_libtpu: bool, has_cuda: bool
+) -> str | None:
+  """The JAX_PLATFORMS to set so that JAX does not start libtpu on a machine without a TPU, or None
+  to leave JAX's choice alone. libtpu (the `tpu` extra, also for the ahead-of-time fit checks)
+  probes the cloud metadata server at start-up and prints a screen of errors where there is none.
+  A machine with a CUDA plugin is left alone (JAX would pick its GPU), as is a JAX_PLATFORMS the
+  user set."""
+  if jax_platforms or has_tpu_device or not has_libtpu or has_cuda:
+    return None
+  return "cpu"
+
+
+def _has_tpu_device() -> bool:
+  import glob
+
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def _installed(module: str) -> bool:
+  import importlib.util
+
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # A dotted name whose parent package is missing.
+    return False
+
+
+def _has_cuda_plugin() -> bool:
+  return any(
+    _installed(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12")
+  )
 
 
 def parse_flags(argv: Sequence[str], positional: bool = False) -> list[str]:

@@ -9,6 +9,8 @@ import glob
 import importlib.util
 import os
 import signal
+import subprocess
+import sys
 
 import _cli
 import ml_collections
@@ -298,3 +300,29 @@ def test_launch_local_drops_gloo_connection_messages():
   assert local.drop_gloo_messages(tail) is None
   for ours in ["Gloo all-reduce failed: connection reset\n", "\n", "step 2: loss 0.5\n"]:
     assert local.drop_gloo_messages(ours) == ours
+
+
+def test_jax_starts_no_libtpu_on_a_machine_without_a_tpu():
+  assert cli.platforms_without_tpu("", False, True, False) == "cpu"
+  assert cli.platforms_without_tpu("cpu,tpu", False, True, False) is None  # The user's choice.
+  assert cli.platforms_without_tpu("", True, True, False) is None  # A TPU VM.
+  assert cli.platforms_without_tpu("", False, False, False) is None  # No libtpu to start.
+  assert cli.platforms_without_tpu("", False, True, True) is None  # A GPU host.
+
+
+@pytest.mark.multiprocess
+def test_a_program_run_without_jax_platforms_prints_no_libtpu_errors(tmp_path):
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (the tpu extra): nothing would print its errors")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run(
+    [sys.executable, "-m", "dit_jax.main", f"--workdir={tmp_path}/none", "--mode=sample"],
+    cwd=_cli.REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 1
+  assert "TPU" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("Error: No checkpoint with its config")
