@@ -113,6 +113,12 @@ CASES = {
     [QS, "--workdir={tmp}/file/run"],
     ["--workdir={tmp}/file/run is inside {tmp}/file, which is a file"],
   ),
+  # Nothing to start from: no empty checkpoints/ is left in the new workdir.
+  "init_from_without_checkpoint": (
+    "dit_jax.main",
+    [QS, "--config.model.variant=tiny/4", "--config.train.init_from={tmp}/no_run"],
+    ["config.train.init_from='{tmp}/no_run' holds no checkpoint"],
+  ),
   # The other programs end the same way.
   "encode_latents": ("dit_jax.tools.encode_latents", BAD_FIELD, ["did you mean"]),
   "import_dit": ("dit_jax.tools.import_dit", BAD_FIELD, ["did you mean"]),

@@ -1,6 +1,7 @@
 """A latent DiT end to end: images -> VAE latents -> train (grids decoded) -> --mode=sample writes
 decoded uint8 images, the same on 1 and 8 devices."""
 
+import json
 import logging
 import os
 
@@ -114,3 +115,28 @@ def test_without_vae_latents_are_written_and_one_line_says_how_to_decode(run, ca
     assert f["latents"].dtype == np.float32 and f["latents"].shape == (10, 8, 8, 4)
   hints = [r for r in caplog.records if "--config.vae.path=DIR" in r.getMessage()]
   assert len(hints) == 1
+
+
+def test_grids_and_in_training_fid_share_one_vae(run, tmp_path, monkeypatch):
+  """A run with image grids and in-training FID loads its VAE once (it used to load one for
+  each), and the evaluation still decodes: its FID is logged."""
+  import _stand_in_inception
+
+  from dit_jax import vae as vae_lib
+
+  config, _ = run
+  _stand_in_inception.patch(monkeypatch)
+  loads = []
+  real = vae_lib.VAE.load.__func__
+  monkeypatch.setattr(
+    vae_lib.VAE, "load", classmethod(lambda cls, *a, **k: loads.append(a[0]) or real(cls, *a, **k))
+  )
+  c = config.copy_and_resolve_references()
+  c.eval.inception_weights = _stand_in_inception.write(str(tmp_path / "inception.npz"))
+  c.train.update(eval_every=4, eval_num_images=8)
+  workdir = str(tmp_path / "run")
+  loop.run(c, workdir)
+  assert loads == [c.vae.path]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    scores = [json.loads(line) for line in f if '"fid"' in line]
+  assert [s["step"] for s in scores] == [4] and np.isfinite(scores[0]["fid"]), scores

@@ -495,12 +495,27 @@ def restore_weights(
   finally:
     ckpt.close()
   if restored is None:
-    raise ConfigError(
-      f"config.train.init_from={workdir!r} holds no checkpoint (looked in {ckpt.directory}); "
-      "point it at a training run or an imported workdir."
-    )
+    raise _no_weights(workdir, ckpt.directory)
   step, (params, ema_params) = restored
   return step, params, ema_params
+
+
+def _no_weights(workdir: str, directory: str) -> ConfigError:
+  return ConfigError(
+    f"config.train.init_from={workdir!r} holds no checkpoint (looked in {directory}); "
+    "point it at a training run or an imported workdir."
+  )
+
+
+def check_weights_source(workdir: str) -> None:
+  """Raises restore_weights' error now if `workdir` holds no checkpoint at all, before a new run
+  creates anything in its own workdir."""
+  ckpt = Checkpointer(workdir, read_only=True)
+  try:
+    if ckpt.latest_step() is None:
+      raise _no_weights(workdir, ckpt.directory)
+  finally:
+    ckpt.close()
 
 
 SNAPSHOTS = "ema_snapshots"

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -568,17 +569,22 @@ def generate(
   return np.concatenate(out), conds.meta
 
 
-def grid_sampler(exp: Experiment, run=None) -> Callable[[object], np.ndarray | None]:
+def grid_sampler(
+  exp: Experiment, run=None, decoder: Any = "load"
+) -> Callable[[object], np.ndarray | None]:
   """The training loop's hook: returns grid(params) -> uint8 [n, H, W, 3 or 1], the first
   min(100, sample.num_images) samples as pixels, or None for a latent model without a VAE.
 
   Built once (before training, so that a bad VAE or guidance setting stops the run at once); the
   sampler (`run`, a `make_sampler(exp)` to share, or a new one) is compiled on the first call.
+  `decoder`: the VAE to decode with (`load_decoder`), to share with an evaluation, or "load" to
+  load its own.
   """
   cfg = exp.config
   if cfg.model.name == "classifier":  # A noise-aware classifier makes no images.
     return lambda params: None
-  decoder = load_decoder(cfg, exp.mesh)
+  if isinstance(decoder, str):  # Not given: this sampler's own (`load_decoder`).
+    decoder = load_decoder(cfg, exp.mesh)
   run = run or make_sampler(exp)
   if decoder is None and not data.is_pixel_data(cfg):
     logging.info(

@@ -157,13 +157,22 @@ class Scorer:
     reference_name: config.eval.reference, or the cache file of the own reference.
   """
 
-  def __init__(self, exp: setup.Experiment, workdir: str, *, run=None, progress: bool = True):
+  def __init__(
+    self,
+    exp: setup.Experiment,
+    workdir: str,
+    *,
+    run=None,
+    progress: bool = True,
+    decoder: Any = "load",
+  ):
     cfg = exp.config
     self.exp, self.config, self.workdir, self.progress = exp, cfg, workdir, progress
     self.batch_size = cfg.eval.batch_size
     self.weights_id = fid.weights_hash(cfg.eval.inception_weights)
     self.inception = inception_lib.Inception.load(cfg.eval.inception_weights, exp.mesh)
-    self.decoder = sampling.load_decoder(cfg, exp.mesh)
+    loaded = isinstance(decoder, str)  # Not given: its own (`sampling.load_decoder`).
+    self.decoder = sampling.load_decoder(cfg, exp.mesh) if loaded else decoder
     channels = cfg.data.channels if self.decoder is None else self.decoder.config.out_channels
     if channels not in (1, 3):
       raise ConfigError(
@@ -510,7 +519,7 @@ def builtin_scorer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray, M
 
 
 def training_evaluator(
-  exp: setup.Experiment, workdir: str, run=None
+  exp: setup.Experiment, workdir: str, run=None, decoder: Any = "load"
 ) -> Callable[[Any, int], dict[str, float]] | None:
   """The training loop's evaluation hook for `config.train.eval_every` > 0 (None when it is 0):
   evaluate(ema_params, step) -> the scores to log (on process 0; {} on the others).
@@ -522,14 +531,17 @@ def training_evaluator(
   config.sample.seed's is drawn. The Inception, the VAE and the reference are built now, before
   the first step. The chunks of an evaluation are kept in eval/during_training.parts, keyed by the
   step and a checksum of the parameters, until its scores are returned. `run`: a
-  `sampling.make_sampler(exp)` to share with the image grids, or None.
+  `sampling.make_sampler(exp)` to share with the image grids, or None; `decoder`: the VAE the
+  grids decode with (`sampling.load_decoder`), to share too, or "load" to load its own.
   """
   cfg = exp.config
   if not cfg.train.eval_every:
     return None
   num = cfg.train.eval_num_images
   run = run or sampling.make_sampler(exp)
-  scorer = Scorer(exp, workdir, run=run, progress=False) if cfg.eval.inception_weights else None
+  scorer = None
+  if cfg.eval.inception_weights:
+    scorer = Scorer(exp, workdir, run=run, progress=False, decoder=decoder)
   builtin = builtin_scorer(cfg) if cfg.data.name in setup.BUILTIN_METRICS_DATA else None
   _, parts_dir = eval_files(workdir, TRAINING_PARTS)
 

@@ -108,6 +108,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
   t = config.train
   proc = jax.process_index()
   batches = train_batches(config, exp.mesh)
+  if t.init_from and not storage.exists(storage.join(workdir, "checkpoints")):
+    checkpoint.check_weights_source(t.init_from)  # Before the new workdir gets its folders.
   ckpt = checkpoint.Checkpointer(
     workdir,
     keep=t.keep_checkpoints,
@@ -182,14 +184,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
     # The first batches are read and placed while the step and the samplers compile.
     batches.start_prefetch()
     step_fn = exp.jit_train_step()
-    run = sampling.make_sampler(exp)  # One compile serves the grids and the evaluations.
-    sample_grid = sampling.grid_sampler(exp, run)
+    # One compile and one VAE serve the grids and the evaluations.
+    run = sampling.make_sampler(exp)
+    # (A noise-aware classifier makes no images to decode.)
+    decoder = None if config.model.name == "classifier" else sampling.load_decoder(config, exp.mesh)
+    sample_grid = sampling.grid_sampler(exp, run, decoder)
 
     def grid(ema_params):
       return sample_grid(ema_lib.select(ema_params, config))
 
     # Built now (the Inception, the VAE, the reference), so that a bad file stops the run here.
-    evaluate = scoring.training_evaluator(exp, workdir, run)
+    evaluate = scoring.training_evaluator(exp, workdir, run, decoder)
     if preemption.requested():
       # The signal came during setup: nothing new to save.
       return _stop_before_training(preemption, start, ckpt.directory)
