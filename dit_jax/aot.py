@@ -9,6 +9,8 @@ import math
 import os
 import re
 
+import ml_collections
+
 from dit_jax import utils
 
 # Compiling needs no TPU, so several compiles (or a test run) may load libtpu side by side.
@@ -116,6 +118,18 @@ def compile_train_step(exp):
   """The train step training would run, lowered with abstract inputs and compiled."""
   with exp.context():
     return exp.jit_train_step().lower(exp.abstract_state, exp.abstract_batch()).compile()
+
+
+def fit_hints(config: ml_collections.ConfigDict) -> str:
+  """What could make `config` fit a slice it does not, leaving out what it already does."""
+  hints = []
+  if config.parallel.preset == "dp":
+    hints.append("--config.parallel.preset=fsdp")
+  if config.model.remat == "none":
+    hints.append("--config.model.remat=full (or dots)")
+  if config.model.dtype == "float32":
+    hints.append("--config.model.dtype=bfloat16")
+  return "try " + ", ".join(hints + ["a smaller global batch, or more chips"])
 
 
 def out_of_memory_bytes(error: Exception) -> int | None:

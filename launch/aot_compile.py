@@ -70,18 +70,6 @@ def _print_config(gen, shape, exp, config):
   )
 
 
-def _hints(config) -> str:
-  """What could make `config` fit, leaving out what it already does."""
-  hints = []
-  if config.parallel.preset == "dp":
-    hints.append("--config.parallel.preset=fsdp")
-  if config.model.remat == "none":
-    hints.append("--config.model.remat=full (or dots)")
-  if config.model.dtype == "float32":
-    hints.append("--config.model.dtype=bfloat16")
-  return "try " + ", ".join(hints + ["a smaller global batch, or more chips"])
-
-
 def _print_estimates(config, gen, exp, devices) -> None:
   """The compiler's estimates of speed, from the unrolled twin with XLA attention."""
   b = config.train.batch_size
@@ -149,7 +137,7 @@ def main(argv):
     )
     print(
       f"verdict       DOES NOT FIT: over by at least {(needed - gen.hbm_bytes) / GiB:.2f} GiB "
-      "per device (try preset fsdp, model.remat, a smaller batch per device, or more chips)"
+      f"per device; {aot.fit_hints(config)}"
     )
     sys.exit(1)
   r = aot.report(compiled, gen.hbm_bytes)
@@ -169,8 +157,8 @@ def main(argv):
     print(f"verdict       FITS, {(r.hbm - r.total) / GiB:.2f} GiB to spare per device")
   else:
     print(
-      f"verdict       DOES NOT FIT: over by {(r.total - r.hbm) / GiB:.2f} GiB per device "
-      "(try preset fsdp, model.remat, a smaller batch per device, or more chips)"
+      f"verdict       DOES NOT FIT: over by {(r.total - r.hbm) / GiB:.2f} GiB per device; "
+      f"{aot.fit_hints(config)}"
     )
   sys.exit(0 if r.fits else 1)
 

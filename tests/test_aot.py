@@ -114,3 +114,16 @@ def test_multi_slice_mesh_puts_dcn_axes_across_slices():
   slices = np.vectorize(lambda d: d.slice_index)(exp.mesh.devices)
   assert (slices[0] == 0).all() and (slices[1] == 1).all()  # Each fsdp group is one slice.
   assert aot.report(aot.compile_train_step(exp), gen.hbm_bytes).fits
+
+
+def test_fit_hints_leave_out_what_the_config_already_does():
+  from dit_jax.config_defaults import base_config
+
+  c = base_config()
+  c.parallel.preset, c.model.remat, c.model.dtype = "dp", "none", "float32"
+  assert aot.fit_hints(c) == (
+    "try --config.parallel.preset=fsdp, --config.model.remat=full (or dots), "
+    "--config.model.dtype=bfloat16, a smaller global batch, or more chips"
+  )
+  c.parallel.preset, c.model.remat, c.model.dtype = "fsdp", "full", "bfloat16"
+  assert aot.fit_hints(c) == "try a smaller global batch, or more chips"
