@@ -117,8 +117,6 @@ def test_multi_slice_mesh_puts_dcn_axes_across_slices():
 
 
 def test_fit_hints_leave_out_what_the_config_already_does():
-  from dit_jax.config_defaults import base_config
-
   c = base_config()
   c.parallel.preset, c.model.remat, c.model.dtype = "dp", "none", "float32"
   assert aot.fit_hints(c) == (
@@ -127,3 +125,24 @@ def test_fit_hints_leave_out_what_the_config_already_does():
   )
   c.parallel.preset, c.model.remat, c.model.dtype = "fsdp", "full", "bfloat16"
   assert aot.fit_hints(c) == "try a smaller global batch, or more chips"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu (pip install -e '.[tpu]')")
+def test_a_config_that_does_not_fit_gets_a_verdict_and_hints():
+  import _cli
+
+  proc = _cli.run(
+    "--config=configs/quickstart.py",
+    "--topology=v5e-4",
+    "--config.train.batch_size=262144",
+    "--config.parallel.preset=dp",
+    module="launch.aot_compile",
+  )
+  assert proc.returncode == 1, proc.output[-2000:]
+  verdict = [line for line in proc.output.splitlines() if line.startswith("verdict")]
+  assert len(verdict) == 1 and "DOES NOT FIT: over by at least" in verdict[0], proc.output
+  assert verdict[0].endswith(
+    "try --config.parallel.preset=fsdp, --config.model.remat=full (or dots), "
+    "--config.model.dtype=bfloat16, a smaller global batch, or more chips"
+  )
