@@ -86,9 +86,8 @@ def test_wrong_model_or_sizes_for_text_data_are_clear_errors():
     setup.build(config)
 
 
-def test_latents_with_encoded_text_train_and_sample(tmp_path):
-  pytest.importorskip("torch")
-  pytest.importorskip("transformers")
+def _tiny_encoders(tmp_path):
+  """(paths, loaded encoders) of a tiny random CLIP-L (8 tokens) and T5 (6 tokens)."""
   import _tiny_text_encoders as tiny
 
   from dit_jax.tools import encode_text
@@ -97,7 +96,16 @@ def test_latents_with_encoded_text_train_and_sample(tmp_path):
     "clip_l": tiny.save_clip(str(tmp_path / "clip_l"), 32, 16, max_positions=8, seed=0),
     "t5": tiny.save_t5(str(tmp_path / "t5"), 48, seed=1),
   }
-  encoders = encode_text.load_encoders(paths, clip_max_length=8, t5_max_length=6)
+  return paths, encode_text.load_encoders(paths, clip_max_length=8, t5_max_length=6)
+
+
+def test_latents_with_encoded_text_train_and_sample(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+
+  from dit_jax.tools import encode_text
+
+  paths, encoders = _tiny_encoders(tmp_path)
   data_dir = str(tmp_path / "data")
   captions = [f"caption {i}" for i in range(16)]
   spec, _ = encode_text.write(captions, encoders, data_dir, batch_size=8, dtype="float16")
@@ -137,17 +145,12 @@ def test_text_beside_latents_in_a_bucket_resumes_trains_and_samples(gcs, tmp_pat
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   import _gcs
-  import _tiny_text_encoders as tiny
 
   from dit_jax import storage
   from dit_jax.data import records, text
   from dit_jax.tools import encode_text
 
-  paths = {
-    "clip_l": tiny.save_clip(str(tmp_path / "clip_l"), 32, 16, max_positions=8, seed=0),
-    "t5": tiny.save_t5(str(tmp_path / "t5"), 48, seed=1),
-  }
-  encoders = encode_text.load_encoders(paths, clip_max_length=8, t5_max_length=6)
+  paths, encoders = _tiny_encoders(tmp_path)
   url = gcs.url("t2i")
   _gcs.write_latents(url, count=16, shard_size=8)
   captions = [f"caption {i}" for i in range(16)]

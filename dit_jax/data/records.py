@@ -19,9 +19,28 @@ import numpy as np
 from flax import serialization
 
 from dit_jax import storage
+from dit_jax.errors import ConfigError, check_choice
 
 FORMAT = "array_record"
+FORMATS = ("npy", FORMAT)  # What the tools that write data (encode_latents, encode_text) write.
 _GROUP_SIZE_1 = "group_size:1"  # One record per chunk: random access reads one record.
+
+
+def output_format(format: str, out: str, sharded_default: bool = False) -> str:
+  """The --format of a tool writing into `out`: the one given, or "" = array_record for a gs://
+  `out` (or where `sharded_default`), else npy.
+
+  Raises:
+    ConfigError: for an unknown format, or npy (memory-mapped files) on GCS.
+  """
+  format = format or (FORMAT if storage.is_remote(out) or sharded_default else "npy")
+  check_choice(format, FORMATS, "--format", prefix="")
+  if format == "npy" and storage.is_remote(out):
+    raise ConfigError(
+      f"--format=npy writes memory-mapped files, which --out={out} on GCS cannot hold; use "
+      "--format=array_record (the default for gs://)."
+    )
+  return format
 
 
 def shard_name(kind: str, index: int, num_shards: int) -> str:

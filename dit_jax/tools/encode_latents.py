@@ -46,7 +46,7 @@ from dit_jax.errors import ConfigError
 from dit_jax.parallel import distributed
 
 DTYPES = ("float16", "float32")
-FORMATS = ("npy", records.FORMAT)
+FORMATS = records.FORMATS
 _READ_THREADS = 8  # Decoding images dominates for folders and TFDS; PIL releases the GIL.
 
 
@@ -271,14 +271,7 @@ def encode_latents(
     raise ConfigError(f"--dtype={dtype!r} is not supported; choose one of {list(DTYPES)}.")
   if batch_size < 1:
     raise ConfigError(f"--batch_size={batch_size} must be at least 1.")
-  format = format or (records.FORMAT if storage.is_remote(out) else "npy")
-  if format not in FORMATS:
-    raise ConfigError(f"--format={format!r} is not supported; choose one of {list(FORMATS)}.")
-  if format == "npy" and storage.is_remote(out):
-    raise ConfigError(
-      f"--format=npy writes memory-mapped files, which --out={out} on GCS cannot hold; use "
-      "--format=array_record (the default for gs://)."
-    )
+  format = records.output_format(format, out)
   if shard_size < 1:
     raise ConfigError(f"--shard_size={shard_size} must be at least 1.")
   shard_size = -(-shard_size // batch_size) * batch_size if format == records.FORMAT else 0

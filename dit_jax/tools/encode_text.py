@@ -292,7 +292,7 @@ def count_truncated(captions: Sequence[str], encoders: dict[str, TextEncoder]) -
   return counts
 
 
-FORMATS = ("npy", records.FORMAT)
+FORMATS = records.FORMATS
 JOB_FILE = "text_job.json"  # array_record: what the shards there were encoded from.
 DEFAULT_SHARD_SIZE = 10_000
 
@@ -318,13 +318,7 @@ def _choose_layout(out: str, count: int, format: str, shard_size: int, batch_siz
       "caption per latent, in the latents' order."
     )
   sharded_latents = beside is not None and beside.format == records.FORMAT
-  format = format or (records.FORMAT if storage.is_remote(out) or sharded_latents else "npy")
-  check_choice(format, FORMATS, "--format", prefix="")
-  if format == "npy" and storage.is_remote(out):
-    raise ConfigError(
-      f"--format=npy writes memory-mapped files, which --out={out} on GCS cannot hold; use "
-      "--format=array_record (the default for gs://)."
-    )
+  format = records.output_format(format, out, sharded_default=sharded_latents)
   if format != records.FORMAT:
     return format, 0
   if shard_size < 0:
