@@ -7,7 +7,7 @@ setup(
   version="0.1.0",
   description="JAX/Flax, TPU-first training framework for Diffusion Transformers (DiT, MMDiT).",
   packages=find_packages(include=["dit_jax", "dit_jax.*"]),
-  package_data={"dit_jax.evaluation": ["assets/*.npz"]},
+  package_data={"dit_jax.models": ["assets/*.npz"]},
   # jax.set_mesh came in jax 0.7.1, and jax >= 0.7 needs Python 3.11 (on 3.10 pip picks jax
   # 0.6.2, which lacks it).
   python_requires=">=3.11",

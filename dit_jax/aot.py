@@ -1,7 +1,8 @@
 """Ahead-of-time compilation for TPU topologies: what `launch/aot_compile.py` runs.
 
 libtpu describes a slice's devices without a TPU, and the train step built by the training
-factories (`setup.build` + `jit_train_step`) is lowered with abstract inputs and compiled for them.
+factories (`experiment.build` + `jit_train_step`) is lowered with abstract inputs and compiled
+for them.
 """
 
 import dataclasses
@@ -104,14 +105,13 @@ def build(config, devices):
   Only shapes matter here, so a text model's data is replaced by synthetic text of the sizes the
   config states (model.context_len, context_dim, pooled_dim); no dataset needs to be on disk.
   """
-  from dit_jax import data
-  from dit_jax.train import setup
+  from dit_jax import data, experiment
 
   if data.wants_text(config) and config.data.name != "synthetic":
     config = config.copy_and_resolve_references()
     with config.unlocked():
       config.data.name = "synthetic"
-  return setup.build(config, devices=devices)
+  return experiment.build(config, devices=devices)
 
 
 def compile_train_step(exp):

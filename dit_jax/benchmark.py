@@ -45,13 +45,13 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import cli, conditioning, parallel, storage, utils
+from dit_jax import checks, cli, conditioning, experiment, parallel, storage, utils
 from dit_jax.config_defaults import base_config
 from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
 from dit_jax.models import autoencoder
 from dit_jax.models.autoencoder import AutoencoderKL
-from dit_jax.train import loop, setup
+from dit_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed repetitions (after warm-up).", lower_bound=1)
@@ -134,7 +134,7 @@ def _lower(config, concrete: bool = True):
   (experiment, {name: (lowered program, its arguments)}). The arguments are a fresh state and a
   random batch on the devices, or with `concrete=False` only their shapes and shardings (for
   counting, when nothing is run)."""
-  exp = setup.build(config)
+  exp = experiment.build(config)
   rng = np.random.default_rng(0)
   abstract = exp.abstract_batch()
   b, *image_shape = abstract["image"].shape
@@ -233,7 +233,7 @@ def benchmark_trajectory(config, batch_size: int = 4, num_steps: int = 250) -> f
   from dit_jax.evaluation import sampling
 
   config = trajectory_config(config, batch_size, num_steps)
-  exp = setup.build(config)
+  exp = experiment.build(config)
   run = sampling.make_sampler(exp)
   with exp.context():
     params = exp.init_state().ema_params
@@ -257,7 +257,7 @@ def benchmark_input(config, steps: int = 100, warmup: int = 5) -> dict[str, floa
   prefetch), this process's rows of each global batch placed on all devices, with no step
   running. Returns {"seconds": per batch, "images_per_sec": this process's images per second}.
   """
-  setup.validate(config)
+  checks.validate(config)
   mesh = parallel.make_mesh(config)
   parallel.check_batch_size(config.train.batch_size, mesh)
   batches = loop.train_batches(config, mesh)
@@ -291,7 +291,7 @@ def benchmark_loop(config, steps: int = 10, warmup: int = 2) -> dict[str, float]
   which stays readable on a machine so busy that the two medians differ by more than that. At
   least one untimed step compiles first.
   """
-  exp = setup.build(config)
+  exp = experiment.build(config)
   batches = loop.train_batches(config, exp.mesh)
   times = {"loop": [], "step": [], "wait": []}
   try:

@@ -244,9 +244,9 @@ def benchmark(config, steps: int, warmup: int, threads: int, trajectory: dict | 
   x0 = torch.as_tensor(rng.standard_normal((b, c, s, s), np.float32))
   labels = torch.as_tensor(rng.integers(0, config.model.num_classes, b))
   scale = config.sample.guidance_scale
-  from dit_jax.evaluation import sampling
+  from dit_jax.evaluation import guides
 
-  g = sampling.guided_channels(config)
+  g = guides.guided_channels(config)
   results = {"train": _median_seconds(lambda: ref.train_step(x0, labels, rng), steps, warmup)}
   t = torch.full((b,), 500, dtype=torch.int64)
 

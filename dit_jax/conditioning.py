@@ -116,7 +116,7 @@ def split_batch(batch: dict[str, jax.Array]) -> tuple[jax.Array, Cond]:
 
 def build_conditioner(config: ml_collections.ConfigDict, text_spec: TextSpec | None) -> Conditioner:
   """The conditioner of `config.model.name`; MMDiT needs the data's `text_spec`. (The dropout
-  rates are checked with every other number by `dit_jax.train.setup.validate`.)"""
+  rates are checked with every other number by `dit_jax.checks.validate`.)"""
   m = config.model
   if m.name == "dit":
     return LabelConditioner(m.num_classes, m.class_dropout)

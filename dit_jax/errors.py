@@ -6,6 +6,7 @@ Every error a user can act on derives from `UserError`; the programs end with it
 run that stopped on purpose (a non-finite loss, Ctrl-C, preemption).
 """
 
+import math
 from collections.abc import Iterable
 
 
@@ -28,3 +29,25 @@ def check_choice(value: str, choices: Iterable[str], field: str, prefix: str = "
   if value not in choices:
     raise ConfigError(f"{prefix}{field}={value!r} is not supported; choose one of {list(choices)}.")
   return value
+
+
+# What a number in a config accepts: the words of the error message and the test.
+_ACCEPTS = {
+  "> 0": lambda v: v > 0,
+  ">= 0": lambda v: v >= 0,
+  "in [0, 1)": lambda v: 0 <= v < 1,
+  "in [0, 1]": lambda v: 0 <= v <= 1,
+  "in [0, 2**32)": lambda v: 0 <= v < 2**32,  # JAX keys take 32 bits; numpy's seeds are >= 0.
+  "a finite number": lambda v: True,
+}
+
+
+def check_numbers(config, numbers: Iterable[tuple[str, str, str]]) -> None:
+  """Raises a ConfigError for the first of `numbers`, (field such as "train.lr", what it accepts:
+  a key of `_ACCEPTS` such as "> 0", what the value means), whose value in `config` is not
+  accepted (NaN and infinity never are)."""
+  for field, accepted, meaning in numbers:
+    section, name = field.split(".")
+    value = config[section][name]
+    if not (math.isfinite(value) and _ACCEPTS[accepted](value)):
+      raise ConfigError(f"config.{field}={value} must be {accepted}{meaning}.")

@@ -77,12 +77,16 @@ def main(argv):
 
       config = runner.run_config(workdir, config)
       cli.check_config_paths(config)
+    from dit_jax import checks
+
+    checks.validate(config)
     if jax.process_index() == 0:
       logging.info("Config:\n%s", config)
     if _MODE.value == "train":
+      from dit_jax.evaluation import hooks
       from dit_jax.train import loop
 
-      loop.run(config, workdir)
+      loop.run(config, workdir, hooks.TrainingHooks(workdir))
     elif _MODE.value == "sample":
       runner.sample(config, workdir, overwrite=_OVERWRITE.value)
     else:

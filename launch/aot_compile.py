@@ -6,7 +6,7 @@
       --topology=v5e-16 --config.parallel.preset=fsdp --config.parallel.mesh.data=1 \
       --config.parallel.mesh.fsdp=-1
 
-The step is built by the same factory training uses (`setup.build` + `jit_train_step`: same
+The step is built by the same factory training uses (`experiment.build` + `jit_train_step`: same
 model, shardings, donation) over the devices of libtpu's description of the topology, lowered
 with abstract inputs and compiled. Prints per-device memory (arguments, outputs, temporaries,
 total against the chip's HBM) and a verdict; exits 0 if it fits, 1 if not. With --flops (the

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dit_jax import aot, models, parallel
+from dit_jax import aot, experiment, models, parallel
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
 from dit_jax.models.attention import check_platform, dot_product_attention
-from dit_jax.train import setup
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
@@ -95,7 +94,7 @@ def test_unknown_attention_names_the_choices():
 @pytest.mark.parametrize("attention, platform", [("cudnn", "GPU"), ("splash", "TPU")])
 def test_a_kernel_on_the_wrong_platform_is_a_clear_error(attention, platform):
   with pytest.raises(ConfigError, match=f"needs {platform} devices.*CPU.*model.attention=xla"):
-    setup.build(_tiny(attention))
+    experiment.build(_tiny(attention))
   check_platform(attention, platform.lower())
 
 

@@ -26,11 +26,11 @@ def _tiny(**model):
 
 
 def test_reference_is_dit_jax_architecture_with_per_block_conditioning_embedders():
-  from dit_jax.train import setup
+  from dit_jax import experiment
 
   c = _tiny()
   ref = benchmark_torch.TorchDiT(c, threads=1)
-  exp = setup.build(c)
+  exp = experiment.build(c)
   ours = sum(math.prod(x.shape) for x in jax.tree.leaves(exp.abstract_state.params))
   theirs = sum(p.numel() for p in ref.model.parameters())
   # diffusers' DiT gives every block its own timestep MLP and label table (the released DiT

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import checkpoint, parallel, storage
+from dit_jax import checkpoint, experiment, parallel, storage
 from dit_jax.errors import ConfigError, TrainingStopped
 from dit_jax.evaluation import runner, sampling
-from dit_jax.train import loop, setup
+from dit_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
@@ -88,7 +88,7 @@ def _losses(workdir):
 
 
 def _final_state(workdir):
-  exp = setup.build(cli_config())
+  exp = experiment.build(cli_config())
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     assert ckpt.all_steps()[-1] == STEPS
@@ -191,13 +191,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   loop.run(tiny_config(num_steps=9), workdir)
   _corrupt(os.path.join(workdir, "checkpoints", "9"))
   # Sampling reads the newest readable EMA parameters and leaves the damaged one in place.
-  assert runner.restore_params(setup.build(tiny_config()), workdir)[1] == 6
+  assert runner.restore_params(experiment.build(tiny_config()), workdir)[1] == 6
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "9"))
   loop.run(tiny_config(num_steps=9), workdir)  # Warns, resumes from 6, redoes 7-9.
   assert glob.glob(os.path.join(workdir, "checkpoints", "9.damaged-*"))  # Moved, not deleted.
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert ckpt.all_steps() == [3, 6, 9]
-  exp = setup.build(tiny_config())
+  exp = experiment.build(tiny_config())
   a = jax.device_get(ckpt.restore_train(9, exp.abstract_state))
   b = jax.device_get(
     checkpoint.Checkpointer(straight, read_only=True).restore_train(9, exp.abstract_state)
@@ -232,7 +232,7 @@ def test_restore_onto_any_mesh(tmp_path, train_on, sample_on):
     "one": (tiny_config(num_steps=3), jax.devices()[:1]),
   }
   config, devices = layouts[train_on]
-  exp = setup.build(config, devices=devices)
+  exp = experiment.build(config, devices=devices)
   with exp.context():  # Train in-process on the chosen devices.
     state = exp.init_state()
     step_fn = exp.jit_train_step()
@@ -248,7 +248,7 @@ def test_restore_onto_any_mesh(tmp_path, train_on, sample_on):
   ckpt.wait()
   ckpt.close()
   target_config, target_devices = layouts[sample_on]
-  target = setup.build(target_config, devices=target_devices)
+  target = experiment.build(target_config, devices=target_devices)
   params, step = runner.restore_params(target, str(tmp_path))
   assert step == 3
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params), strict=True):
@@ -273,7 +273,7 @@ def test_checkpoint_of_another_model_names_the_arrays_and_both_configs(tmp_path)
   misread = tiny_config(num_steps=3)
   misread.diffusion.objective, misread.diffusion.preconditioning = "v", "none"
   with pytest.raises(ConfigError) as e:
-    runner.restore_params(setup.build(misread), str(tmp_path))
+    runner.restore_params(experiment.build(misread), str(tmp_path))
   msg = str(e.value)
   assert "diffusion.objective='rectified_flow' in the checkpoint, 'v' in this run" in msg, msg
   assert "diffusion.preconditioning='edm' in the checkpoint, 'none' in this run" in msg, msg
@@ -282,7 +282,7 @@ def test_checkpoint_of_another_model_names_the_arrays_and_both_configs(tmp_path)
 
 def test_train_step_drops_a_non_finite_update():
   config = tiny_config()
-  exp = setup.build(config)
+  exp = experiment.build(config)
   with exp.context():
     state = exp.init_state()
     before = jax.device_get(state)
@@ -309,7 +309,7 @@ def test_exploding_run_stops_or_skips_and_never_saves_nans(tmp_path, policy):
   else:
     metrics = loop.run(config, workdir)
     assert metrics["skipped_steps"] > 0
-  exp = setup.build(config)
+  exp = experiment.build(config)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   assert policy == "stop" or ckpt.all_steps()[-1] == 12
   for step in ckpt.all_steps():

@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax import models, parallel
+from dit_jax import checks, experiment, models, parallel
 from dit_jax.errors import ConfigError
 from dit_jax.models.classifier import log_prob_grad
-from dit_jax.train import setup
 
 CONFIG = os.path.join(_cli.REPO, "configs", "quickstart_classifier.py")
 
@@ -79,7 +78,7 @@ def test_logits_are_float32_per_class_and_ignore_the_labels():
 
 def _one_step(config, devices, step=None):
   """(experiment, parameters and metrics after one step from init, the jitted step)."""
-  exp = setup.build(config, devices=devices)
+  exp = experiment.build(config, devices=devices)
   state = exp.init_state()
   step = step or exp.jit_train_step()
   with exp.context():
@@ -189,8 +188,10 @@ def test_evaluate_reports_accuracy_by_noise_level_and_sample_is_a_clear_error(
   ],
 )
 def test_bad_classifier_configs_are_clear_errors(fields, match):
-  with pytest.raises(ConfigError, match=match):
-    setup.build(classifier_config(**fields), devices=jax.devices()[:1])
+  config = classifier_config(**fields)
+  with pytest.raises(ConfigError, match=match):  # As a program checks it: first, then builds.
+    checks.validate(config)
+    experiment.build(config, devices=jax.devices()[:1])
 
 
 @pytest.mark.multiprocess

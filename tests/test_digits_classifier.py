@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from dit_jax.evaluation import digits_classifier as dc
+from dit_jax.data.sources import heldout_split
 from dit_jax.evaluation import metrics
+from dit_jax.models import digits_cnn as dc
+from dit_jax.tools import train_digits_classifier as trainer
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +19,7 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def digits16():
-  return dc.load_real_digits(16)
+  return trainer.load_real_digits(16)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +58,14 @@ def test_accuracy_on_all_real_digits(classifier, digits16):
 def test_accuracy_on_heldout_split(classifier, digits16):
   images, labels = digits16
   meta = classifier.metadata
-  _, val_idx = dc.heldout_split(len(labels), meta["val_fraction"], meta["split_seed"])
+  _, val_idx = heldout_split(len(labels), meta["val_fraction"], meta["split_seed"])
   assert len(val_idx) > 300
   assert metrics.accuracy(classifier.predict(images[val_idx]), labels[val_idx]) >= 0.95
 
 
 @pytest.mark.parametrize("size,method", [(32, "linear"), (32, "cubic"), (8, "linear")])
 def test_other_input_sizes(classifier, size, method):
-  images, labels = dc.load_real_digits(size, method)
+  images, labels = trainer.load_real_digits(size, method)
   assert images.shape[1:] == (size, size, 1)
   assert metrics.accuracy(classifier.predict(images), labels) >= 0.95
 
@@ -120,7 +122,7 @@ def test_bad_inputs_raise_clear_errors(classifier):
 
 
 def test_missing_asset_says_how_to_regenerate(tmp_path):
-  with pytest.raises(FileNotFoundError, match="python -m dit_jax.evaluation.digits_classifier"):
+  with pytest.raises(FileNotFoundError, match="python -m dit_jax.tools.train_digits_classifier"):
     dc.load_classifier(str(tmp_path / "absent.npz"))
 
 
@@ -141,11 +143,11 @@ def test_wrong_architecture_is_rejected(classifier):
 
 
 def test_heldout_split_is_a_fixed_partition():
-  train, val = dc.heldout_split(1797, 0.2, seed=0)
+  train, val = heldout_split(1797, 0.2, seed=0)
   assert len(val) == 359 and len(np.intersect1d(train, val)) == 0
   np.testing.assert_array_equal(np.union1d(train, val), np.arange(1797))
-  np.testing.assert_array_equal(dc.heldout_split(1797, 0.2, seed=0)[1], val)
-  assert not np.array_equal(dc.heldout_split(1797, 0.2, seed=1)[1], val)
+  np.testing.assert_array_equal(heldout_split(1797, 0.2, seed=0)[1], val)
+  assert not np.array_equal(heldout_split(1797, 0.2, seed=1)[1], val)
 
 
 # --- Metrics ------------------------------------------------------------------------------------

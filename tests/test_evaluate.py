@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit_jax import checkpoint, parallel
+from dit_jax import checkpoint, checks, experiment, parallel
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import metrics, runner, sampling, scoring
+from dit_jax.evaluation import hooks, metrics, runner, sampling, scoring
 from dit_jax.models import inception
-from dit_jax.train import loop, setup
+from dit_jax.train import loop
 
 NUM = 16  # Samples per evaluation: 2 chunks of 8, one row per device.
 STEPS, EVAL_EVERY = 4, 2
@@ -127,7 +127,7 @@ def _log(workdir: str) -> list[dict]:
 
 
 def _final_weights(config, workdir: str):
-  exp = setup.build(config, training=False)
+  exp = experiment.build(config, training=False)
   _, params, ema = checkpoint.restore_weights(workdir, exp.abstract_state.params, config)
   return jax.device_get((params, ema))
 
@@ -162,17 +162,17 @@ def runs(folder):
   out = {"off": str(root / "off"), "on": str(root / "on"), "firsts": []}
   with pytest.MonkeyPatch.context() as m:
     m.setattr(metrics, "frechet_distance", low_rank_frechet)  # Module scope: set here too.
-    loop.run(off, out["off"])
+    loop.run(off, out["off"], hooks.TrainingHooks(out["off"]))
     _kill_after_chunks(m, calls=2, chunks=1, firsts=out["firsts"])
     with pytest.raises(KeyboardInterrupt):
-      loop.run(config, out["on"])
+      loop.run(config, out["on"], hooks.TrainingHooks(out["on"]))
     out["parts_after_kill"] = sorted(
       os.listdir(scoring.eval_files(out["on"], "during_training")[1])
     )
     out["log_after_kill"] = _log(out["on"])
     out["checkpoints_after_kill"] = sorted(os.listdir(os.path.join(out["on"], "checkpoints")))
     _kill_after_chunks(m, calls=0, chunks=0, firsts=out["firsts"])
-    loop.run(config, out["on"])
+    loop.run(config, out["on"], hooks.TrainingHooks(out["on"]))
     full = config.copy_and_resolve_references()
     full.eval.name = "full"
     out["full"] = runner.evaluate(full, out["on"])
@@ -314,9 +314,9 @@ def test_digits_keep_their_metrics_and_add_the_inceptions(
   assert all(math.isfinite(scores[k]) for k in scoring.SCORE_KEYS), scores
   # Their built-in metrics, as training logs them without weights: the same numbers.
   config = _cli.tiny_config(train__eval_every=2, train__eval_num_images=scores["num_images"])
-  exp = setup.build(config, training=False)
+  exp = experiment.build(config, training=False)
   params, _ = runner.restore_params(exp, workdir)
-  logged = scoring.training_evaluator(exp, workdir)(params, 6)
+  logged = hooks.training_evaluator(exp, workdir, sampling.make_sampler(exp), None)(params, 6)
   assert {"class_accuracy", "frechet_distance"} <= set(logged)  # (+ diversity given 2 a class)
   assert logged == {k: scores[k] for k in logged}
 
@@ -349,7 +349,7 @@ def test_evaluate_that_cannot_score_stops_before_building_anything(
   for key, value in fields.items():
     section, name = key.split("__")
     config[section][name] = value
-  monkeypatch.setattr(setup, "build", lambda *a, **k: pytest.fail("built the model"))
+  monkeypatch.setattr(experiment, "build", lambda *a, **k: pytest.fail("built the model"))
   with pytest.raises(ConfigError, match=says):
     runner.evaluate(config, "/nonexistent")
 
@@ -371,18 +371,18 @@ def test_evaluation_during_training_is_validated_up_front(folder, fields, says):
     section, name = key.split("__")
     config[section][name] = value
   with pytest.raises(ConfigError, match=says):
-    setup.validate(config)
+    checks.validate(config)
 
 
 def test_digits_evaluate_during_training_without_weights():
-  setup.validate(_cli.tiny_config(train__eval_every=2))
+  checks.validate(_cli.tiny_config(train__eval_every=2))
 
 
 def test_eval_fields_that_nothing_reads_log_one_warning_each(caplog):
   config = base_config()
   config.eval.reference, config.train.eval_num_images = "ref.npz", 10
   with caplog.at_level(logging.WARNING):
-    setup.validate(config)
+    checks.validate(config)
   said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert said == [
     "config.train.eval_num_images=10 has no effect: only evaluation during training reads it, "

@@ -8,12 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax import parallel
+from dit_jax import checks, experiment, parallel
 from dit_jax.config_defaults import base_config
 from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import runner, sampling
-from dit_jax.train import setup
+from dit_jax.evaluation import guides, runner, sampling
 
 # --- CADS's schedule and perturbation ------------------------------------------------------------
 
@@ -141,7 +140,7 @@ def _random_params(exp):
 
 
 def _samples(config, params=None):
-  exp = setup.build(config, training=False)
+  exp = experiment.build(config, training=False)
   params = _random_params(exp) if params is None else params
   images, _ = sampling.generate(exp, params, 8, seed=0, progress=False)
   return images, params
@@ -175,13 +174,13 @@ def test_neutral_interval_and_cads_reproduce_plain_sampling(objective, sampler):
 def test_interval_counts_the_passes_it_saves():
   config = _tiny("eps", "heun")
   config.sample.num_steps = 10
-  exp_diffusion = setup.build(config, training=False).diffusion
+  exp_diffusion = experiment.build(config, training=False).diffusion
   times = exp_diffusion.evaluation_times("heun", 10)
   assert len(times) == 2 * 10 - 1  # Heun: two evaluations a step, one in the last.
   levels = exp_diffusion.schedule.noise_level(times)
   lo, hi = float(np.quantile(levels, 0.25)), float(np.quantile(levels, 0.75))
   config.sample.guidance_interval = (lo, hi)
-  passes = sampling.interval_passes(config, exp_diffusion)
+  passes = guides.interval_passes(config, exp_diffusion)
   inside = int(np.sum((levels > lo) & (levels <= hi)))
   assert passes == {
     "evaluations": 19,
@@ -194,20 +193,20 @@ def test_interval_counts_the_passes_it_saves():
 
 def test_guide_equal_to_the_main_model_reproduces_unguided_sampling(trained_workdir):
   config = _cli.tiny_config()
-  exp = setup.build(config, training=False)
+  exp = experiment.build(config, training=False)
   params, step = runner.restore_params(exp, trained_workdir)
   unguided = _cli.tiny_config(sample__guidance_scale=1.0)
   plain, _ = sampling.generate(
-    setup.build(unguided, training=False), params, 8, seed=0, progress=False
+    experiment.build(unguided, training=False), params, 8, seed=0, progress=False
   )
   auto = _cli.tiny_config(sample__guidance_scale=3.0)
   auto.sample.guide.workdir = trained_workdir
-  auto_exp = setup.build(auto, training=False)
+  auto_exp = experiment.build(auto, training=False)
   same, _ = sampling.generate(auto_exp, params, 8, seed=0, progress=False)
   np.testing.assert_array_equal(same, plain)
   auto.sample.guide.step = 2  # An earlier checkpoint: a real guide now.
   earlier, _ = sampling.generate(
-    setup.build(auto, training=False), params, 8, seed=0, progress=False
+    experiment.build(auto, training=False), params, 8, seed=0, progress=False
   )
   assert np.all(np.isfinite(earlier)) and not np.allclose(earlier, plain)
 
@@ -237,14 +236,14 @@ def test_bad_guidance_settings_are_one_clear_error(field, value, message):
     section = section[part]
   section[name] = value
   with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-    setup.validate(config)
+    checks.validate(config)
 
 
 def test_a_guide_or_classifier_of_another_model_is_one_clear_error(trained_workdir):
   config = _cli.tiny_config(sample__guidance_scale=3.0)
   config.data.image_size = 8  # The guide was trained on 16x16 digits.
   config.sample.guide.workdir = trained_workdir
-  exp = setup.build(config, training=False)
+  exp = experiment.build(config, training=False)
   with pytest.raises(
     ConfigError, match="was trained on 16x16x1 inputs, but this model makes 8x8x1"
   ):
@@ -252,7 +251,7 @@ def test_a_guide_or_classifier_of_another_model_is_one_clear_error(trained_workd
   config = _cli.tiny_config()
   config.sample.classifier.workdir, config.sample.classifier.scale = trained_workdir, 1.0
   with pytest.raises(ConfigError, match="holds a 'dit' model, not a noise-aware classifier"):
-    sampling.make_sampler(setup.build(config, training=False))
+    sampling.make_sampler(experiment.build(config, training=False))
 
 
 @pytest.mark.multiprocess
@@ -273,16 +272,14 @@ def test_cli_empty_interval_is_one_clear_line(trained_workdir):
 def test_classifier_gradients_are_finite_and_sharded_like_the_batch(classifier_workdir):
   config = _cli.tiny_config()
   config.sample.classifier.workdir, config.sample.classifier.scale = classifier_workdir, 2.0
-  exp = setup.build(config, training=False)  # 8 devices: the batch split over them.
-  classifier = sampling.load_classifier(config, exp.mesh)
+  exp = experiment.build(config, training=False)  # 8 devices: the batch split over them.
+  classifier = guides.load_classifier(config, exp.mesh)
   batch = parallel.batch_sharding(exp.mesh)
   z = jax.device_put(jax.random.normal(jax.random.key(0), (8, 16, 16, 1)), batch)
   t = jax.device_put(jnp.full((8,), 300.0), batch)
   labels = jax.device_put(jnp.arange(8) % 10, batch)
   with exp.context():
-    grad = jax.jit(
-      sampling.classifier_gradient(classifier.exp.model, classifier.params, labels, 2.0)
-    )
+    grad = jax.jit(guides.classifier_gradient(classifier.exp.model, classifier.params, labels, 2.0))
     g = grad(z, t)
   assert g.shape == z.shape and np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0)
   assert g.sharding.is_equivalent_to(batch, g.ndim), g.sharding
@@ -333,7 +330,7 @@ def test_a_classifier_of_other_classes_is_one_clear_error(classifier_workdir):
   config = _cli.tiny_config(model__num_classes=5)
   config.sample.classifier.workdir, config.sample.classifier.scale = classifier_workdir, 1.0
   with pytest.raises(ConfigError, match="classifies 10 classes, but this model has"):
-    sampling.make_sampler(setup.build(config, training=False))
+    sampling.make_sampler(experiment.build(config, training=False))
 
 
 @pytest.mark.integration

@@ -11,13 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import checkpoint
+from dit_jax import checkpoint, experiment
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import runner
 from dit_jax.models import build_model, convert, layers
 from dit_jax.tools import import_dit
-from dit_jax.train import loop, setup
+from dit_jax.train import loop
 
 torch = pytest.importorskip("torch")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +171,7 @@ def test_imported_weights_restore_on_one_device_and_under_fsdp(imported, state_d
   fsdp.parallel.preset = "fsdp"
   fsdp.parallel.mesh.data, fsdp.parallel.mesh.fsdp = 1, 8
   for config, devices in ((tiny_config(), jax.devices()[:1]), (fsdp, jax.devices())):
-    exp = setup.build(config, devices=devices)
+    exp = experiment.build(config, devices=devices)
     params, step = runner.restore_params(exp, workdir)
     assert step == 0
     leaves = jax.tree.leaves_with_path(params)
@@ -200,7 +200,7 @@ def test_import_from_a_bucket_into_a_bucket_restores_the_same_weights(imported, 
   into = gcs.url("imported")
   path = import_dit.import_dit(storage.join(url, "DiT-tiny-2.pt"), tiny_config(), into)
   assert path == storage.join(into, "checkpoints", "0")
-  exp = setup.build(tiny_config(), devices=jax.devices()[:1])
+  exp = experiment.build(tiny_config(), devices=jax.devices()[:1])
   (a, step_a), (b, step_b) = (runner.restore_params(exp, w) for w in (into, workdir))
   assert step_a == step_b == 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
@@ -280,7 +280,7 @@ def test_init_from_starts_a_new_run_at_step_0_from_the_imported_weights(
   workdir, _ = imported
   want = convert.convert_dit(state_dict, tiny_config())
   first = {}
-  jit_train_step = setup.Experiment.jit_train_step
+  jit_train_step = experiment.Experiment.jit_train_step
 
   def spy(exp):  # Records the state that the first train step receives.
     step = jit_train_step(exp)
@@ -291,7 +291,7 @@ def test_init_from_starts_a_new_run_at_step_0_from_the_imported_weights(
 
     return run
 
-  monkeypatch.setattr(setup.Experiment, "jit_train_step", spy)
+  monkeypatch.setattr(experiment.Experiment, "jit_train_step", spy)
   config = tiny_config()
   config.train.init_from = workdir
   run = str(tmp_path / "finetune")
@@ -308,9 +308,11 @@ def test_init_from_starts_a_new_run_at_step_0_from_the_imported_weights(
   # A model of another architecture cannot start from these weights.
   other = tiny_config("tiny/4")
   with pytest.raises(ConfigError, match="patch_embed/kernel"):
-    checkpoint.restore_weights(workdir, setup.build(other).abstract_state.params, other)
+    checkpoint.restore_weights(workdir, experiment.build(other).abstract_state.params, other)
   with pytest.raises(ConfigError, match="holds no checkpoint"):
-    checkpoint.restore_weights(str(tmp_path / "empty"), setup.build(config).abstract_state.params)
+    checkpoint.restore_weights(
+      str(tmp_path / "empty"), experiment.build(config).abstract_state.params
+    )
 
 
 @pytest.mark.multiprocess
@@ -386,6 +388,6 @@ def test_sd3_import_names_the_flags_it_needs_then_restores(tmp_path):
   config.model.pos_embed_max_size, config.model.pos_embed_base_size = 12, 4
   import_sd3.import_sd3(str(tmp_path / "transformer"), config, workdir)
   want, _ = convert.load_sd3(str(tmp_path / "transformer"))
-  params, step = runner.restore_params(setup.build(config), workdir)
+  params, step = runner.restore_params(experiment.build(config), workdir)
   assert step == 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), want)

@@ -1,7 +1,6 @@
 """The package's import graph, read from the sources: no module uses another's private names (nor
-do the tests), no package imports one above it, and the only cycle left is the one between
-`train/` and `evaluation/` that issue 27 still has to break (the test fails once it is gone, so
-that the allowance goes with it)."""
+do the tests), and no package imports one above it or beside it, so there is no cycle: `train/`
+and `evaluation/` share `experiment/` below them and meet only in the entry points above."""
 
 import ast
 import collections
@@ -20,12 +19,12 @@ LAYERS = (
   ("diffusion", "data"),
   ("models",),
   ("conditioning", "vae", "checkpoint"),
+  ("experiment",),
   ("train", "evaluation"),
-  ("aot",),
+  ("aot", "checks"),
   ("tools", "benchmark_torch"),
   ("benchmark", "main"),
 )
-STILL_ALLOWED = {("train", "evaluation"), ("evaluation", "train")}  # Issue 27: the loop's hook.
 
 
 def _module(path: str) -> str:
@@ -93,7 +92,7 @@ def test_no_module_uses_another_modules_private_names():
 
 def test_no_package_imports_one_above_it():
   rank = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
-  found, upward = set(), []
+  upward = []
   for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True):
     here = _unit(_module(path))
     if here == "dit_jax":
@@ -103,9 +102,6 @@ def test_no_package_imports_one_above_it():
       there = _unit(module)
       if there in (here, "dit_jax"):
         continue
-      if (here, there) in STILL_ALLOWED:
-        found.add((here, there))
-      elif rank[there] >= rank[here]:
+      if rank[there] >= rank[here]:
         upward.append(f"{_module(path)} imports {module} ({there} is not below {here})")
   assert not upward, "\n".join(sorted(set(upward)))
-  assert found == STILL_ALLOWED, f"the allowance {STILL_ALLOWED - found} is no longer needed"

@@ -13,7 +13,7 @@ from PIL import Image
 from dit_jax import parallel
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import runner, sampling
+from dit_jax.evaluation import hooks, runner, sampling
 from dit_jax.models import autoencoder
 from dit_jax.tools import encode_latents
 from dit_jax.train import loop
@@ -63,7 +63,7 @@ def run(tmp_path_factory):
   )
   assert meta.count == 32 and meta.scaling_factor == VAE_CONFIG.scaling_factor
   workdir = str(root / "run")
-  loop.run(config, workdir)
+  loop.run(config, workdir, hooks.TrainingHooks(workdir))
   return config, workdir
 
 
@@ -135,7 +135,7 @@ def test_grids_and_in_training_fid_share_one_vae(run, tmp_path, monkeypatch):
   c.eval.inception_weights = _stand_in_inception.write(str(tmp_path / "inception.npz"))
   c.train.update(eval_every=4, eval_num_images=8)
   workdir = str(tmp_path / "run")
-  loop.run(c, workdir)
+  loop.run(c, workdir, hooks.TrainingHooks(workdir))
   assert loads == [c.vae.path]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     scores = [json.loads(line) for line in f if '"fid"' in line]

@@ -14,9 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import parallel
+from dit_jax import experiment, parallel
 from dit_jax.config_defaults import base_config
-from dit_jax.train import setup
 
 
 def _logged_steps(workdir: str) -> list[int]:
@@ -158,7 +157,7 @@ def test_preset_fsdp_alone_shards_the_state_over_every_device():
   assert jax.device_count() == 8
   config = _config("fsdp")
   assert dict(parallel.make_mesh(config).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-  exp = setup.build(config)
+  exp = experiment.build(config)
   device = exp.mesh.devices.flat[0]
   fraction = parallel.device_fraction(exp.abstract_state, device)
   # A few small vectors without an embed dimension (biases of the timestep MLP) stay whole.
@@ -170,7 +169,7 @@ def test_preset_fsdp_alone_shards_the_state_over_every_device():
       split += 1
   assert split > 0
   assert parallel.layout_warnings(config, exp.mesh) == []
-  dp = setup.build(_config("dp"))
+  dp = experiment.build(_config("dp"))
   assert dict(dp.mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}
   assert parallel.device_fraction(dp.abstract_state, dp.mesh.devices.flat[0]) == 1.0
 

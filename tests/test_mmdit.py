@@ -7,13 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax import parallel
+from dit_jax import experiment, parallel
 from dit_jax.conditioning import TextConditioner
 from dit_jax.config_defaults import base_config
 from dit_jax.data.text import EncoderSlot, TextSpec, single_encoder_spec
 from dit_jax.errors import ConfigError
 from dit_jax.models import build_model, convert
-from dit_jax.train import setup
 
 
 def _config(variant="d2", size=8, channels=4, text=(5, 12, 6), **model):
@@ -152,7 +151,7 @@ def test_text_dropout_is_per_encoder_and_uses_the_empty_caption():
 @pytest.mark.sharding
 def test_fsdp_tp_shards_mmdit_and_matches_one_device(preset="fsdp_tp", mesh=(2, 2, 2)):
   def step(config, devices):
-    exp = setup.build(config, devices=devices)
+    exp = experiment.build(config, devices=devices)
     state = exp.init_state()
     rng = np.random.default_rng(0)
     batch = {

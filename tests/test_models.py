@@ -9,8 +9,8 @@ import pytest
 from dit_jax.conditioning import LabelConditioner
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
+from dit_jax.experiment.step import dummy_inputs
 from dit_jax.models import VARIANTS, build_model, layers
-from dit_jax.train.step import dummy_inputs
 
 
 def _config(variant="tiny/2", size=16, channels=1, **model):

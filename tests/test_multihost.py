@@ -74,8 +74,8 @@ def test_two_processes_train_like_one_and_share_checkpoints(gcs, tmp_path):
   other's checkpoint (state, EMA and data position, past the end of an epoch), the pod's checkpoint
   restores onto 1 device with the config saved in it, and nothing is written to the directory the
   processes run in."""
+  from dit_jax import experiment
   from dit_jax.evaluation import runner
-  from dit_jax.train import setup
 
   data_url = gcs.url("latents")
   _gcs.write_latents(data_url)  # 32 examples: 4 global batches of 8 an epoch.
@@ -112,7 +112,7 @@ def test_two_processes_train_like_one_and_share_checkpoints(gcs, tmp_path):
   # The pod's checkpoint, with the config saved in it, restores onto 1 device.
   saved = runner.run_config(pod_from_host)
   assert saved.data.path == data_url
-  exp = setup.build(saved, devices=jax.devices()[:1], training=False)
+  exp = experiment.build(saved, devices=jax.devices()[:1], training=False)
   params, step = runner.restore_params(exp, pod_from_host)
   assert step == 5 and all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
 

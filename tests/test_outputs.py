@@ -43,12 +43,12 @@ def test_sample_keeps_earlier_samples_unless_overwrite(workdir, monkeypatch, cap
 
   # A second run of the same name stops before it builds anything, and changes no file.
   with monkeypatch.context() as m:
-    m.setattr(runner.setup, "build", _no_build)
+    m.setattr(runner.experiment, "build", _no_build)
     with pytest.raises(ConfigError, match=r"samples\.npz exists .*sample\.name=.*--overwrite"):
       runner.sample(config, workdir)
   os.rename(npz, npz + ".kept")  # The grid alone is a result too.
   with monkeypatch.context() as m:
-    m.setattr(runner.setup, "build", _no_build)
+    m.setattr(runner.experiment, "build", _no_build)
     with pytest.raises(ConfigError, match=r"samples\.png exists .*--overwrite"):
       runner.sample(config, workdir)
   os.rename(npz + ".kept", npz)

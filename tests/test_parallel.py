@@ -4,10 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import parallel
+from dit_jax import experiment, parallel
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
-from dit_jax.train import setup
 
 pytestmark = pytest.mark.sharding
 
@@ -50,7 +49,7 @@ def _bytes_on(tree, device) -> int:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_every_array_of_the_state_has_a_mesh_sharding(name):
-  exp = setup.build(config_for(*LAYOUTS[name]))
+  exp = experiment.build(config_for(*LAYOUTS[name]))
   leaves = jax.tree.leaves(exp.state_shardings)
   assert len(leaves) == len(jax.tree.leaves(exp.abstract_state))
   for s in leaves:
@@ -63,7 +62,7 @@ def test_every_array_of_the_state_has_a_mesh_sharding(name):
 
 
 def test_fsdp_holds_an_eighth_of_the_state_per_device():
-  exp = setup.build(config_for("fsdp", (1, 8, 1), variant="mini/4"))
+  exp = experiment.build(config_for("fsdp", (1, 8, 1), variant="mini/4"))
   state = exp.init_state()
   parts = {"params": state.params, "optimizer": state.opt_state, "ema": state.ema_params}
   for part, tree in parts.items():
@@ -72,16 +71,16 @@ def test_fsdp_holds_an_eighth_of_the_state_per_device():
     print(f"fsdp x8, {part}: {total / 2**20:.2f} MiB in all, per device {max(fractions):.4f}")
     # A few small vectors without an embed axis (e.g. the timestep MLP's biases) stay replicated.
     assert max(fractions) < 1 / 8 * 1.05, (part, fractions)
-  dp = setup.build(config_for("dp", (8, 1, 1), variant="mini/4"))
+  dp = experiment.build(config_for("dp", (8, 1, 1), variant="mini/4"))
   dp_params = dp.init_state().params
   total = sum(x.nbytes for x in jax.tree.leaves(dp_params))
   assert _bytes_on(dp_params, dp.mesh.devices.flat[0]) == total  # dp replicates everything.
 
 
 def test_sharded_init_equals_single_device_init():
-  one = setup.build(config_for(), devices=jax.devices()[:1]).init_state()
+  one = experiment.build(config_for(), devices=jax.devices()[:1]).init_state()
   for name in LAYOUTS:
-    many = setup.build(config_for(*LAYOUTS[name])).init_state()
+    many = experiment.build(config_for(*LAYOUTS[name])).init_state()
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many), strict=True):
       np.testing.assert_array_equal(
         np.asarray(jax.random.key_data(a) if _is_key(a) else a),
@@ -100,7 +99,7 @@ LOSS_RTOL, PARAM_ATOL = 1e-6, 1e-5
 
 def _one_step(config, devices, steps=1):
   """Params after `steps` train steps on fixed batches, and each step's (loss, gradient norm)."""
-  exp = setup.build(config, devices=devices)
+  exp = experiment.build(config, devices=devices)
   state = exp.init_state()
   step, curve = exp.jit_train_step(), []
   with exp.context():
@@ -130,14 +129,14 @@ def test_batch_that_does_not_divide_the_data_axes_is_a_clear_error():
   config = config_for("fsdp_tp", (2, 2, 2))
   config.train.batch_size = 10  # data x fsdp = 4 devices.
   with pytest.raises(ConfigError, match=r"config.train.batch_size=10 must be a positive multiple"):
-    setup.build(config)
+    experiment.build(config)
   config.train.batch_size = 12
-  assert parallel.data_parallel_size(setup.build(config).mesh) == 4
+  assert parallel.data_parallel_size(experiment.build(config).mesh) == 4
   # Sampling restores a checkpoint onto any device count, whatever batch trained it.
   config = config_for("dp")
   with pytest.raises(ConfigError, match=r"config.train.batch_size=16"):
-    setup.build(config, devices=jax.devices()[:3])
-  assert setup.build(config, devices=jax.devices()[:3], training=False).mesh.size == 3
+    experiment.build(config, devices=jax.devices()[:3])
+  assert experiment.build(config, devices=jax.devices()[:3], training=False).mesh.size == 3
 
 
 def test_rules_override_the_preset_field_by_field():
@@ -146,7 +145,7 @@ def test_rules_override_the_preset_field_by_field():
   config.parallel.rules.batch = "data"
   rules = dict(parallel.axis_rules(config))
   assert rules == {"batch": "data", "mlp": "tensor"}
-  exp = setup.build(config)
+  exp = experiment.build(config)
   fc1 = exp.state_shardings.params["blocks"]["mlp"]["fc1"]["kernel"]
   assert tuple(fc1.spec) == (None, None, "tensor")  # (layers, embed, mlp)
   config.parallel.rules.embed = "fsdp,model"

@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_jax import checkpoint
+from dit_jax import checkpoint, checks, experiment
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import runner
+from dit_jax.experiment import ema
 from dit_jax.tools import posthoc_ema
-from dit_jax.train import ema, setup
 
 STD = (0.05, 0.1)
 POWER = [
@@ -139,7 +139,7 @@ def test_bad_ema_config_is_one_clear_error(fields, message):
   for k, v in fields.items():
     c.train.ema[k] = v
   with pytest.raises(ConfigError) as e:
-    setup.validate(c)
+    checks.validate(c)
   assert message in str(e.value), str(e.value)
 
 
@@ -167,7 +167,7 @@ def power_run(tmp_path_factory):
 
 
 def _state(workdir, step=_cli.TINY_STEPS):
-  exp = setup.build(power_config())
+  exp = experiment.build(power_config())
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
     return jax.device_get(ckpt.restore_train(step, exp.abstract_state))
@@ -176,7 +176,7 @@ def _state(workdir, step=_cli.TINY_STEPS):
 
 
 def _snapshot(workdir, step):
-  exp = setup.build(power_config())
+  exp = experiment.build(power_config())
   snaps = checkpoint.EmaSnapshots(workdir, read_only=True)
   try:
     return snaps.profiles(step), jax.device_get(snaps.restore(step, exp.abstract_state.params))
@@ -201,7 +201,7 @@ def test_run_keeps_one_ema_per_profile_and_snapshots_them(power_run):
     for a, b in zip(*(jax.tree.leaves(e) for e in state.ema_params), strict=True)
   )
   for index in (0, 1):
-    exp = setup.build(power_config(ema_index=index), training=False)
+    exp = experiment.build(power_config(ema_index=index), training=False)
     params, step = runner.restore_params(exp, power_run)
     assert step == 6
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), state.ema_params[index])
@@ -209,7 +209,7 @@ def test_run_keeps_one_ema_per_profile_and_snapshots_them(power_run):
   exponential = _cli.tiny_config()
   exponential.sample.ema_index = 2
   with pytest.raises(ConfigError, match="ema_index=2, but the checkpoint .* holds 2 EMAs"):
-    runner.restore_params(setup.build(exponential, training=False), power_run)
+    runner.restore_params(experiment.build(exponential, training=False), power_run)
 
 
 @pytest.mark.multiprocess  # power_run trains through the command line.
@@ -255,7 +255,7 @@ def test_posthoc_tool_end_to_end(power_run, tmp_path):
       record["snapshots"].remove(row)
       term = jax.tree.map(lambda x, w=row["weight"]: w * x.astype(np.float64), tree)
       want = term if want is None else jax.tree.map(np.add, want, term)
-  params, step = runner.restore_params(setup.build(power_config(), training=False), out)
+  params, step = runner.restore_params(experiment.build(power_config(), training=False), out)
   assert step == 6
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -274,7 +274,7 @@ def test_posthoc_of_the_tracked_profiles_gives_them_back(power_run, tmp_path):
   paths = posthoc_ema.reconstruct(power_run, [0.1, 0.07, 0.05], out)
   assert paths == [os.path.join(out, s) for s in ("0.1", "0.07", "0.05")]
   state = _state(power_run)
-  exp = setup.build(power_config(), training=False)
+  exp = experiment.build(power_config(), training=False)
   for std, index in ((0.05, 0), (0.1, 1)):
     params, _ = runner.restore_params(exp, os.path.join(out, f"{std:g}"))
     jax.tree.map(
@@ -303,7 +303,7 @@ def test_posthoc_of_a_run_in_a_bucket_writes_into_the_bucket(power_run, gcs, tmp
   posthoc_ema.reconstruct(power_run, [0.07], local)
   record = storage.read_json(storage.join(out, "posthoc_ema.json"))
   assert record["source"] == run and record["step"] == 6
-  exp = setup.build(power_config(), training=False)
+  exp = experiment.build(power_config(), training=False)
   (a, step_a), (b, step_b) = (runner.restore_params(exp, w) for w in (out, local))
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
@@ -357,7 +357,7 @@ def test_posthoc_bad_input_is_one_clear_error(power_run, tmp_path):
 
 @pytest.mark.multiprocess  # power_run trains through the command line.
 def test_init_from_a_power_run_takes_its_parameters_and_first_ema(power_run):
-  exp = setup.build(_cli.tiny_config(), training=False)
+  exp = experiment.build(_cli.tiny_config(), training=False)
   step, params, ema_params = checkpoint.restore_weights(power_run, exp.abstract_state.params)
   state = _state(power_run)
   assert step == 6

@@ -26,9 +26,9 @@ from dit_jax.conditioning import build_conditioner, split_batch
 from dit_jax.config_defaults import base_config
 from dit_jax.diffusion import build_diffusion
 from dit_jax.diffusion.guidance import guided
+from dit_jax.experiment import step as step_lib
+from dit_jax.experiment.state import optimizer
 from dit_jax.models import layers
-from dit_jax.train import step as step_lib
-from dit_jax.train.state import optimizer
 
 U = 2.0**-8  # bfloat16's unit roundoff.
 OUTPUT_RTOL = 1.5 * U  # The model output, relative L2.

@@ -8,12 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import benchmark
+from dit_jax import benchmark, checks
 from dit_jax.config_defaults import base_config
 from dit_jax.data import DataError
 from dit_jax.data.prefetch import Prefetcher
 from dit_jax.errors import ConfigError
-from dit_jax.train import setup
 
 _BATCHES = 8
 
@@ -108,7 +107,7 @@ def test_negative_depth_is_an_error():
   config = base_config()
   config.data.prefetch = -1
   with pytest.raises(ConfigError, match=r"data.prefetch=-1 must be >= 0 \(0 = off\)"):
-    setup.validate(config)
+    checks.validate(config)
 
 
 def test_input_benchmark_reads_the_training_batches():

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dit_jax import experiment
 from dit_jax.config_defaults import base_config
 from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import sampling
-from dit_jax.train import setup
+from dit_jax.evaluation import guides, sampling
 
 
 def tiny_config():
@@ -34,7 +34,7 @@ def tiny_config():
 def model():
   """(experiment, params, sampler) of a tiny DiT with random parameters (the zero-initialized
   output layer would make every prediction zero); the sampler is compiled once for all tests."""
-  exp = setup.build(tiny_config())
+  exp = experiment.build(tiny_config())
   leaves, tree = jax.tree.flatten(exp.init_state().ema_params)
   rng = np.random.default_rng(0)
   noisy = [x + 0.05 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves]
@@ -93,8 +93,8 @@ def test_killed_sampling_resumes_to_the_same_file(model, tmp_path, monkeypatch):
   other.sample.guidance_scale = 1.5
   smaller.sample.batch_size = 4  # DDPM's images depend on the chunk size.
   for args, field in (
-    ((setup.build(other), params, workdir, "resumed"), "sample.guidance_scale"),
-    ((setup.build(smaller), params, workdir, "resumed"), "sample.batch_size"),
+    ((experiment.build(other), params, workdir, "resumed"), "sample.guidance_scale"),
+    ((experiment.build(smaller), params, workdir, "resumed"), "sample.batch_size"),
     ((exp, params, workdir, "resumed", None, 3, 1), "sample.seed"),
     ((exp, params, workdir, "resumed", None, 4), "checkpoint_step"),
   ):
@@ -117,7 +117,7 @@ def test_guidance_of_some_channels_is_the_official_dit_formula():
   channel and the learned variance (channels 4..7) come from the conditional half."""
   config = base_config()
   config.data.channels, config.sample.guided_channels = 4, 3
-  n = sampling.guided_channels(config)
+  n = guides.guided_channels(config)
   scale = 4.0
   rng = np.random.default_rng(0)
   z = jnp.asarray(rng.standard_normal((2, 4, 4, 4)), jnp.float32)
@@ -139,7 +139,7 @@ def test_guidance_of_some_channels_is_the_official_dit_formula():
   assert not np.allclose(want[..., 3], u_out[..., 3])  # Channel 3 is the conditional one.
 
   config.sample.guided_channels = 0  # All of the 4 mean channels.
-  assert sampling.guided_channels(config) == 4
+  assert guides.guided_channels(config) == 4
 
 
 def test_sampler_guides_the_configured_channels(model, monkeypatch):
@@ -161,4 +161,4 @@ def test_bad_guided_channels_is_a_clear_error(value):
   config = tiny_config()
   config.data.channels, config.sample.guided_channels = 4, value
   with pytest.raises(ConfigError, match=rf"sample.guided_channels={value} must be between 0"):
-    sampling.grid_sampler(setup.build(config))
+    sampling.make_sampler(experiment.build(config))

@@ -16,7 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from dit_jax import storage, utils
-from dit_jax.evaluation import runner, sampling, scoring
+from dit_jax.evaluation import guides, runner, sampling, scoring
 
 
 @pytest.fixture(params=["local", "gs"])
@@ -207,11 +207,10 @@ def test_inputs_on_gs_read_as_from_a_local_disk(gcs, trained_workdir, tmp_path):
   """The config's inputs given as gs:// URLs (a VAE directory, the Inception weights, a reference
   batch with its statistics cache beside it, a prompts file, a run to start from or guide with)
   read as their local copies do."""
-  from dit_jax import checkpoint
+  from dit_jax import checkpoint, experiment
   from dit_jax.data import text
   from dit_jax.evaluation import fid
   from dit_jax.models import autoencoder, inception
-  from dit_jax.train import setup
 
   local, url = str(tmp_path / "in"), gcs.url("inputs")
   # A diffusers AutoencoderKL directory (vae.path).
@@ -271,12 +270,12 @@ def test_inputs_on_gs_read_as_from_a_local_disk(gcs, trained_workdir, tmp_path):
 
   # A run in a bucket to start from (train.init_from) and to guide with (sample.guide.workdir).
   run = _gcs.upload(trained_workdir, gcs.url("run"), only=("checkpoints",))
-  exp = setup.build(_cli.tiny_config(), training=False)
+  exp = experiment.build(_cli.tiny_config(), training=False)
   from_gs = checkpoint.restore_weights(run, exp.abstract_state.params)
   from_disk = checkpoint.restore_weights(trained_workdir, exp.abstract_state.params)
   assert from_gs[0] == from_disk[0] == _cli.TINY_STEPS
   _tree_equal(from_gs[1:], from_disk[1:])
   guided = _cli.tiny_config(sample__guidance_scale=2.0)
   guided.sample.guide.workdir, guided.sample.guide.step = run, 2
-  guide = sampling.load_guide(guided, exp.mesh)
+  guide = guides.load_guide(guided, exp.mesh)
   assert guide.step == 2 and guide.workdir == run

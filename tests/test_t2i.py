@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 
-from dit_jax import data
+from dit_jax import data, experiment
 from dit_jax.config_defaults import base_config
 from dit_jax.data import shapes
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import runner
-from dit_jax.train import loop, setup
+from dit_jax.train import loop
 
 pytestmark = [pytest.mark.integration]
 
@@ -79,11 +79,11 @@ def test_wrong_model_or_sizes_for_text_data_are_clear_errors():
   config = tiny_t2i()
   config.model.context_dim = 64
   with pytest.raises(ConfigError, match="context_dim=32"):
-    setup.build(config)
+    experiment.build(config)
   config = tiny_t2i()
   config.data.name = "digits"
   with pytest.raises(ConfigError, match="no captions"):
-    setup.build(config)
+    experiment.build(config)
 
 
 def _tiny_encoders(tmp_path):
@@ -113,7 +113,7 @@ def test_latents_with_encoded_text_train_and_sample(tmp_path):
   np.save(os.path.join(data_dir, "latents.npy"), latents)
 
   config = tiny_t2i(name="latents", path=data_dir, image_size=8, channels=4)
-  exp = setup.build(config)
+  exp = experiment.build(config)
   assert exp.conditioner.spec.context_len == 8 + 6 and [s.name for s in spec.encoders] == [
     "clip_l",
     "t5",

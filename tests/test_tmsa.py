@@ -12,12 +12,11 @@ import pytest
 from flax import traverse_util
 from test_parallel import LAYOUTS, LOSS_RTOL, PARAM_ATOL, _one_step, config_for
 
-from dit_jax import axes
+from dit_jax import axes, experiment
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
 from dit_jax.models import build_model
 from dit_jax.models.attention import dot_product_attention
-from dit_jax.train import setup
 
 T = jnp.array([0.0, 10.0, 500.0, 999.0])
 LABELS = {"label": jnp.array([0, 1, 2, 3])}
@@ -147,7 +146,7 @@ def _tmsa_config(*layout):
 @pytest.mark.sharding
 def test_fsdp_tp_train_step_equals_one_device():
   config = _tmsa_config(*LAYOUTS["fsdp_tp"])
-  spec = setup.build(config).state_shardings.params["blocks"]["attn"]["time_qv"]["kernel"].spec
+  spec = experiment.build(config).state_shardings.params["blocks"]["attn"]["time_qv"]["kernel"].spec
   assert tuple(spec) == (None, "fsdp", None, "tensor", None)  # (layers, embed, 2, heads, kv)
   ref_params, ref_loss = _one_step(_tmsa_config(), jax.devices()[:1])
   params, loss = _one_step(config, jax.devices())

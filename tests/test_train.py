@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from dit_jax import parallel, utils
+from dit_jax import checks, experiment, parallel, utils
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import runner
-from dit_jax.train import loop, setup
+from dit_jax.evaluation import hooks, runner
+from dit_jax.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def _read_metrics(workdir):
 
 
 def _final_params(workdir, step):
-  exp = setup.build(tiny_config())
+  exp = experiment.build(tiny_config())
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mgr:
     restored = mgr.restore(
       step,
@@ -66,10 +66,10 @@ def _final_params(workdir, step):
 @pytest.mark.integration
 def test_train_resume_sample_evaluate(tmp_path):
   workdir = str(tmp_path / "run")
-  loop.run(tiny_config(num_steps=10), workdir)
+  loop.run(tiny_config(num_steps=10), workdir, hooks.TrainingHooks(workdir))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10"]
   # Rerunning the same command with more steps resumes at 10, not from scratch.
-  loop.run(tiny_config(num_steps=20), workdir)
+  loop.run(tiny_config(num_steps=20), workdir, hooks.TrainingHooks(workdir))
   records = _read_metrics(workdir)
   assert [r["step"] for r in records] == [5, 10, 15, 20]
   for r in records:
@@ -112,7 +112,7 @@ def test_samples_do_not_depend_on_device_count(tmp_path):
   loop.run(tiny_config(num_steps=5), workdir)
   outs = []
   for devices in (jax.devices(), jax.devices()[:1]):
-    exp = setup.build(tiny_config(), devices=devices)
+    exp = experiment.build(tiny_config(), devices=devices)
     params, _ = runner.restore_params(exp, workdir)
     from dit_jax.evaluation import sampling
 
@@ -124,8 +124,8 @@ def test_samples_do_not_depend_on_device_count(tmp_path):
 @pytest.mark.sharding
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   with pytest.raises(ConfigError, match="train.batch_size"):
-    setup.build(tiny_config(batch_size=12))
-  assert parallel.data_parallel_size(setup.build(tiny_config()).mesh) == 8
+    experiment.build(tiny_config(batch_size=12))
+  assert parallel.data_parallel_size(experiment.build(tiny_config()).mesh) == 8
 
 
 @pytest.mark.parametrize(
@@ -140,15 +140,16 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 def test_bad_values_name_the_field(section, field, value, match):
   config = tiny_config()
   config[section][field] = value
-  with pytest.raises(ConfigError, match=match):
-    setup.build(config)
+  with pytest.raises(ConfigError, match=match):  # As a program checks it: first, then builds.
+    checks.validate(config)
+    experiment.build(config)
 
 
 def test_ddim_with_rectified_flow_is_rejected():
   config = tiny_config()
   config.sample.sampler = "ddim"
   with pytest.raises(ConfigError, match="sample.sampler"):
-    setup.build(config)
+    checks.validate(config)
 
 
 def _load_config_module(name):

@@ -12,10 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from dit_jax import checks, experiment
 from dit_jax.data import text
 from dit_jax.diffusion import timesteps
 from dit_jax.errors import ConfigError
-from dit_jax.train import setup
+from dit_jax.evaluation import runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN, INF = float("nan"), float("inf")
@@ -37,10 +38,10 @@ def with_fields(config, **fields):
 
 
 def warnings_of(config, caplog) -> list[str]:
-  """The warning lines `setup.validate(config)` logs (it must not raise)."""
+  """The warning lines `checks.validate(config)` logs (it must not raise)."""
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    setup.validate(config)
+    checks.validate(config)
   return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
@@ -139,14 +140,14 @@ BAD = [
 @pytest.mark.parametrize("fields,match", BAD, ids=[m.split(" ")[0] for _, m in BAD])
 def test_bad_numbers_and_prompts_are_errors_naming_field_value_and_range(fields, match):
   with pytest.raises(ConfigError, match=match):
-    setup.validate(with_fields(load_config("quickstart"), **fields))
+    checks.validate(with_fields(load_config("quickstart"), **fields))
 
 
 @pytest.mark.parametrize("prompt_text", ["||", " | ", " "])
 def test_prompt_text_without_prompts_is_an_error(prompt_text):
   config = with_fields(load_config("quickstart_t2i"), sample__prompt_text=prompt_text)
   with pytest.raises(ConfigError, match=r"prompt_text=.* has no prompts between '\|'"):
-    setup.validate(config)
+    checks.validate(config)
 
 
 def test_inline_prompts_split_on_bars_and_drop_empty_ones():
@@ -156,10 +157,12 @@ def test_inline_prompts_split_on_bars_and_drop_empty_ones():
   ]
 
 
-def test_sampling_checks_the_numbers_before_building_anything():
+def test_sampling_checks_the_numbers_before_building_anything(monkeypatch, tmp_path):
   config = with_fields(load_config("quickstart"), sample__num_steps=0)
-  with pytest.raises(ConfigError, match="sample.num_steps=0 must be > 0"):
-    setup.build(config, training=False)
+  monkeypatch.setattr(experiment, "build", lambda *a, **k: pytest.fail("built the model"))
+  for sample_or_evaluate in (runner.sample, runner.evaluate):
+    with pytest.raises(ConfigError, match="sample.num_steps=0 must be > 0"):
+      sample_or_evaluate(config, str(tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -45,9 +45,26 @@ from PIL import Image
 
 from dit_jax import storage
 from dit_jax.data import latents, records, text
-from dit_jax.errors import ConfigError
+from dit_jax.errors import ConfigError, check_numbers
 
 SOURCE_NAMES = ("digits", "synthetic", "shapes", "tfds:<name>", "folder", "latents")
+
+# What each number in config.data accepts (see errors.check_numbers).
+NUMBERS = (
+  ("data.image_size", "> 0", ""),
+  ("data.channels", "> 0", ""),
+  ("data.latent_scale", "> 0", " (the factor pre-encoded latents are multiplied by)"),
+  ("data.num_workers", ">= 0", " (0 = threads in this process)"),
+  ("data.prefetch", ">= 0", " (0 = off)"),
+)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError for a number in config.data that cannot work (the source and its files
+  are checked when it is built)."""
+  check_numbers(config, NUMBERS)
+
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _DIGITS_SIZES = (8, 16, 32)
 _DIGITS_SPLITS = ("train", "fit", "held_out")

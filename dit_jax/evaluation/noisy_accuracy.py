@@ -9,7 +9,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from dit_jax import parallel
-from dit_jax.train.setup import Experiment
+from dit_jax.experiment import Experiment
 
 # Fractions of the schedule (unit time u: t = u for rectified flow, u * T steps for VP) at which
 # --mode=evaluate reports the accuracy; 0 is the clean image.

@@ -7,12 +7,11 @@ import jax
 import ml_collections
 from absl import logging
 
-from dit_jax import checkpoint, config_defaults, data, storage, utils
+from dit_jax import checkpoint, config_defaults, data, experiment, storage, utils
 from dit_jax import diffusion as diffusion_lib
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import noisy_accuracy, sampling, scoring
+from dit_jax.evaluation import checks, guides, noisy_accuracy, sampling, scoring
 from dit_jax.parallel import distributed
-from dit_jax.train import setup
 
 _RETRY = "make room there or make it writable, then rerun the same command."
 
@@ -61,7 +60,7 @@ def run_config(
   return config_defaults.for_saved_run(config_defaults.from_saved(saved), given, ckpt.directory)
 
 
-def restore_params(exp: setup.Experiment, workdir: str):
+def restore_params(exp: experiment.Experiment, workdir: str):
   """The EMA (or raw, per config.sample.use_ema) parameters of the newest checkpoint that can be
   read (a damaged newer one is skipped with a warning), restored onto this experiment's mesh; of
   a checkpoint with several power EMAs, the one at config.sample.ema_index."""
@@ -103,13 +102,14 @@ def sample(
       "diffusion model's workdir (with this one as its guidance classifier), or run "
       "--mode=evaluate here for the classifier's accuracy at several noise levels."
     )
+  checks.check_config(config)
   name = config.sample.name
   npz, png, _ = sampling.sample_files(workdir, name)
   if not overwrite:
     distributed.on_process_0(
       lambda: sampling.check_new_samples(workdir, name), f"read {workdir}", _RETRY
     )
-  exp = setup.build(config, devices=devices, training=False)
+  exp = experiment.build(config, devices=devices, training=False)
   params, step = restore_params(exp, workdir)
   decoder = sampling.load_decoder(config, exp.mesh)
   pixels = decoder is not None or data.is_pixel_data(config)
@@ -169,15 +169,16 @@ def evaluate(
   """
   if config.model.name == "classifier":
     return _evaluate_classifier(config, workdir, overwrite=overwrite)
-  builtin = config.data.name in setup.BUILTIN_METRICS_DATA
+  checks.check_config(config)
+  builtin = config.data.name in checks.BUILTIN_METRICS_DATA
   inception = bool(config.eval.inception_weights) or not builtin
   if inception:
-    setup.check_inception_eval(config, config.eval.num_images, "eval.num_images")
+    checks.check_inception_eval(config, config.eval.num_images, "eval.num_images")
   path, parts_dir = scoring.eval_files(workdir, config.eval.name)
 
   if not overwrite:
     distributed.on_process_0(lambda: _refuse_finished(path, parts_dir), f"read {workdir}", _RETRY)
-  exp = setup.build(config, training=False)
+  exp = experiment.build(config, training=False)
   params, step = restore_params(exp, workdir)
   scorer = scoring.Scorer(exp, workdir) if inception else None
   num = config.eval.num_images
@@ -201,7 +202,7 @@ def evaluate(
     sampler=diffusion_lib.resolve_sampler(config),
     num_steps=config.sample.num_steps,
     guidance_scale=config.sample.guidance_scale,
-    guided_channels=sampling.guided_channels(config),
+    guided_channels=guides.guided_channels(config),
     eta=config.sample.eta,
     seed=config.sample.seed,
     use_ema=config.sample.use_ema,
@@ -209,7 +210,7 @@ def evaluate(
   s = config.sample
   if s.guidance_interval and s.guidance_scale != 1.0:
     results["guidance_interval"] = list(s.guidance_interval)
-    results["network_passes"] = sampling.interval_passes(config, exp.diffusion)
+    results["network_passes"] = guides.interval_passes(config, exp.diffusion)
   if s.cads.noise_scale > 0:
     results["cads"] = s.cads.to_dict()
   if s.classifier.scale > 0:
@@ -235,7 +236,7 @@ def _evaluate_classifier(
 
   if not overwrite:
     distributed.on_process_0(lambda: _refuse_finished(path), f"read {workdir}", _RETRY)
-  exp = setup.build(config, training=False)
+  exp = experiment.build(config, training=False)
   params, step = restore_params(exp, workdir)
   images, labels = data.real_images(config, config.eval.num_images)
   results = {"step": step, "num_images": len(images), "data_split": config.data.split}

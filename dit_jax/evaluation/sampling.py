@@ -14,12 +14,10 @@ Samples of an earlier run are not replaced unless asked (`overwrite`): a finishe
 marks an unfinished run, which a rerun finishes whatever `overwrite` says.
 """
 
-import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -28,285 +26,18 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dit_jax import config_defaults, data, parallel, storage, utils
+from dit_jax import data, parallel, storage, utils
 from dit_jax import diffusion as diffusion_lib
-from dit_jax.data import text
 from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
+from dit_jax.evaluation import checks, guides
+from dit_jax.evaluation.conditions import Conditions, conditions
+from dit_jax.experiment import Experiment
 from dit_jax.parallel import distributed
-from dit_jax.train.setup import Experiment
 
 GRID_IMAGES = 100  # Images in a PNG grid.
 _CADS_STREAM = 3  # fold_in(seed key, this) seeds CADS's condition noise (apart from the solver's).
 FINGERPRINT_FILE = storage.ChunkStore.FINGERPRINT
-
-
-def sample_labels(config: ml_collections.ConfigDict, num: int, seed: int) -> np.ndarray:
-  """Balanced (0, 1, ..., K-1, 0, 1, ...) or uniformly random class labels [num]."""
-  k = config.model.num_classes
-  if config.sample.labels == "balanced":
-    return (np.arange(num) % k).astype(np.int32)
-  return np.random.default_rng(seed).integers(0, k, num).astype(np.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Conditions:
-  """The conditioning of `num` samples, gathered chunk by chunk (50,000 text conditions do not fit
-  in memory at once).
-
-  Attributes:
-    table: arrays whose rows are the distinct conditions (labels, or encoded prompts, possibly
-      memory-mapped), keyed as the conditioner expects them.
-    index: [num] the table row of each sample.
-    meta: what is stored beside the samples: `labels` or `captions` [num].
-  """
-
-  table: dict[str, np.ndarray]
-  index: np.ndarray
-  meta: dict[str, np.ndarray]
-
-  def take(self, samples: np.ndarray) -> dict[str, np.ndarray]:
-    """The conditioning of the given sample indices (float arrays as float32)."""
-    rows = self.index[samples]
-    return {
-      k: np.asarray(v[rows], np.float32 if np.issubdtype(v.dtype, np.floating) else v.dtype)
-      for k, v in self.table.items()
-    }
-
-
-def _read_prompts(path: str) -> list[str]:
-  """The non-empty lines of a prompts file (config.sample.prompts)."""
-  prompts = [p for p in text.read_captions(path) if p]
-  if not prompts:
-    raise ConfigError(f"config.sample.prompts={path!r} holds no prompts (one per line).")
-  return prompts
-
-
-def text_conditions(config: ml_collections.ConfigDict, num: int) -> Conditions:
-  """Text conditioning for `num` images: prompts cycled in order, and their captions.
-
-  `config.sample.prompts` is a directory written by dit_jax.tools.encode_text (on a local disk
-  or gs://), or a text file of prompts that the built-in encoder of the `shapes`
-  data can encode; `config.sample.prompt_text` gives such prompts in the config ("|"-separated);
-  neither: the held-out captions of `shapes`, or the data's own captions.
-  """
-  path, name, inline = config.sample.prompts, config.data.name, config.sample.prompt_text
-  if path and inline:
-    raise ConfigError(
-      "Set config.sample.prompts (a file or directory) or config.sample.prompt_text, not both."
-    )
-  if (path and storage.isdir(path)) or (not path and not inline and name == "latents"):
-    directory = path or config.data.path
-    spec, want = text.TextSpec.load(directory), data.text_spec(config)
-    got_sizes = (spec.context_len, spec.context_dim, spec.pooled_dim)
-    want_sizes = (want.context_len, want.context_dim, want.pooled_dim)
-    if got_sizes != want_sizes:
-      raise ConfigError(
-        f"config.sample.prompts={directory!r} holds text of sizes (context_len, context_dim, "
-        f"pooled_dim)={got_sizes}, but the model takes {want_sizes}; encode the prompts with "
-        "the encoders and max lengths used for the training data."
-      )
-    context, pooled = data.open_text(directory)
-    captions_path = storage.join(directory, text.CAPTIONS_FILE)
-    captions = text.read_captions(captions_path) if storage.isfile(captions_path) else None
-    index = np.arange(num) % len(pooled)
-    names = [captions[i] if captions and i < len(captions) else f"prompt {i}" for i in index]
-    return Conditions(
-      {"context": context, "pooled": pooled}, index, {"captions": np.asarray(names)}
-    )
-  if name != "shapes":
-    raise ConfigError(
-      f"Prompts {path or inline!r} (config.sample.prompts / prompt_text) can be encoded "
-      "in-process only for the built-in 'shapes' data; for other data encode them with `python -m "
-      "dit_jax.tools.encode_text --captions=FILE --out=DIR` and set config.sample.prompts=DIR."
-    )
-  from dit_jax.data import shapes
-
-  if path:
-    prompts = _read_prompts(path)
-  elif inline:
-    prompts = [p.strip() for p in inline.split("|") if p.strip()]
-  else:
-    prompts = shapes.held_out_captions()
-  context, pooled = shapes.encode_captions(prompts)
-  index = np.arange(num) % len(prompts)
-  captions = np.asarray([prompts[i] for i in index])
-  return Conditions({"context": context, "pooled": pooled}, index, {"captions": captions})
-
-
-def conditions(config: ml_collections.ConfigDict, num: int, seed: int) -> Conditions:
-  """The conditioning of `num` samples and what to store beside them in the .npz (labels [num]
-  for class-conditional models, captions [num] for text models)."""
-  if data.wants_text(config):
-    return text_conditions(config, num)
-  labels = sample_labels(config, num, seed)
-  return Conditions({"label": labels}, np.arange(num), {"labels": labels})
-
-
-def guided_channels(config: ml_collections.ConfigDict) -> int:
-  """The output channels that guidance steers: config.sample.guided_channels, 0 meaning all."""
-  n, c = config.sample.guided_channels, config.data.channels
-  if not 0 <= n <= c:
-    raise ConfigError(
-      f"config.sample.guided_channels={n} must be between 0 (all channels) and "
-      f"config.data.channels={c}; the official DiT guides 3 of its 4 latent channels."
-    )
-  return n or c
-
-
-@dataclasses.dataclass(frozen=True)
-class Auxiliary:
-  """A second network a sampler consults (autoguidance's guide, classifier guidance's
-  classifier), built from its own config and restored onto the main model's mesh."""
-
-  exp: Experiment
-  params: object
-  step: int
-  workdir: str
-
-
-def _restore_auxiliary(
-  config: ml_collections.ConfigDict, workdir: str, step: int, mesh, field: str
-) -> Auxiliary:
-  from dit_jax import checkpoint
-  from dit_jax.train import setup
-
-  exp = setup.build(config, devices=list(mesh.devices.flat), training=False)
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True, config=config)
-  try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise ConfigError(
-        f"config.sample.{field}.workdir={workdir!r} holds no checkpoint (looked in "
-        f"{ckpt.directory}); point it at a training run."
-      )
-    step = step or steps[-1]
-    if step not in steps:
-      raise ConfigError(
-        f"config.sample.{field}.step={step} is not a checkpoint of {ckpt.directory}; it holds "
-        f"steps {steps}."
-      )
-    params = ckpt.restore_params(
-      step,
-      exp.abstract_state.params,
-      ema=config.sample.use_ema,
-      ema_index=config.sample.ema_index,
-    )
-  finally:
-    ckpt.close()
-  logging.info("config.sample.%s: restored step %d of %s.", field, step, workdir)
-  return Auxiliary(exp, params, step, workdir)
-
-
-def _saved_config(workdir: str, step: int, field: str) -> ml_collections.ConfigDict:
-  """The config saved with checkpoint `step` (0: the newest) of `workdir`."""
-  from dit_jax import checkpoint
-
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  try:
-    steps = ckpt.all_steps()
-    saved = ckpt.saved_config(step or steps[-1]) if steps else None
-  finally:
-    ckpt.close()
-  if saved is None:
-    raise ConfigError(
-      f"config.sample.{field}.workdir={workdir!r} holds no readable checkpoint with its config "
-      f"(looked in {ckpt.directory}); point it at a training run of dit_jax."
-    )
-  return config_defaults.from_saved(saved)
-
-
-def _check_same_images(config, other, field: str, workdir: str) -> None:
-  ours = (config.data.image_size, config.data.channels)
-  theirs = (other.data.image_size, other.data.channels)
-  if ours != theirs:
-    raise ConfigError(
-      f"config.sample.{field}.workdir={workdir!r} was trained on {theirs[0]}x{theirs[0]}x"
-      f"{theirs[1]} inputs, but this model makes {ours[0]}x{ours[0]}x{ours[1]}; use a "
-      f"{field} trained on the same data."
-    )
-
-
-def load_guide(config: ml_collections.ConfigDict, mesh) -> Auxiliary | None:
-  """Autoguidance's guide (config.sample.guide), or None: the main model's config with the
-  guide's variant, restored from guide.workdir at guide.step."""
-  g = config.sample.guide
-  if not g.workdir or config.sample.guidance_scale == 1.0:
-    return None
-  saved = _saved_config(g.workdir, g.step, "guide")
-  _check_same_images(config, saved, "guide", g.workdir)
-  guide = ml_collections.ConfigDict(config.to_dict())
-  guide.model.variant = g.variant or saved.model.get("variant", config.model.variant)
-  for key in ("width", "depth", "heads"):
-    guide.model[key] = saved.model.get(key, guide.model[key])
-  return _restore_auxiliary(guide, g.workdir, g.step, mesh, "guide")
-
-
-def load_classifier(config: ml_collections.ConfigDict, mesh) -> Auxiliary | None:
-  """Classifier guidance's noise-aware classifier (config.sample.classifier), or None: built
-  from the config saved in its workdir, on this run's mesh."""
-  k = config.sample.classifier
-  if not k.workdir or k.scale == 0:
-    return None
-  saved = _saved_config(k.workdir, k.step, "classifier")
-  where = f"config.sample.classifier.workdir={k.workdir!r}"
-  if saved.model.name != "classifier":
-    raise ConfigError(
-      f"{where} holds a {saved.model.name!r} model, not a noise-aware classifier; train one with "
-      "model.name='classifier' (e.g. configs/quickstart_classifier.py)."
-    )
-  if saved.model.num_classes != config.model.num_classes:
-    raise ConfigError(
-      f"{where} classifies {saved.model.num_classes} classes, but this model has "
-      f"config.model.num_classes={config.model.num_classes}; use a classifier of the same labels."
-    )
-  _check_same_images(config, saved, "classifier", k.workdir)
-  fields = ("objective", "schedule", "num_timesteps")
-  if any(saved.diffusion[f] != config.diffusion[f] for f in fields):
-    theirs = {f: saved.diffusion[f] for f in fields}
-    ours = {f: config.diffusion[f] for f in fields}
-    raise ConfigError(
-      f"{where} was trained on the noise process {theirs}, but this model's is {ours}: its "
-      "gradients would be read at the wrong noise levels; train the classifier with this "
-      "model's diffusion settings."
-    )
-  # The classifier as it was trained (model, noise, data), laid out on this run's mesh.
-  cls = config_defaults.base_config()
-  for section in ("model", "diffusion", "data"):
-    cls[section].update(saved[section].to_dict())
-  cls.parallel = ml_collections.ConfigDict(config.parallel.to_dict())
-  cls.sample.use_ema = config.sample.use_ema
-  return _restore_auxiliary(cls, k.workdir, k.step, mesh, "classifier")
-
-
-def interval_passes(config: ml_collections.ConfigDict, diffusion) -> dict[str, int] | None:
-  """Network passes per image with config.sample.guidance_interval: the evaluations of the
-  sampler, how many of them fall in the interval (and are guided: 2 passes) and how many
-  unconditional passes that saves over guiding at every evaluation. None without an interval
-  or guidance."""
-  s = config.sample
-  if not s.guidance_interval or s.guidance_scale == 1.0:
-    return None
-  lo, hi = s.guidance_interval
-  sampler = diffusion_lib.resolve_sampler(config)
-  times = diffusion.evaluation_times(sampler, s.num_steps)
-  levels = np.asarray(diffusion.schedule.noise_level(times), np.float64)
-  guided = int(np.sum((levels > lo) & (levels <= hi)))
-  n = len(times)
-  return {"evaluations": n, "guided": guided, "passes": n + guided, "saved": n - guided}
-
-
-def classifier_gradient(model, params, labels: jax.Array, scale: float):
-  """grad(z [B, H, W, C], model_time [B]) -> scale x d log p(labels | z, t) / dz [B, H, W, C]
-  of a noise-aware classifier (`dit_jax.models.classifier`): each row the gradient of its own
-  log-probability (the rows do not interact, so the gradient of their sum), in float32."""
-
-  from dit_jax.models.classifier import log_prob_grad
-
-  def logits(z, model_time):
-    return model.apply({"params": params}, z, model_time)
-
-  return lambda z, model_time: scale * log_prob_grad(logits, z, model_time, labels)
 
 
 def make_sampler(exp: Experiment):
@@ -327,21 +58,22 @@ def make_sampler(exp: Experiment):
   beyond it and any sharding, so their sample i depends on the seed, i and the chunk size (not the
   padding, nor the devices).
   """
+  checks.check_config(exp.config)
   cfg = exp.config
   scale, steps = cfg.sample.guidance_scale, cfg.sample.num_steps
   sampler = diffusion_lib.resolve_sampler(cfg)
-  n_guided = guided_channels(cfg)
+  n_guided = guides.guided_channels(cfg)
   shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
   schedule = exp.diffusion.schedule
   text_model = data.wants_text(cfg)
-  guide = load_guide(cfg, exp.mesh)
-  classifier = load_classifier(cfg, exp.mesh)
+  guide = guides.load_guide(cfg, exp.mesh)
+  classifier = guides.load_classifier(cfg, exp.mesh)
   c = cfg.sample.cads
   cads = None
   if c.noise_scale > 0:
     cads = guidance.CADS(c.noise_scale, c.tau1, c.tau2, c.psi, c.rescale)
   interval = tuple(cfg.sample.guidance_interval) if scale != 1.0 else ()
-  passes = interval_passes(cfg, exp.diffusion)
+  passes = guides.interval_passes(cfg, exp.diffusion)
   if passes is not None and passes["guided"] in (0, passes["evaluations"]):
     # The grid lies wholly inside or outside: no branch at run time, the same program as
     # guiding everywhere (or nowhere, scale 1).
@@ -397,7 +129,7 @@ def make_sampler(exp: Experiment):
     if guide is not None:
       guide_apply = applier(guide.exp.model, guide_params)
     if classifier is not None:
-      classifier_grad = classifier_gradient(
+      classifier_grad = guides.classifier_gradient(
         classifier.exp.model, classifier_params, cond["label"], cfg.sample.classifier.scale
       )
 
@@ -567,40 +299,6 @@ def generate(
   if bar is not None:
     bar.close()
   return np.concatenate(out), conds.meta
-
-
-def grid_sampler(
-  exp: Experiment, run=None, decoder: Any = "load"
-) -> Callable[[object], np.ndarray | None]:
-  """The training loop's hook: returns grid(params) -> uint8 [n, H, W, 3 or 1], the first
-  min(100, sample.num_images) samples as pixels, or None for a latent model without a VAE.
-
-  Built once (before training, so that a bad VAE or guidance setting stops the run at once); the
-  sampler (`run`, a `make_sampler(exp)` to share, or a new one) is compiled on the first call.
-  `decoder`: the VAE to decode with (`load_decoder`), to share with an evaluation, or "load" to
-  load its own.
-  """
-  cfg = exp.config
-  if cfg.model.name == "classifier":  # A noise-aware classifier makes no images.
-    return lambda params: None
-  if isinstance(decoder, str):  # Not given: this sampler's own (`load_decoder`).
-    decoder = load_decoder(cfg, exp.mesh)
-  run = run or make_sampler(exp)
-  if decoder is None and not data.is_pixel_data(cfg):
-    logging.info(
-      "The model makes latents and config.vae.path is empty, so training writes no image grids; "
-      "to decode them, set --config.vae.path=DIR (a diffusers AutoencoderKL directory)."
-    )
-    return lambda params: None
-  n = min(GRID_IMAGES, cfg.sample.num_images)
-
-  def grid(params) -> np.ndarray:
-    images, _ = generate(
-      exp, params, n, seed=cfg.sample.seed, progress=False, decoder=decoder, run=run
-    )
-    return utils.to_uint8(images)
-
-  return grid
 
 
 def fingerprint(

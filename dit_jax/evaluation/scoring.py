@@ -32,12 +32,12 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dit_jax import data, parallel, storage, utils
+from dit_jax import data, experiment, parallel, storage
 from dit_jax.errors import ConfigError
-from dit_jax.evaluation import fid, metrics, sampling
+from dit_jax.evaluation import checks, fid, metrics, sampling
+from dit_jax.evaluation.conditions import conditions
 from dit_jax.models import inception as inception_lib
 from dit_jax.parallel import distributed
-from dit_jax.train import setup
 
 # What is stored of each image, side by side in one float32 row: (name, width).
 FEATURES = (
@@ -159,7 +159,7 @@ class Scorer:
 
   def __init__(
     self,
-    exp: setup.Experiment,
+    exp: experiment.Experiment,
     workdir: str,
     *,
     run=None,
@@ -433,7 +433,7 @@ class Scorer:
     """
     cfg = self.config
     seed = cfg.sample.seed
-    conds = sampling.conditions(cfg, num_images, seed)
+    conds = conditions(cfg, num_images, seed)
     want = sampling.fingerprint(
       cfg, step=step, num_images=num_images, seed=seed, key="inception_features", meta=conds.meta
     )
@@ -482,9 +482,9 @@ def builtin_scorer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray, M
     `shapes_checker`) all match their prompt.
   """
   if config.data.name == "digits":
-    from dit_jax.evaluation import digits_classifier
+    from dit_jax.models import digits_cnn
 
-    classifier = digits_classifier.load_classifier()
+    classifier = digits_cnn.load_classifier()
     real, real_labels = data.real_images(config)
     real_features = classifier.features(real)
     mu_r, sig_r = metrics.feature_statistics(real_features)
@@ -507,7 +507,7 @@ def builtin_scorer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray, M
   if config.data.name != "shapes":
     raise ConfigError(
       f"config.data.name={config.data.name!r} has no built-in metrics (only "
-      f"{' and '.join(setup.BUILTIN_METRICS_DATA)} do)."
+      f"{' and '.join(checks.BUILTIN_METRICS_DATA)} do)."
     )
   from dit_jax.evaluation import shapes_checker
 
@@ -516,62 +516,3 @@ def builtin_scorer(config: ml_collections.ConfigDict) -> Callable[[np.ndarray, M
     return {k: float(v) for k, v in scores.items()}
 
   return shapes
-
-
-def training_evaluator(
-  exp: setup.Experiment, workdir: str, run=None, decoder: Any = "load"
-) -> Callable[[Any, int], dict[str, float]] | None:
-  """The training loop's evaluation hook for `config.train.eval_every` > 0 (None when it is 0):
-  evaluate(ema_params, step) -> the scores to log (on process 0; {} on the others).
-
-  The samples are those of --mode=evaluate (config.sample's settings and seed), train.
-  eval_num_images of them: scored with the FID Inception if config.eval.inception_weights is
-  set, and, for digits and shapes, with their built-in metrics (all they get without weights).
-  Nothing of the training state but the parameters is read, and no randomness but
-  config.sample.seed's is drawn. The Inception, the VAE and the reference are built now, before
-  the first step. The chunks of an evaluation are kept in eval/during_training.parts, keyed by the
-  step and a checksum of the parameters, until its scores are returned. `run`: a
-  `sampling.make_sampler(exp)` to share with the image grids, or None; `decoder`: the VAE the
-  grids decode with (`sampling.load_decoder`), to share too, or "load" to load its own.
-  """
-  cfg = exp.config
-  if not cfg.train.eval_every:
-    return None
-  num = cfg.train.eval_num_images
-  run = run or sampling.make_sampler(exp)
-  scorer = None
-  if cfg.eval.inception_weights:
-    scorer = Scorer(exp, workdir, run=run, progress=False, decoder=decoder)
-  builtin = builtin_scorer(cfg) if cfg.data.name in setup.BUILTIN_METRICS_DATA else None
-  _, parts_dir = eval_files(workdir, TRAINING_PARTS)
-
-  def evaluate(params, step: int) -> dict[str, float]:
-    scores = {}
-    if builtin is not None:
-      images, meta = sampling.generate(
-        exp, params, num, seed=cfg.sample.seed, progress=False, run=run
-      )
-      scores.update(builtin(images, meta))
-      if scorer is not None:
-        scores.update(scorer.score_images(utils.to_uint8(images)) or {})
-    else:
-      checksum = params_checksum(params)
-      inception = scorer.score(
-        params,
-        step=step,
-        num_images=num,
-        parts_dir=parts_dir,
-        overwrite=True,  # Chunks of an earlier evaluation there are stale.
-        fingerprint={"params_checksum": checksum},
-      )
-      scorer.finish(parts_dir)
-      scores.update(inception or {})
-    if jax.process_index() != 0:
-      return {}
-    return {
-      k: float(v)
-      for k, v in scores.items()
-      if isinstance(v, int | float) and k != "num_reference" and v is not None
-    }
-
-  return evaluate

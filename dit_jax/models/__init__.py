@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 import ml_collections
 
 from dit_jax import config_defaults
-from dit_jax.errors import ConfigError, check_choice
+from dit_jax.errors import ConfigError, check_choice, check_numbers
 from dit_jax.models.classifier import Classifier, ClassifierConfig
 from dit_jax.models.dit import DiT, DiTConfig
 from dit_jax.models.mmdit import MMDiT, MMDiTConfig
@@ -28,6 +28,30 @@ VARIANTS = {f"{size}/{p}": dict(SIZES[size], patch=p) for size in SIZES for p in
 MMDIT_VARIANTS = {f"d{d}": dict(width=64 * d, depth=d, heads=d, patch=2) for d in range(2, 41)}
 # "classifier": the noise-aware classifier of classifier guidance, sized by the DiT table.
 MODELS = ("dit", "mmdit", "classifier")
+
+# What each number in config.model accepts (see errors.check_numbers).
+NUMBERS = (
+  ("model.num_classes", "> 0", ""),
+  ("model.class_dropout", "in [0, 1)", " (the probability of training without the label)"),
+  ("model.text_dropout", "in [0, 1)", " (the probability of dropping each text encoder)"),
+  ("model.width", ">= 0", " (0 = the variant's)"),
+  ("model.depth", ">= 0", " (0 = the variant's)"),
+  ("model.heads", ">= 0", " (0 = the variant's)"),
+  ("model.mlp_ratio", "> 0", ""),
+  ("model.scan_unroll", "> 0", " (blocks per scan iteration)"),
+  ("model.pos_embed_max_size", ">= 0", " (0 = the image's grid)"),
+  ("model.pos_embed_base_size", ">= 0", " (0 = pos_embed_max_size)"),
+  ("model.context_len", ">= 0", " (0 = the data's)"),
+  ("model.context_dim", ">= 0", " (0 = the data's)"),
+  ("model.pooled_dim", ">= 0", " (0 = the data's)"),
+)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError for config.model's name or a number in it that cannot work (the
+  variant and the fields that depend on the data are checked when the model is built)."""
+  check_choice(config.model.name, MODELS, "model.name")
+  check_numbers(config, NUMBERS)
 
 
 def variant_dims(model: ml_collections.ConfigDict) -> dict:

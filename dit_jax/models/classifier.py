@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from dit_jax import axes
 from dit_jax.models import layers
-from dit_jax.models.dit import REMAT_POLICIES, DiTBlock
+from dit_jax.models.dit import DiTBlock
 from dit_jax.models.layers import constrain, dense
 
 
@@ -62,25 +62,12 @@ class Classifier(nn.Module):
     assert t.shape == (b,), t.shape
     gh, gw = h // p, w // p
 
-    tokens = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-    tokens = tokens.reshape(b, gh * gw, p * p * c).astype(dtype)  # [B, L, p*p*C]
-    tokens = dense(cfg.width, (axes.PATCH, axes.EMBED), dtype, name="patch_embed")(tokens)
+    tokens = layers.patch_embed(x, p, cfg.width, dtype)  # [B, L, D]
     pos = layers.sincos_2d(cfg.width, gh, gw)  # [L, D], fixed
     tokens = constrain(tokens + jnp.asarray(pos, jnp.float32)[None], axes.TOKENS)  # [B, L, D]
     t_emb = layers.TimestepEmbedder(cfg.width, dtype, name="t_embedder")(t)  # [B, D]
 
-    block = DiTBlock
-    if cfg.remat != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    blocks = nn.scan(
-      block,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(nn.broadcast,),
-      length=cfg.depth,
-      unroll=min(max(cfg.scan_unroll, 1), cfg.depth),
-      metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-    )(
+    blocks = layers.scanned(DiTBlock, cfg.depth, cfg.scan_unroll, cfg.remat)(
       width=cfg.width,
       heads=cfg.heads,
       mlp_ratio=cfg.mlp_ratio,

@@ -30,12 +30,6 @@ from dit_jax import axes
 from dit_jax.models import layers
 from dit_jax.models.layers import constrain, dense
 
-REMAT_POLICIES = {
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.checkpoint_dots,
-  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
 
 class DiTBlock(nn.Module):
   """One transformer block; `cond` is [B, D] (adaLN variants) or [B, 2, D] (cross-attention);
@@ -186,9 +180,7 @@ class DiT(nn.Module):
     assert t.shape == (b,) and labels.shape == (b,), (t.shape, labels.shape)
     gh, gw = h // p, w // p
 
-    tokens = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-    tokens = tokens.reshape(b, gh * gw, p * p * c).astype(dtype)  # [B, L, p*p*C]
-    tokens = dense(cfg.width, (axes.PATCH, axes.EMBED), dtype, name="patch_embed")(tokens)
+    tokens = layers.patch_embed(x, p, cfg.width, dtype)  # [B, L, D]
     pos = layers.sincos_2d(cfg.width, gh, gw)  # [L, D], fixed
     # The residual stream stays float32 whatever the compute dtype (see `DiT`).
     tokens = constrain(tokens + jnp.asarray(pos, jnp.float32)[None], axes.TOKENS)  # [B, L, D]
@@ -206,20 +198,9 @@ class DiT(nn.Module):
       n_extra = 2
       tokens = jnp.concatenate([cond, tokens], axis=1)  # [B, 2 + L, D]
 
-    block = DiTBlock
-    if cfg.remat != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     # Every block sees the same conditioning (and, for TMSA, the same time embedding).
     block_inputs = (cond, t_emb) if cfg.attention_conditioning == "tmsa" else (cond,)
-    blocks = nn.scan(
-      block,
-      variable_axes={"params": 0},
-      split_rngs={"params": True},
-      in_axes=(nn.broadcast,) * len(block_inputs),
-      length=cfg.depth,
-      unroll=min(max(cfg.scan_unroll, 1), cfg.depth),
-      metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-    )(
+    blocks = layers.scanned(DiTBlock, cfg.depth, cfg.scan_unroll, cfg.remat, len(block_inputs))(
       cfg.width,
       cfg.heads,
       cfg.mlp_ratio,
@@ -233,6 +214,4 @@ class DiT(nn.Module):
     tokens = tokens[:, n_extra:]  # [B, L, D]
 
     final = FinalLayer(p * p * cfg.out_channels, cfg.conditioning, jnp.float32, name="final")
-    out = final(tokens, cond)
-    out = out.reshape(b, gh, gw, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
-    return out.reshape(b, h, w, cfg.out_channels).astype(jnp.float32)  # [B, H, W, out_C]
+    return layers.unpatchify(final(tokens, cond), gh, gw, p)  # [B, H, W, out_C]

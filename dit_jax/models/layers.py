@@ -17,6 +17,13 @@ Init = Callable[..., jax.Array]
 xavier = nn.initializers.xavier_uniform()
 zeros = nn.initializers.zeros_init()
 
+# config.model.remat: what the backward pass keeps of each block's activations.
+REMAT_POLICIES = {
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
 
 def xavier_fused(parts: int) -> Init:
   """Xavier-uniform for one of `parts` equal projections that a reference implementation fuses
@@ -283,3 +290,51 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
     return (x32 * scale).astype(x.dtype)
+
+
+# The stem and the stack the DiT family shares (DiT, MMDiT, the noise-aware classifier). Called
+# inside a model's compact __call__, so the submodules they make are the model's own, under the
+# same names ("patch_embed", the caller's block name) as when each model wrote them out.
+
+
+def patch_embed(x: jax.Array, patch: int, width: int, dtype: Dtype) -> jax.Array:
+  """Images [B, H, W, C] -> patch tokens [B, (H/p)(W/p), width], row-major over the patch grid,
+  each patch flattened (p, p, C) and projected by the dense layer "patch_embed"."""
+  b, h, w, c = x.shape
+  gh, gw = h // patch, w // patch
+  tokens = x.reshape(b, gh, patch, gw, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  tokens = tokens.reshape(b, gh * gw, patch * patch * c).astype(dtype)  # [B, L, p*p*C]
+  return dense(width, (axes.PATCH, axes.EMBED), dtype, name="patch_embed")(tokens)  # [B, L, D]
+
+
+def unpatchify(tokens: jax.Array, grid_h: int, grid_w: int, patch: int) -> jax.Array:
+  """Per-patch outputs [B, gh*gw, p*p*C] -> images [B, gh*p, gw*p, C] in float32 (the inverse
+  of `patch_embed`'s flattening)."""
+  b, _, d = tokens.shape
+  c = d // (patch * patch)
+  out = tokens.reshape(b, grid_h, grid_w, patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return out.reshape(b, grid_h * patch, grid_w * patch, c).astype(jnp.float32)  # [B, H, W, C]
+
+
+def rematted(block: type[nn.Module], remat: str) -> type[nn.Module]:
+  """`block` rematerialized by `REMAT_POLICIES[remat]` (config.model.remat), or as it is if
+  "none"."""
+  if remat == "none":
+    return block
+  return nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
+def scanned(block: type[nn.Module], depth: int, unroll: int, remat: str, broadcast: int = 1):
+  """`block` stacked `depth` times with `nn.scan` (parameters with a leading "layers" axis, each
+  layer initialized apart), `rematted` by `remat`, `unroll` layers per scan iteration; the carry
+  is the first input, the next `broadcast` inputs are the same for every layer. Construct the
+  result with the block's fields."""
+  return nn.scan(
+    rematted(block, remat),
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=(nn.broadcast,) * broadcast,
+    length=depth,
+    unroll=min(max(unroll, 1), depth),
+    metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+  )

@@ -22,7 +22,7 @@ import numpy as np
 from dit_jax import axes
 from dit_jax.models import layers
 from dit_jax.models.attention import dot_product_attention
-from dit_jax.models.dit import REMAT_POLICIES, FinalLayer
+from dit_jax.models.dit import FinalLayer
 from dit_jax.models.layers import constrain, dense
 
 _HEADS_ACT = (axes.BATCH, axes.SEQ, axes.HEADS, axes.KV)
@@ -213,9 +213,7 @@ class MMDiT(nn.Module):
     assert pooled.shape == (b, cfg.pooled_dim), (pooled.shape, cfg)
     gh, gw = h // p, w // p
 
-    img = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
-    img = img.reshape(b, gh * gw, p * p * c).astype(dtype)  # [B, L, p*p*C]
-    img = dense(cfg.width, (axes.PATCH, axes.EMBED), dtype, name="patch_embed")(img)
+    img = layers.patch_embed(x, p, cfg.width, dtype)  # [B, L, D]
     # Both residual streams stay float32 whatever the compute dtype (see `dit_jax.models.dit.DiT`).
     pos = jnp.asarray(position_table(cfg), jnp.float32)[None]
     img = constrain(img + pos, axes.TOKENS)  # [B, L, D]
@@ -229,25 +227,15 @@ class MMDiT(nn.Module):
     pooled_emb = PooledEmbedder(cfg.width, dtype, name="pooled_embedder")(pooled)  # [B, D]
     cond_vec = t_emb + pooled_emb  # [B, D]
 
-    block = MMDiTBlock
-    if cfg.remat != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     args = (cfg.heads, cfg.mlp_ratio, cfg.qk_norm)
     if cfg.depth > 1:
-      blocks = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast,),
-        length=cfg.depth - 1,
-        unroll=min(max(cfg.scan_unroll, 1), cfg.depth - 1),
-        metadata_params={nn.PARTITION_NAME: axes.LAYERS},
-      )(*args, False, dtype, cfg.attention, name="blocks")
+      blocks = layers.scanned(MMDiTBlock, cfg.depth - 1, cfg.scan_unroll, cfg.remat)(
+        *args, False, dtype, cfg.attention, name="blocks"
+      )
       (img, txt), _ = blocks((img, txt), cond_vec)
-    last = block(*args, True, dtype, cfg.attention, name="last_block")
+    last = layers.rematted(MMDiTBlock, cfg.remat)
+    last = last(*args, True, dtype, cfg.attention, name="last_block")
     (img, _), _ = last((img, txt), cond_vec)
 
     final = FinalLayer(p * p * cfg.out_channels, "adaln_zero", jnp.float32, name="final")
-    out = final(img, cond_vec)
-    out = out.reshape(b, gh, gw, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
-    return out.reshape(b, h, w, cfg.out_channels).astype(jnp.float32)  # [B, H, W, C]
+    return layers.unpatchify(final(img, cond_vec), gh, gw, p)  # [B, H, W, C]

@@ -43,9 +43,9 @@ def save_imported(
 
   `layout_config` (default `config`) is the config whose model and mesh lay out the params.
   """
-  from dit_jax.train import setup
+  from dit_jax import experiment
 
-  exp = setup.build(layout_config or config, training=False)
+  exp = experiment.build(layout_config or config, training=False)
   path = checkpoint.save_weights(
     workdir, 0, params, config, source=source, abstract=exp.abstract_state.params
   )

@@ -8,7 +8,7 @@
 
 The run's power EMAs, saved every snapshot_every steps in RUN/ema_snapshots, are each a weighted
 average of the parameters over training; a linear combination of them approximates the
-power-function EMA of any other sigma_rel (dit_jax.train.ema explains the least squares). OUT
+power-function EMA of any other sigma_rel (dit_jax.experiment.ema explains the least squares). OUT
 becomes a weights-only workdir (like an import): sample or evaluate it with the run's config, on
 any mesh, or fine-tune from it with --config.train.init_from=OUT. The reconstruction ends at the
 newest snapshot, or at --step=N (a snapshot step, using the snapshots up to it).
@@ -30,7 +30,7 @@ from absl import flags, logging
 
 from dit_jax import checkpoint, cli, config_defaults, storage, utils
 from dit_jax.errors import ConfigError
-from dit_jax.train import ema as ema_lib
+from dit_jax.experiment import ema as ema_lib
 
 
 def _define_flags() -> None:
@@ -145,7 +145,7 @@ def reconstruct(
       the range the snapshots reconstruct (the message gives it), or an output holds
       checkpoints. Everything is checked before anything is written.
   """
-  from dit_jax.train import setup  # Here: building the model is not needed to check the input.
+  from dit_jax import experiment  # Here: building the model is not needed to check the input.
 
   check_stds(stds)
   directory = storage.join(storage.resolve(workdir), checkpoint.SNAPSHOTS)
@@ -183,7 +183,7 @@ def reconstruct(
     for target in targets:
       checkpoint.check_new_workdir(target)
     config = _snapshot_config(snaps.saved_config(step))
-    exp = setup.build(config, devices=devices, training=False)
+    exp = experiment.build(config, devices=devices, training=False)
     abstract = exp.abstract_state.params
 
     @jax.jit

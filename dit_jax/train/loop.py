@@ -7,17 +7,50 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import ml_collections
 from absl import logging
 
-from dit_jax import checkpoint, data, parallel, storage, utils
+from dit_jax import checkpoint, data, experiment, parallel, storage, utils
 from dit_jax.data.prefetch import Prefetcher
-from dit_jax.errors import TrainingStopped
-from dit_jax.evaluation import sampling, scoring
-from dit_jax.train import ema as ema_lib
-from dit_jax.train import setup
+from dit_jax.errors import TrainingStopped, check_choice, check_numbers
+from dit_jax.experiment import ema as ema_lib
+
+# What each number of config.train that the loop reads accepts (see errors.check_numbers).
+NUMBERS = (
+  ("train.num_steps", "> 0", ""),
+  ("train.log_every", "> 0", ""),
+  ("train.checkpoint_every", "> 0", ""),
+  ("train.keep_checkpoints", "> 0", ""),
+  ("train.keep_every", ">= 0", " (0 = off)"),
+  ("train.sample_every", ">= 0", " (0 = only at the end)"),
+  ("train.eval_every", ">= 0", " (0 = off)"),
+)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError for a field of config.train that the loop reads and that cannot work."""
+  check_choice(config.train.nonfinite, ("stop", "skip"), "train.nonfinite")
+  check_numbers(config, NUMBERS)
+
+
+class Hooks(Protocol):
+  """What the loop asks of sampling and evaluation (`dit_jax.evaluation.hooks.TrainingHooks`,
+  which the entry point builds). Nothing of it reads the train state beyond the parameters it is
+  given, nor draws on the training key or the training batches."""
+
+  def start(self, exp: experiment.Experiment) -> None:
+    """Builds what the grids and evaluations need, before the first step (a bad file stops the
+    run here)."""
+
+  def grid(self, ema_params, step: int, writer: utils.MetricWriter) -> str | None:
+    """Writes the image grid of step `step` (of the EMA parameters sampling uses); returns
+    where, or None if the model makes no pixels to show."""
+
+  def evaluate(self, ema_params, step: int) -> dict[str, float] | None:
+    """The scores of the EMA parameters at step `step`, or None if the run scores nothing."""
 
 
 class Interrupted(TrainingStopped):
@@ -27,21 +60,6 @@ class Interrupted(TrainingStopped):
   script that chains commands (`train && evaluate`, `set -e`) stops there instead of going on as
   if training had finished. (A preemption's SIGTERM returns normally, status 0.)
   """
-
-
-def _save_grid(grid, state, workdir, step, writer) -> str | None:
-  """Writes images/step_<step>.png and a TensorBoard image of `grid(ema_params)` (pixels, decoded
-  for latent models; the EMA of config.sample.ema_index); returns the PNG's path, or None for a
-  latent model without a VAE."""
-  u8 = grid(state.ema_params)
-  if u8 is None:
-    return None
-  path = storage.join(workdir, "images", f"step_{step:07d}.png")
-  if jax.process_index() == 0:
-    upscale = max(1, 128 // u8.shape[1])
-    utils.save_grid(path, u8, upscale=upscale)
-    writer.write_image(step, "samples", utils.image_grid(u8))
-  return path
 
 
 def _warn_above(bar, log: Callable[..., None] = logging.warning) -> Callable[..., None]:
@@ -71,15 +89,21 @@ def train_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
   return Prefetcher(local, place, config.data.prefetch)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def run(
+  config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None = None
+) -> dict[str, float]:
   """Trains until `config.train.num_steps`, resuming from the newest checkpoint in `workdir`.
+
+  `hooks` write the image grids (every config.train.sample_every steps and at the end) and score
+  the evaluations during training; `dit_jax.main` passes `evaluation.hooks.TrainingHooks`.
+  Without them a run writes no grid and cannot evaluate (train.eval_every must be 0).
 
   SIGTERM (a preemption) or a first Ctrl-C stops the run at the end of the current step with a
   checkpoint: after SIGTERM this returns (with "preempted_at"), after Ctrl-C it raises
   `Interrupted`. A second Ctrl-C ends the process at once, saving nothing (see `Preemption`).
 
   With `config.train.eval_every` > 0 the EMA parameters are scored after every eval_every-th
-  step (`scoring.training_evaluator`: FID and the rest, or the toy data's built-in metrics) and
+  step (the hooks' `evaluate`: FID and the rest, or the toy data's built-in metrics) and
   the scores logged at that step. Evaluation reads the parameters and nothing else of the state,
   draws its randomness from config.sample.seed and never from the training key, and reads no
   training batch, so the losses and checkpoints are those of a run without it. It runs before
@@ -99,12 +123,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   Returns the metrics of the last logged step (none if the run was already at num_steps).
   """
+  check_config(config)
+  if hooks is None and config.train.eval_every:
+    raise ValueError(
+      f"config.train.eval_every={config.train.eval_every} needs hooks that evaluate: pass "
+      "hooks=dit_jax.evaluation.hooks.TrainingHooks(workdir), as dit_jax.main does."
+    )
   with Preemption() as preemption:
-    return _train(config, workdir, preemption)
+    return _train(config, workdir, hooks, preemption)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preemption") -> dict:
-  exp = setup.build(config)
+def _train(
+  config: ml_collections.ConfigDict, workdir: str, hooks: Hooks | None, preemption: "Preemption"
+) -> dict:
+  exp = experiment.build(config)
   t = config.train
   proc = jax.process_index()
   batches = train_batches(config, exp.mesh)
@@ -184,17 +216,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
     # The first batches are read and placed while the step and the samplers compile.
     batches.start_prefetch()
     step_fn = exp.jit_train_step()
-    # One compile and one VAE serve the grids and the evaluations.
-    run = sampling.make_sampler(exp)
-    # (A noise-aware classifier makes no images to decode.)
-    decoder = None if config.model.name == "classifier" else sampling.load_decoder(config, exp.mesh)
-    sample_grid = sampling.grid_sampler(exp, run, decoder)
+    if hooks is not None:
+      hooks.start(exp)
 
-    def grid(ema_params):
-      return sample_grid(ema_lib.select(ema_params, config))
+    def grid(step: int) -> str | None:
+      if hooks is None:
+        return None
+      return hooks.grid(ema_lib.select(state.ema_params, config), step, writer)
 
-    # Built now (the Inception, the VAE, the reference), so that a bad file stops the run here.
-    evaluate = scoring.training_evaluator(exp, workdir, run, decoder)
     if preemption.requested():
       # The signal came during setup: nothing new to save.
       return _stop_before_training(preemption, start, ckpt.directory)
@@ -258,10 +287,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
           last = metrics
           window_start, window_steps = time.perf_counter(), 0
           check_finite(done, int(metrics["skipped_steps"]))
-        if evaluate is not None and done % t.eval_every == 0:
+        if t.eval_every and done % t.eval_every == 0:
           # Before the checkpoint of this step (see the docstring).
-          scores = evaluate(ema_lib.select(state.ema_params, config), done)
-          writer.write(done, scores)
+          scores = hooks.evaluate(ema_lib.select(state.ema_params, config), done)
+          writer.write(done, scores or {})
           if scores:
             text = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
             _warn_above(bar, logging.info)("Evaluation at step %d: %s.", done, text)
@@ -282,12 +311,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
         if done % t.checkpoint_every == 0 and done != t.num_steps:
           save(done)
         if t.sample_every and done % t.sample_every == 0 and done != t.num_steps:
-          _save_grid(grid, state, workdir, done, writer)
+          grid(done)
       final = int(state.step)
       check_finite(final, int(state.skipped))
       if ckpt.latest_step() != final:
         save(final)
-      grid_path = _save_grid(grid, state, workdir, final, writer)
+      grid_path = grid(final)
       ckpt.wait()
   finally:
     batches.close()
@@ -298,11 +327,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: "Preempt
     ckpt.close()
     if snapshots is not None:
       snapshots.close()
-  images = (
-    f"samples in {grid_path}"
-    if grid_path
-    else "no image grid (a latent model without config.vae.path makes no pixels)"
-  )
+  if grid_path:
+    images = f"samples in {grid_path}"
+  elif hooks is None:
+    images = "no image grid (no hooks were given)"
+  else:
+    images = "no image grid (a latent model without config.vae.path makes no pixels)"
   logging.info("Finished at step %d; checkpoint in %s; %s.", final, ckpt.directory, images)
   return last
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dit_jax.errors import ConfigError, check_choice
-from dit_jax.train import ema
+from dit_jax.errors import check_choice, check_numbers
+from dit_jax.experiment import ema
 
 
 @flax.struct.dataclass
@@ -26,11 +26,31 @@ class TrainState:
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
+# What each number of config.train that the state, its optimizer and its step read accepts (see
+# errors.check_numbers); the loop's own are checked by dit_jax.train.loop.
+NUMBERS = (
+  ("train.batch_size", "> 0", ""),
+  ("train.seed", "in [0, 2**32)", ""),
+  ("train.lr", "> 0", ""),
+  ("train.warmup_steps", ">= 0", ""),
+  ("train.weight_decay", ">= 0", ""),
+  ("train.b1", "in [0, 1)", " (Adam's decay rate of the gradient's mean)"),
+  ("train.b2", "in [0, 1)", " (Adam's decay rate of the squared gradient's mean)"),
+  ("train.grad_clip", ">= 0", " (0 = no clipping)"),
+  ("train.ema_decay", "in [0, 1)", ""),
+)
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ConfigError for an optimizer or state field of config.train that cannot work."""
+  check_numbers(config, NUMBERS)
+  check_choice(config.train.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+
+
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
   t = config.train
-  check_choice(t.lr_schedule, ("constant", "cosine"), "train.lr_schedule")
-  if t.lr <= 0:
-    raise ConfigError(f"config.train.lr={t.lr} must be > 0.")
+  check_config(config)
   warmup = max(int(t.warmup_steps), 0)
   if t.lr_schedule == "constant":
     after = optax.constant_schedule(t.lr)

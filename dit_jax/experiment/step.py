@@ -10,9 +10,9 @@ import optax
 
 from dit_jax.conditioning import Conditioner, split_batch
 from dit_jax.diffusion import Diffusion
+from dit_jax.experiment import ema as ema_lib
+from dit_jax.experiment.state import TrainState, init_state
 from dit_jax.models.classifier import Classifier
-from dit_jax.train import ema as ema_lib
-from dit_jax.train.state import TrainState, init_state
 
 
 def dummy_inputs(model: nn.Module, conditioner: Conditioner, batch: int = 1):
