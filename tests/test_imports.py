@@ -90,6 +90,39 @@ def test_no_module_uses_another_modules_private_names():
   assert not uses, "\n".join(uses)
 
 
+def _private_definitions(tree: ast.AST) -> set[str]:
+  """Private names a module defines: functions, classes, methods, attributes set on self."""
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+      names.add(node.name)
+    elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+      names.add(node.id)
+    elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+      names.add(node.attr)
+  return {n for n in names if _private(n)}
+
+
+def test_no_module_reaches_into_another_modules_objects():
+  """`obj._name` where `_name` is private to another of the package's modules (a method or an
+  attribute of its classes): what the import check above cannot see."""
+  trees = {
+    path: ast.parse(open(path, encoding="utf-8").read())
+    for path in glob.glob(os.path.join(PACKAGE, "**", "*.py"), recursive=True)
+  }
+  defined = {path: _private_definitions(tree) for path, tree in trees.items()}
+  everywhere = set().union(*defined.values())
+  uses = []
+  for path, tree in trees.items():
+    for node in ast.walk(tree):
+      if not (isinstance(node, ast.Attribute) and node.attr in everywhere):
+        continue
+      if node.attr in defined[path] or getattr(node.value, "id", "") in ("self", "cls"):
+        continue
+      uses.append(f"{_module(path)}:{node.lineno} uses {node.attr} of another module")
+  assert not uses, "\n".join(sorted(uses))
+
+
 def test_no_package_imports_one_above_it():
   rank = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
   upward = []

@@ -1,9 +1,11 @@
 """DiffiT's time-dependent self-attention (model.attention_conditioning="tmsa") on DiT blocks:
 parameters and their logical axes, zero time projections = plain DiT, dependence on t through
-attention alone, fsdp_tp on 8 devices = 1 device, and the configurations it refuses."""
+attention alone, fsdp_tp on 8 devices = 1 device, a plain checkpoint as the start of a TMSA run,
+and the configurations it refuses."""
 
 import functools
 
+import _cli
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,11 +14,12 @@ import pytest
 from flax import traverse_util
 from test_parallel import LAYOUTS, LOSS_RTOL, PARAM_ATOL, _one_step, config_for
 
-from dit_jax import axes, experiment
+from dit_jax import axes, checkpoint, experiment
 from dit_jax.config_defaults import base_config
 from dit_jax.errors import ConfigError
 from dit_jax.models import build_model
 from dit_jax.models.attention import dot_product_attention
+from dit_jax.train import loop
 
 T = jnp.array([0.0, 10.0, 500.0, 999.0])
 LABELS = {"label": jnp.array([0, 1, 2, 3])}
@@ -171,3 +174,34 @@ def test_bad_attention_conditioning_is_a_clear_error(fields, match):
   with pytest.raises(ConfigError, match=match) as err:
     build_model(config)
   assert "config.model.attention_conditioning" in str(err.value)
+
+
+@pytest.mark.integration
+def test_a_plain_checkpoint_starts_a_tmsa_run_as_the_same_network(trained_workdir, tmp_path):
+  """train.init_from a plain DiT into a TMSA config: the checkpoint's arrays, and zero time
+  projections, so the new network computes what the checkpoint's did; then it trains."""
+  plain = _cli.tiny_config()
+  tmsa = _cli.tiny_config(model__attention_conditioning="tmsa")
+  ours, theirs = experiment.build(tmsa, training=False), experiment.build(plain, training=False)
+  _, want, want_ema = checkpoint.restore_weights(trained_workdir, theirs.abstract_state.params)
+  with pytest.raises(ConfigError, match="time_qv/kernel: missing from the checkpoint"):
+    checkpoint.restore_weights(trained_workdir, ours.abstract_state.params, tmsa)
+  init = ours.init_state().params
+  _, params, ema = checkpoint.restore_weights(
+    trained_workdir, ours.abstract_state.params, tmsa, init_params=init
+  )
+  for got, ref in ((params, want), (ema, want_ema)):
+    flat = traverse_util.flatten_dict(jax.device_get(got), sep="/")
+    assert not np.any(flat.pop("blocks/attn/time_qv/kernel"))
+    ref = traverse_util.flatten_dict(jax.device_get(ref), sep="/")
+    assert flat.keys() == ref.keys()
+    jax.tree.map(np.testing.assert_array_equal, flat, ref)
+  x = jax.random.normal(jax.random.key(5), (4, 16, 16, 1))
+  with ours.context():
+    got = ours.model.apply({"params": ema}, x, T, LABELS)
+  with theirs.context():
+    ref = theirs.model.apply({"params": want_ema}, x, T, LABELS)
+  np.testing.assert_allclose(got, ref, atol=1e-6, rtol=0)
+  assert float(jnp.abs(ref).max()) > 1e-3
+  tmsa.train.update(init_from=trained_workdir, num_steps=2)
+  assert np.isfinite(loop.run(tmsa, str(tmp_path / "tmsa"))["loss"])

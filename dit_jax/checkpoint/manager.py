@@ -111,7 +111,7 @@ class Checkpointer:
     A checkpoint of another model raises at once. If checkpoints exist but none restores, this
     raises rather than letting training start from scratch.
     """
-    return self._newest(
+    return self.newest_restorable(
       lambda step: self.restore_train(step, abstract_state, data_iterator), set_aside=True
     )
 
@@ -120,12 +120,15 @@ class Checkpointer:
   ) -> tuple[int, Any] | None:
     """(step, params) of the newest checkpoint whose parameters restore (damaged newer ones are
     skipped with a warning and left in place), or None if there is no checkpoint."""
-    return self._newest(
+    return self.newest_restorable(
       lambda step: self.restore_params(step, abstract_params, ema=ema, ema_index=ema_index),
       set_aside=False,
     )
 
-  def _newest(self, restore, *, set_aside: bool):
+  def newest_restorable(self, restore, *, set_aside: bool):
+    """(step, restore(step)) for the newest step whose `restore` succeeds, trying older ones past
+    checkpoints that cannot be read (moved aside to `<step>.damaged-<time>` if `set_aside`);
+    None if there is no checkpoint. A ConfigError (another model) is raised at once."""
     damaged = []
     with settled_failed_reads():
       for step in reversed(self.all_steps()):
@@ -213,9 +216,9 @@ class Checkpointer:
         self.directory,
       )
       key = "ema_params"
-    return self._restore_parts(step, {key: abstract_params})[key]
+    return self.restore_parts(step, {key: abstract_params})[key]
 
-  def _restore_parts(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
+  def restore_parts(self, step: int, target: dict[str, Any]) -> dict[str, Any]:
     """Restores the named top-level parts of the state (e.g. params and ema_params) alone."""
     self.check_structure(step, target, only=tuple(target))
     self.check_prediction(step)
@@ -230,6 +233,13 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(**{ORIGIN: ocp.args.JsonRestore()}))[
       ORIGIN
     ]
+
+  def saved_shapes(self, step: int, part: str) -> dict[str, tuple[int, ...]]:
+    """{"blocks/attn/qkv/kernel": shape, ...} of the top-level part `part` of checkpoint `step`'s
+    state (e.g. "ema_params"), read from its metadata; {} if it has no such part."""
+    saved_tree = self.manager.item_metadata(step)["state"]
+    saved_tree = getattr(saved_tree, "tree", saved_tree)
+    return tree_shapes(saved_tree[part]) if part in saved_tree else {}
 
   def check_structure(
     self, step: int, abstract: Any, only: str | tuple[str, ...] | None = None
@@ -246,8 +256,8 @@ class Checkpointer:
           f"The checkpoint {self.directory}/{step} has no {missing}; it holds {sorted(saved_tree)}."
         )
       saved_tree = {k: saved_tree[k] for k in only}
-    saved = _shapes(saved_tree)
-    wanted = _shapes(abstract)
+    saved = tree_shapes(saved_tree)
+    wanted = tree_shapes(abstract)
     problems = [
       f"{k}: checkpoint {saved[k]}, model {wanted[k]}"
       for k in wanted
@@ -335,7 +345,7 @@ def place(params: Any, abstract: Any, what: str = "The imported weights") -> Any
   Raises:
     ConfigError: naming the arrays whose names or shapes differ from `abstract`'s.
   """
-  have, want = _shapes(params), _shapes(abstract)
+  have, want = tree_shapes(params), tree_shapes(abstract)
   problems = [
     f"{k}: {have[k]} vs the model's {want[k]}" for k in want if k in have and have[k] != want[k]
   ]
@@ -361,7 +371,7 @@ def _key(entry) -> str:
   return str(entry)
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def tree_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{"params/blocks/mlp/fc1/kernel": shape, ...} for dicts and dataclasses alike."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {"/".join(map(_key, path)): tuple(getattr(x, "shape", ())) for path, x in flat}

@@ -164,7 +164,7 @@ def _train(
       if t.init_from:
         # A new run (step 0, fresh optimizer and data order) from another run's weights.
         step, params, ema_params = checkpoint.restore_weights(
-          t.init_from, exp.abstract_state.params, config
+          t.init_from, exp.abstract_state.params, config, init_params=state.params
         )
         if gammas:
           # Power EMAs start anew: their first update sets them to the parameters (beta_1 = 0).
