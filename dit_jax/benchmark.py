@@ -49,6 +49,7 @@ from dit_jax import checks, cli, conditioning, experiment, parallel, storage, ut
 from dit_jax.config_defaults import base_config
 from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
+from dit_jax.experiment import ema as ema_lib
 from dit_jax.models import autoencoder
 from dit_jax.models.autoencoder import AutoencoderKL
 from dit_jax.train import loop
@@ -162,11 +163,12 @@ def _lower(config, concrete: bool = True):
       null = exp.conditioner.null(cond)
       return guidance.guided(apply, cond, null, scale, image_shape[-1])(z, t)
 
+    # The EMA sampling reads (one of several power EMAs).
     if concrete:
-      params = exp.init_state().ema_params
+      params = ema_lib.select(exp.init_state().ema_params, config)
       t = jax.device_put(jnp.full((b,), 500.0), sharding)
     else:
-      params = exp.abstract_state.ema_params
+      params = ema_lib.select(exp.abstract_state.ema_params, config)
       t = jax.ShapeDtypeStruct((b,), jnp.float32, sharding=sharding)
     z = batch["image"]
     sample = jax.jit(sample_step).lower(params, z, t, cond)
@@ -236,7 +238,7 @@ def benchmark_trajectory(config, batch_size: int = 4, num_steps: int = 250) -> f
   exp = experiment.build(config)
   run = sampling.make_sampler(exp)
   with exp.context():
-    params = exp.init_state().ema_params
+    params = ema_lib.select(exp.init_state().ema_params, config)
   labels = np.arange(batch_size, dtype=np.int32) % config.model.num_classes
   indices = np.arange(batch_size, dtype=np.int32)
   key = jax.random.key(0)

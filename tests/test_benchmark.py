@@ -6,9 +6,10 @@ from dit_jax import benchmark
 from dit_jax.config_defaults import base_config
 
 
-def _flops(depth: int) -> dict:
+def _flops(depth: int, **ema) -> dict:
   c = base_config()
   c.model.variant, c.model.depth = "tiny/4", depth
+  c.train.ema.update(ema)
   c.train.batch_size = 8
   c.sample.guidance_scale = 1.5
   return benchmark.flops(c)  # What benchmark.benchmark reports, compiled but not run.
@@ -24,6 +25,15 @@ def test_flops_grow_with_depth_and_train_costs_about_three_forward_passes():
     assert 2.5 < ratio < 5.0, ratio
   # Blocks dominate this model's FLOPs; 3x the blocks must cost well over 2x.
   assert six["sample"] > 2.0 * two["sample"]
+
+
+@pytest.mark.integration  # Compiles 4 programs.
+def test_power_emas_benchmark_the_network_sampling_reads():
+  """With several power EMAs the sampling step runs on the one config.sample.ema_index picks:
+  the same program as with one exponential EMA; the train step updates both EMAs."""
+  one, power = _flops(2), _flops(2, kind="power", std=(0.05, 0.1))
+  assert power["sample"] == one["sample"]
+  assert power["train"] > one["train"]
 
 
 def test_input_benchmark_reads_latents_from_a_bucket(gcs):
