@@ -74,12 +74,30 @@ def save_grid(path: str, images: np.ndarray, ncols: int | None = None, upscale: 
   storage.write_bytes(path, png_bytes(grid))
 
 
+def spaced_labels(centers: list[float], widths: list[float], gap: float = 4.0) -> set[int]:
+  """Which of the labels centred at `centers` (ascending) with these `widths` to draw so that no
+  two overlap or come closer than `gap`: from the left, each that clears the last one drawn, and
+  the last label always (dropping the one before it if they would touch)."""
+  shown = []
+  for i, (c, w) in enumerate(zip(centers, widths, strict=True)):
+    if not shown or c - w / 2 >= centers[shown[-1]] + widths[shown[-1]] / 2 + gap:
+      shown.append(i)
+  last = len(centers) - 1
+  if shown and shown[-1] != last:
+    while (
+      shown and centers[last] - widths[last] / 2 < centers[shown[-1]] + widths[shown[-1]] / 2 + gap
+    ):
+      shown.pop()
+    shown.append(last)
+  return set(shown)
+
+
 def line_plot(
   path: str, x: list[float], series: dict[str, list[float]], x_label: str, size=(360, 240)
 ) -> None:
   """Writes a PNG with one small panel per series (y against x, points joined, each panel's own
-  y range printed at its top and bottom, x values under the points): enough to see a sweep's
-  shape without a plotting library."""
+  y range printed at its top and bottom, x values under the points, those that would overlap
+  left out): enough to see a sweep's shape without a plotting library."""
   from PIL import ImageDraw
 
   w, h = size
@@ -104,9 +122,13 @@ def line_plot(
     draw.text((left + 2, h - margin_b - 8), f"{lo:.4g}", fill="black")
     points = [point(xv, yv) for xv, yv in zip(x, ys, strict=True)]
     draw.line(points, fill="blue", width=2)
-    for (px, py), xv in zip(points, x, strict=True):
+    labels = [f"{xv:g}" for xv in x]
+    widths = [draw.textlength(label) for label in labels]
+    shown = spaced_labels([px for px, _ in points], widths)
+    for i, (px, py) in enumerate(points):
       draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill="blue")
-      draw.text((px - 10, h - margin_b + 4), f"{xv:g}", fill="black")
+      if i in shown:
+        draw.text((px - widths[i] / 2, h - margin_b + 4), labels[i], fill="black")
     draw.text((left + w // 2 - 20, h - 12), x_label, fill="black")
   storage.write_bytes(path, png_bytes(np.asarray(image)))
 

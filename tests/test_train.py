@@ -223,3 +223,19 @@ def test_metric_writer_writes_what_tensorboard_reads(tmp_path):
     assert (image.step, image.height, image.width) == (10, 6, 4)
     decoded = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
     np.testing.assert_array_equal(decoded.reshape(6, 4, channels), grid[..., :channels])
+
+
+def test_sweep_plot_labels_do_not_overlap(tmp_path):
+  """sigma_rel values close together (0.05, 0.06, 0.07) used to print their x labels on top of
+  each other: now those that would touch are left out, the first and the last always shown."""
+  centers = [60.0, 80.0, 88.0, 96.0, 120.0, 200.0, 206.0]
+  widths = [24.0] * len(centers)
+  shown = sorted(utils.spaced_labels(centers, widths))
+  assert shown[0] == 0 and shown[-1] == len(centers) - 1
+  for a, b in zip(shown, shown[1:], strict=False):
+    assert centers[b] - centers[a] >= (widths[a] + widths[b]) / 2 + 4, (a, b)
+  assert utils.spaced_labels([0.0, 100.0, 200.0], [20.0] * 3) == {0, 1, 2}  # Room for all.
+  path = str(tmp_path / "sweep.png")
+  utils.line_plot(path, [0.05, 0.06, 0.07, 0.1], {"fid": [3.0, 2.0, 2.5, 4.0]}, "sigma_rel")
+  with Image.open(path) as image:
+    assert image.size == (360, 240)
