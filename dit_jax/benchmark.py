@@ -130,7 +130,7 @@ def _time(fn, args, steps: int, warmup: int, carry: bool) -> float:
   return statistics.median(times)
 
 
-def _lower(config, concrete: bool = True):
+def lower_steps(config, concrete: bool = True):
   """Builds `config` and lowers its train step and one guided sampling step (not compiled):
   (experiment, {name: (lowered program, its arguments)}). The arguments are a fresh state and a
   random batch on the devices, or with `concrete=False` only their shapes and shardings (for
@@ -176,8 +176,8 @@ def _lower(config, concrete: bool = True):
 
 
 def _compile(config, concrete: bool = True):
-  """`_lower(config, concrete)` with its programs compiled."""
-  exp, programs = _lower(config, concrete)
+  """`lower_steps(config, concrete)` with its programs compiled."""
+  exp, programs = lower_steps(config, concrete)
   with exp.context():
     return exp, {name: (p.compile(), args) for name, (p, args) in programs.items()}
 
