@@ -24,6 +24,22 @@ def restore_args(abstract: Any) -> Any:
   return ocp.checkpoint_utils.construct_restore_args(abstract)
 
 
+def manager_options(
+  read_only: bool, async_save: bool, keep: int | None = None, keep_every: int = 0
+) -> ocp.CheckpointManagerOptions:
+  """Orbax manager options of a writable (every step saved when asked, `keep` newest kept plus
+  every `keep_every`-th, None/0 = all) or a read-only directory (no retention policy: Orbax would
+  drop it with a warning)."""
+  return ocp.CheckpointManagerOptions(
+    max_to_keep=None if read_only else keep,
+    keep_period=None if read_only else keep_every or None,
+    create=not read_only,
+    read_only=read_only,
+    save_interval_steps=0 if read_only else 1,
+    enable_async_checkpointing=async_save,
+  )
+
+
 class CheckpointError(ConfigError):
   """No checkpoint in the workdir can be restored (and none was silently skipped)."""
 
@@ -50,15 +66,7 @@ class Checkpointer:
     """`config`: the run's config, named in error messages next to a checkpoint's own."""
     self.config = config
     self.directory = storage.join(workdir, "checkpoints")
-    # Read-only: no retention policy (Orbax would drop it with a warning).
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=None if read_only else keep,
-      keep_period=None if read_only else keep_every or None,
-      create=not read_only,
-      read_only=read_only,
-      save_interval_steps=0 if read_only else 1,
-      enable_async_checkpointing=async_save,
-    )
+    options = manager_options(read_only, async_save, keep=keep, keep_every=keep_every)
     handlers = {
       "state": ocp.PyTreeCheckpointHandler(),
       "config": ocp.JsonCheckpointHandler(),

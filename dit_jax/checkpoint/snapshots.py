@@ -8,7 +8,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from dit_jax import storage
-from dit_jax.checkpoint.manager import restore_args
+from dit_jax.checkpoint.manager import manager_options, restore_args
 
 SNAPSHOTS = "ema_snapshots"
 
@@ -25,13 +25,7 @@ class EmaSnapshots:
 
   def __init__(self, workdir: str, *, async_save: bool = True, read_only: bool = False):
     self.directory = storage.join(workdir, SNAPSHOTS)
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=None,
-      create=not read_only,
-      read_only=read_only,
-      save_interval_steps=0 if read_only else 1,
-      enable_async_checkpointing=async_save,
-    )
+    options = manager_options(read_only, async_save)  # Never deleted: no retention.
     handlers = {
       "state": ocp.PyTreeCheckpointHandler(),
       "profiles": ocp.JsonCheckpointHandler(),
