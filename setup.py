@@ -41,8 +41,9 @@ setup(
       "diffusers",
       "transformers",
     ],
-    # dit_jax.tools.encode_text: Hugging Face text encoders (CLIP, T5) from local paths.
-    "text": ["torch", "transformers"],
+    # dit_jax.tools.encode_text: the Hugging Face tokenizers of CLIP and T5 (the Flax encoders
+    # read the safetensors themselves; --backend=torch also needs torch).
+    "text": ["transformers"],
     # Cloud TPU VMs, and the ahead-of-time fit check (launch/aot_compile.py) on any machine:
     # the libtpu that matches the installed jax.
     "tpu": ["jax[tpu]"],

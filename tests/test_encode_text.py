@@ -15,6 +15,7 @@ import _tiny_text_encoders as tiny
 import numpy as np
 import pytest
 
+from dit_jax import text_encoders
 from dit_jax.data import text
 from dit_jax.errors import ConfigError
 from dit_jax.tools import encode_text
@@ -43,9 +44,11 @@ def paths(tmp_path_factory):
   }
 
 
-def _load(paths, names, t5="t5"):
+def _load(paths, names, t5="t5", backend="jax"):
   chosen = {n: paths[t5 if n == "t5" else n] for n in names}
-  return encode_text.load_encoders(chosen, clip_max_length=CLIP_LEN, t5_max_length=T5_LEN)
+  return encode_text.load_encoders(
+    chosen, clip_max_length=CLIP_LEN, t5_max_length=T5_LEN, backend=backend
+  )
 
 
 def _direct(paths, name, captions):
@@ -148,12 +151,12 @@ def test_float16_storage_and_spec_round_trip(paths, tmp_path):
 
 def test_matches_diffusers_sd3_encode_prompt(paths):
   pipeline = pytest.importorskip("diffusers").StableDiffusion3Pipeline
-  encoders = _load(paths, ("clip_l", "clip_g", "t5"))
+  encoders = _load(paths, ("clip_l", "clip_g", "t5"), backend="torch")
   stand_in = types.SimpleNamespace(
     tokenizer_max_length=CLIP_LEN,
     _execution_device=torch.device("cpu"),
     **{
-      f"{kind}{suffix}": getattr(encoders[name], kind)
+      f"{kind}{suffix}": getattr(encoders[name], "module" if kind == "model" else kind)
       for name, suffix in (("clip_l", ""), ("clip_g", "_2"), ("t5", "_3"))
       for kind in ("tokenizer", "model")
     },
@@ -166,31 +169,31 @@ def test_matches_diffusers_sd3_encode_prompt(paths):
     context, null_context, pooled, null_pooled = pipeline.encode_prompt(
       stand_in, CAPTIONS, None, None, max_sequence_length=T5_LEN
     )
-  ours_context, ours_pooled = encode_text.encode(CAPTIONS, encoders)
+  ours_context, ours_pooled = text_encoders.encode(CAPTIONS, encoders)
   np.testing.assert_allclose(ours_context, context.numpy(), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ours_pooled, pooled.numpy(), rtol=1e-5, atol=1e-5)
-  spec = encode_text.text_spec(encoders)
+  spec = text_encoders.text_spec(encoders)
   np.testing.assert_allclose(spec.null_context, null_context[0].numpy(), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(spec.null_pooled, null_pooled[0].numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_only_clip_gives_the_clip_rows(paths):
   encoders = _load(paths, ("clip_l", "clip_g"))
-  context, pooled = encode_text.encode(CAPTIONS[:3], encoders)
+  context, pooled = text_encoders.encode(CAPTIONS[:3], encoders)
   assert context.shape == (3, CLIP_LEN, 80) and pooled.shape == (3, 40)
   want_context, want_pooled = _expected_sd3(paths, CAPTIONS[:3])
   np.testing.assert_allclose(context, want_context[:, :CLIP_LEN, :80], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(pooled, want_pooled, rtol=1e-5, atol=1e-5)
-  assert [s.name for s in encode_text.text_spec(encoders).encoders] == ["clip_l", "clip_g"]
+  assert [s.name for s in text_encoders.text_spec(encoders).encoders] == ["clip_l", "clip_g"]
 
 
 def test_narrower_t5_is_zero_padded_to_the_clip_width(paths):
   encoders = _load(paths, ("clip_g", "t5"), t5="t5_narrow")
-  length, dim, pooled_dim, slots = encode_text.layout(encoders)
+  length, dim, pooled_dim, slots = text_encoders.layout(encoders)
   assert (length, dim, pooled_dim) == (CLIP_LEN + T5_LEN, 48, 24)
   assert slots[0] == text.EncoderSlot("clip_g", (0, CLIP_LEN), (0, 48), (0, 24))
   assert slots[1] == text.EncoderSlot("t5", (CLIP_LEN, CLIP_LEN + T5_LEN), (0, 40))
-  context, pooled = encode_text.encode(CAPTIONS[:2], encoders)
+  context, pooled = text_encoders.encode(CAPTIONS[:2], encoders)
   t5_seq, _ = _direct(paths, "t5_narrow", CAPTIONS[:2])
   g_seq, g_pool = _direct(paths, "clip_g", CAPTIONS[:2])
   np.testing.assert_allclose(context[:, CLIP_LEN:, :40], t5_seq, rtol=1e-5, atol=1e-5)
@@ -206,14 +209,14 @@ def test_diffusers_folder_layout_finds_the_sibling_tokenizer(paths, tmp_path):
     is_model = name in ("config.json", "model.safetensors")
     os.makedirs(model_dir if is_model else tokenizer_dir, exist_ok=True)
     shutil.copy(os.path.join(paths["clip_g"], name), model_dir if is_model else tokenizer_dir)
-  enc = encode_text.load_encoder("clip_g", str(model_dir), CLIP_LEN)
-  context, pooled = encode_text.encode(["a red cat"], {"clip_g": enc})
+  encoders = encode_text.load_encoders({"clip_g": str(model_dir)}, CLIP_LEN)
+  context, pooled = text_encoders.encode(["a red cat"], encoders)
   g_seq, g_pool = _direct(paths, "clip_g", ["a red cat"])
   np.testing.assert_allclose(context, g_seq, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(pooled, g_pool, rtol=1e-5, atol=1e-5)
   os.rename(tokenizer_dir, tmp_path / "elsewhere")
   with pytest.raises(ConfigError, match="holds no tokenizer"):
-    encode_text.load_encoder("clip_g", str(model_dir), CLIP_LEN)
+    encode_text.load_encoders({"clip_g": str(model_dir)}, CLIP_LEN)
 
 
 def test_errors_name_the_problem(paths, tmp_path):
@@ -227,10 +230,13 @@ def test_errors_name_the_problem(paths, tmp_path):
   encoders = _load(paths, ("clip_l",))
   with pytest.raises(ConfigError, match=r"--format='parquet' is not supported"):
     encode_text.write(CAPTIONS, encoders, str(tmp_path / "out"), format="parquet")
+  with pytest.raises(ConfigError, match="holds a t5, not a CLIP text encoder"):
+    encode_text.load_encoders({"clip_l": paths["t5"]}, CLIP_LEN)
   with pytest.raises(ConfigError, match="lacks the weights"):
-    encode_text.load_encoder("clip_l", paths["t5"], CLIP_LEN)
-  with pytest.raises(ConfigError, match="clip_max_length <= 16"):
-    encode_text.load_encoder("clip_l", paths["clip_l"], CLIP_LEN + 1)
+    encode_text.load_torch_encoder("clip_l", paths["t5"], CLIP_LEN)
+  for backend in encode_text.BACKENDS:
+    with pytest.raises(ConfigError, match="clip_max_length <= 16"):
+      encode_text.load_encoders({"clip_l": paths["clip_l"]}, CLIP_LEN + 1, backend=backend)
   empty = tmp_path / "empty.txt"
   empty.write_text("")
   with pytest.raises(ConfigError, match="is empty"):

@@ -18,7 +18,7 @@ LAYERS = (
   ("parallel",),
   ("diffusion", "data"),
   ("models",),
-  ("conditioning", "vae", "checkpoint"),
+  ("conditioning", "vae", "text_encoders", "checkpoint"),
   ("experiment",),
   ("train", "evaluation"),
   ("aot", "checks"),

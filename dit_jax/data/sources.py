@@ -401,6 +401,10 @@ class FolderSource:
   def __len__(self) -> int:
     return len(self._files)
 
+  def caption_files(self) -> list[str]:
+    """`<name>.txt` beside each image `<name>.<ext>`, in the order of the images."""
+    return [f.rsplit(".", 1)[0] + ".txt" for f in self._files]
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     path = self._files[index]
     try:

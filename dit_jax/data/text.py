@@ -22,6 +22,7 @@ each, one record per caption holding its "context" and "pooled" (`dit_jax.data.r
 
 import dataclasses
 import io
+import json
 
 import numpy as np
 
@@ -159,16 +160,54 @@ class TextSpec:
       ) from e
 
 
-def read_captions(path: str) -> list[str]:
-  """Line i of `path`, stripped, is caption i; an empty line is the empty caption."""
+def read_captions(path: str, field: str = "caption") -> list[str]:
+  """The captions at `path`, caption i first-to-last, each stripped ("" is the empty caption):
+  a text file (line i is caption i), a JSONL file (`.jsonl`: line i an object whose `field` is
+  caption i), or an image folder `<root>/<class>/<name>.<ext>` with `<name>.txt` beside each
+  image (in the folder source's order, which encode_latents encodes in)."""
+  if storage.isdir(path):
+    from dit_jax.data import sources  # (sources reads this module's layouts.)
+
+    files = sources.FolderSource(path, 1, 3).caption_files()
+    missing = [f for f in files if not storage.isfile(f)]
+    if missing:
+      raise ConfigError(
+        f"The image folder {path!r} has {len(missing)} images without a caption file (e.g. "
+        f"{missing[0]!r}); write <name>.txt beside each <name>.<image>."
+      )
+    return [_decode(f, storage.read_bytes(f)).strip() for f in files]
   try:
-    lines = io.StringIO(storage.read_bytes(path).decode("utf-8"), newline=None)  # As open() reads.
-    captions = [line.strip() for line in lines]
-  except (OSError, UnicodeDecodeError) as e:
+    data = _decode(path, storage.read_bytes(path))
+  except OSError as e:
     raise ConfigError(f"The captions file {path!r} cannot be read ({e}).") from e
+  lines = list(io.StringIO(data, newline=None))  # As open() reads.
+  if path.endswith(".jsonl"):
+    captions = [_json_caption(path, i, line, field) for i, line in enumerate(lines)]
+  else:
+    captions = [line.strip() for line in lines]
   if not captions:
     raise ConfigError(f"The captions file {path!r} is empty; write one caption per line.")
   return captions
+
+
+def _decode(path: str, data: bytes) -> str:
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"The captions file {path!r} is not UTF-8 text ({e}).") from None
+
+
+def _json_caption(path: str, i: int, line: str, field: str) -> str:
+  try:
+    value = json.loads(line)[field]
+  except (json.JSONDecodeError, TypeError, KeyError) as e:
+    raise ConfigError(
+      f"Line {i + 1} of {path!r} is not a JSON object with a {field!r} string ({type(e).__name__}: "
+      f"{e}); write one object per line, or name the key with --caption_field."
+    ) from None
+  if not isinstance(value, str):
+    raise ConfigError(f"Line {i + 1} of {path!r}: {field!r} is a {type(value).__name__}, not text.")
+  return value.strip()
 
 
 def inline_prompts(prompt_text: str) -> list[str]:

@@ -1,74 +1,55 @@
-"""Precomputes Stable Diffusion 3's text conditioning of a list of captions.
+"""Precomputes Stable Diffusion 3's text conditioning of a list of captions, on the mesh.
 
   python -m dit_jax.tools.encode_text --captions=captions.txt --out=DATA_DIR \
       --clip_l=sd3/text_encoder --clip_g=sd3/text_encoder_2 --t5=sd3/text_encoder_3 \
-      --device=cuda
+      --compute_dtype=bfloat16
 
-Line i of --captions is the caption of example i (the order of the latents beside it in
-DATA_DIR); an empty line is the empty caption. Each encoder is a local directory that Hugging
-Face `from_pretrained` loads (nothing is downloaded): CLIPTextModelWithProjection for the CLIPs,
-T5EncoderModel for T5, with the tokenizer in the same directory or, for a diffusers pipeline's
-text_encoder[_N] folder, in its sibling tokenizer[_N]. Needs torch and transformers
-(`pip install 'dit_jax[text]'`).
+Caption i is the caption of example i (the order of the latents beside it in DATA_DIR); an empty
+caption is the empty caption. --captions is a text file (one caption per line), a JSONL file
+(.jsonl, one object per line; --caption_field names the key, default "caption"), or a directory
+of per-example caption files (<name>.txt beside <name>.<image>, in sorted order, as an image
+folder lists them). Each encoder is a local Hugging Face directory (nothing is downloaded):
+a CLIPTextModelWithProjection or CLIPModel for the CLIPs, a T5EncoderModel or T5 for T5, with the
+tokenizer in the same directory or, for a diffusers pipeline's text_encoder[_N] folder, in its
+sibling tokenizer[_N].
 
-The layout is that of diffusers' StableDiffusion3Pipeline.encode_prompt: each CLIP's penultimate
-hidden state over clip_max_length tokens, CLIP-L then CLIP-G along channels, zero-padded to T5's
-width, then T5's last hidden state over t5_max_length tokens in the rows after; pooled is CLIP-L's
-then CLIP-G's projected end-of-text embedding. Writes context.npy, pooled.npy, captions.txt,
-text_encoders.json and null_text.npz (the empty caption's encoding) into --out, in the format of
-`dit_jax.data.text`; the arrays are filled batch by batch through memory maps, so the captions
-need not fit in memory as embeddings. Into a gs:// --out, or beside ArrayRecord latents, it writes
-ArrayRecord shards instead (--format=array_record, of the latents' --shard_size), each whole once
-finished, so a killed run rerun with the same arguments resumes after its last whole shard and
-writes the same bytes; text_job.json records what they were encoded from, and a rerun with other
-captions or encoders is refused unless --overwrite.
+--backend=jax (the default) runs the Flax encoders of `dit_jax.text_encoders` over every device
+and process (`--preset` lays the params out; fsdp splits T5-XXL over all devices), with the
+tokenizers of `transformers` on the host (`pip install 'dit_jax[text]'`, no PyTorch).
+--backend=torch runs `transformers`' PyTorch models (`--device=cpu|cuda`), kept to check the JAX
+path against.
+
+The layout is that of diffusers' StableDiffusion3Pipeline.encode_prompt (`text_encoders.layout`).
+Writes context.npy, pooled.npy, captions.txt, text_encoders.json and null_text.npz (the empty
+caption's encoding) into --out, in the format of `dit_jax.data.text`; the arrays are filled batch
+by batch through memory maps, so the captions need not fit in memory as embeddings. Into a gs://
+--out, or beside ArrayRecord latents, it writes ArrayRecord shards instead (--format=array_record,
+of the latents' --shard_size), each whole once finished, so a killed run rerun with the same
+arguments resumes after its last whole shard and writes the same bytes; text_job.json records
+what they were encoded from, and a rerun with other captions or encoders is refused unless
+--overwrite. Process 0 writes; every process encodes its part of each batch.
 """
 
 import dataclasses
 import hashlib
 import json
-import re
 from collections.abc import Sequence
-from typing import Any
 
+import jax
 import numpy as np
 from absl import app, flags, logging
+from tqdm import tqdm
 
-from dit_jax import cli, storage
+from dit_jax import cli, parallel, storage, text_encoders
 from dit_jax.data import latents, records, text
 from dit_jax.errors import ConfigError, check_choice
+from dit_jax.parallel import distributed
+from dit_jax.text_encoders import CLIP_NAMES, ENCODER_NAMES, TextEncoder
 
-ENCODER_NAMES = ("clip_l", "clip_g", "t5")
-CLIP_NAMES = ("clip_l", "clip_g")
+BACKENDS = ("jax", "torch")
 DTYPES = ("float16", "float32")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-# Any one of these marks a directory that holds a Hugging Face tokenizer.
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
-
-
-@dataclasses.dataclass(frozen=True)
-class TextEncoder:
-  """A loaded Hugging Face text encoder, its tokenizer and the token length it pads to."""
-
-  name: str  # one of ENCODER_NAMES
-  model: Any  # torch.nn.Module
-  tokenizer: Any
-  max_length: int
-
-  @property
-  def is_clip(self) -> bool:
-    return self.name in CLIP_NAMES
-
-  @property
-  def width(self) -> int:
-    """Channels of the sequence features."""
-    config = self.model.config
-    return config.hidden_size if self.is_clip else config.d_model
-
-  @property
-  def pooled_width(self) -> int:
-    """Channels of the pooled vector (0 for T5, which has none)."""
-    return self.model.config.projection_dim if self.is_clip else 0
+TORCH_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+MESH_HELP = "data,fsdp,tensor sizes (one may be -1: the devices left)"
 
 
 def _import_torch():
@@ -78,46 +59,23 @@ def _import_torch():
     import transformers
   except ImportError as e:
     raise ConfigError(
-      f"Encoding text needs torch and transformers ({e}); install them with "
-      "`pip install 'dit_jax[text]'`."
+      f"--backend=torch needs torch and transformers ({e}); install them with "
+      "`pip install torch transformers`, or use --backend=jax."
     ) from e
   return torch, transformers
 
 
-def _tokenizer_dir(name: str, path: str) -> str:
-  """`path` if it holds a tokenizer, else the sibling tokenizer[_N] of a diffusers
-  text_encoder[_N] folder (SD3's checkpoints keep them apart)."""
-  if any(storage.isfile(storage.join(path, f)) for f in _TOKENIZER_FILES):
-    return path
-  match = re.fullmatch(r"text_encoder(_\d+)?", storage.basename(storage.resolve(path)))
-  if match:
-    sibling = storage.join(storage.parent(path), "tokenizer" + (match.group(1) or ""))
-    if storage.isdir(sibling):
-      return sibling
-  raise ConfigError(
-    f"{name}={path!r} holds no tokenizer (none of {list(_TOKENIZER_FILES)}); save the encoder's "
-    "tokenizer into it with `tokenizer.save_pretrained(path)`."
-  )
-
-
-def load_encoder(
+def load_torch_encoder(
   name: str, path: str, max_length: int, device: str = "cpu", compute_dtype: str = "float32"
 ) -> TextEncoder:
-  """Loads one of SD3's text encoders and its tokenizer from a local directory.
-
-  Args:
-    name: "clip_l", "clip_g" (CLIPTextModelWithProjection) or "t5" (T5EncoderModel).
-    path: a directory written by `save_pretrained`; nothing is downloaded.
-    max_length: tokens per caption (captions are padded and truncated to it).
-    device: torch device the encoder runs on.
-    compute_dtype: one of COMPUTE_DTYPES.
+  """One of SD3's text encoders as `transformers`' PyTorch model (the parity backend).
 
   Raises:
     ConfigError: for a missing or unloadable directory, a checkpoint of another model class,
       a CLIP max_length beyond its position embeddings, or an unavailable device.
   """
   check_choice(name, ENCODER_NAMES, "text encoder", prefix="")
-  check_choice(compute_dtype, COMPUTE_DTYPES, "compute_dtype", prefix="")
+  check_choice(compute_dtype, TORCH_COMPUTE_DTYPES, "compute_dtype", prefix="")
   torch, transformers = _import_torch()
   if storage.is_remote(path):
     raise ConfigError(
@@ -131,13 +89,10 @@ def load_encoder(
     )
   if device.startswith("cuda") and not torch.cuda.is_available():
     raise ConfigError(f"device={device!r}, but torch sees no CUDA GPU; use device='cpu'.")
-  cls = (
-    transformers.CLIPTextModelWithProjection if name in CLIP_NAMES else transformers.T5EncoderModel
-  )
+  is_clip = name in CLIP_NAMES
+  cls = transformers.CLIPTextModelWithProjection if is_clip else transformers.T5EncoderModel
+  tokenizer = text_encoders.load_tokenizer(name, path)
   try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-      _tokenizer_dir(name, path), local_files_only=True
-    )
     model, info = cls.from_pretrained(path, local_files_only=True, output_loading_info=True)
   except (OSError, ValueError) as e:
     raise ConfigError(f"{name}={path!r} cannot be loaded as a {cls.__name__}: {e}") from e
@@ -148,39 +103,70 @@ def load_encoder(
       f"{cls.__name__}; point it to that model's checkpoint."
     )
   # T5's relative positions take any length; CLIP's learned ones stop at max_position_embeddings.
-  positions = model.config.max_position_embeddings if name in CLIP_NAMES else max_length
+  positions = model.config.max_position_embeddings if is_clip else max_length
   if max_length > positions:
     raise ConfigError(
       f"The {name} encoder has {positions} positions, fewer than the {max_length} tokens asked; "
       f"set clip_max_length <= {positions}."
     )
   model = model.to(device=device, dtype=getattr(torch, compute_dtype)).eval()
-  return TextEncoder(name=name, model=model, tokenizer=tokenizer, max_length=max_length)
+
+  def forward(ids: np.ndarray):
+    ids = torch.from_numpy(ids.astype(np.int64)).to(model.device)
+    with torch.inference_mode():
+      if not is_clip:
+        return model(ids).last_hidden_state.float().cpu().numpy(), None
+      out = model(ids, output_hidden_states=True)
+      return out.hidden_states[-2].float().cpu().numpy(), out.text_embeds.float().cpu().numpy()
+
+  config = model.config
+  return TextEncoder(
+    name=name,
+    tokenizer=tokenizer,
+    max_length=max_length,
+    width=config.hidden_size if is_clip else config.d_model,
+    pooled_width=config.projection_dim if is_clip else 0,
+    forward=forward,
+    module=model,
+  )
 
 
 def load_encoders(
   paths: dict[str, str | None],
   clip_max_length: int = 77,
   t5_max_length: int = 256,
-  device: str = "cpu",
+  *,
+  backend: str = "jax",
+  mesh=None,
   compute_dtype: str = "float32",
+  preset: str = "fsdp",
+  device: str = "cpu",
 ) -> dict[str, TextEncoder]:
   """Loads the encoders whose path is given (keys from ENCODER_NAMES; None or "" = absent).
 
+  Args:
+    paths: {name: local directory}.
+    clip_max_length, t5_max_length: tokens per caption.
+    backend: "jax" (the Flax encoders on `mesh`) or "torch" (transformers on `device`).
+    mesh: the jax backend's mesh; None = every device, the batch and params split over them
+      (fsdp axis).
+    compute_dtype: float32 or bfloat16 (the torch backend also takes float16).
+    preset: the jax backend's parameter layout (a `dit_jax.parallel` preset).
+    device: the torch backend's device.
+
   Raises:
-    ConfigError: if no CLIP is given (the pooled vector comes from the CLIPs), or as
-      `load_encoder` does.
+    ConfigError: if no CLIP is given (the pooled vector comes from the CLIPs), or as the
+      loaders do.
   """
-  unknown = sorted(set(paths) - set(ENCODER_NAMES))
-  if unknown:
-    raise ConfigError(f"Unknown text encoders {unknown}; choose from {list(ENCODER_NAMES)}.")
-  if not any(paths.get(name) for name in CLIP_NAMES):
-    raise ConfigError(
-      "No CLIP encoder given: the pooled text vector comes from CLIP; pass --clip_l and/or "
-      "--clip_g (local CLIPTextModelWithProjection directories)."
+  check_choice(backend, BACKENDS, "--backend", prefix="")
+  text_encoders.check_paths(paths)
+  if backend == "jax":
+    mesh = make_mesh() if mesh is None else mesh
+    return text_encoders.load_encoders(
+      paths, mesh, clip_max_length, t5_max_length, compute_dtype, preset
     )
   return {
-    name: load_encoder(
+    name: load_torch_encoder(
       name,
       paths[name],
       clip_max_length if name in CLIP_NAMES else t5_max_length,
@@ -192,104 +178,27 @@ def load_encoders(
   }
 
 
-def _ordered(encoders: dict[str, TextEncoder]) -> list[TextEncoder]:
-  """The encoders in SD3's order (CLIP-L, CLIP-G, T5), whatever the dict's order."""
-  if not any(name in encoders for name in CLIP_NAMES):
-    raise ConfigError("No CLIP encoder given: the pooled text vector comes from CLIP.")
-  clip_lengths = {encoders[n].max_length for n in CLIP_NAMES if n in encoders}
-  if len(clip_lengths) > 1:
-    raise ConfigError(
-      f"CLIP-L and CLIP-G share rows; give them one max_length, not {clip_lengths}."
-    )
-  return [encoders[name] for name in ENCODER_NAMES if name in encoders]
+def make_mesh(shape: str = "1,-1,1"):
+  """The (data, fsdp, tensor) mesh over every device of the job, from "d,f,t" sizes."""
+  import ml_collections
 
-
-def layout(encoders: dict[str, TextEncoder]) -> tuple[int, int, int, tuple[text.EncoderSlot, ...]]:
-  """Returns (context_len, context_dim, pooled_dim, slots) of SD3's text conditioning."""
-  slots, rows, channels, pooled = [], 0, 0, 0
-  for enc in _ordered(encoders):
-    if enc.is_clip:
-      rows = enc.max_length
-      slots.append(
-        text.EncoderSlot(
-          enc.name,
-          seq=(0, rows),
-          context_channels=(channels, channels + enc.width),
-          pooled_channels=(pooled, pooled + enc.pooled_width),
-        )
-      )
-      channels += enc.width
-      pooled += enc.pooled_width
-    else:
-      slots.append(text.EncoderSlot(enc.name, (rows, rows + enc.max_length), (0, enc.width)))
-      rows += enc.max_length
-      # SD3 pads the CLIP channels to T5's width; a narrower T5 is padded to the CLIPs' instead.
-      channels = max(channels, enc.width)
-  return rows, channels, pooled, tuple(slots)
-
-
-def _tokenize(enc: TextEncoder, captions: Sequence[str]):
-  return enc.tokenizer(
-    list(captions),
-    padding="max_length",
-    max_length=enc.max_length,
-    truncation=True,
-    return_tensors="pt",
-  ).input_ids.to(enc.model.device)
-
-
-def _forward(enc: TextEncoder, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-  """Sequence features [N, max_length, width] and pooled [N, pooled_width] (None for T5)."""
-  torch, _ = _import_torch()
-  ids = _tokenize(enc, captions)
-  with torch.inference_mode():
-    if not enc.is_clip:
-      return enc.model(ids).last_hidden_state.float().cpu().numpy(), None
-    out = enc.model(ids, output_hidden_states=True)
-    return out.hidden_states[-2].float().cpu().numpy(), out.text_embeds.float().cpu().numpy()
-
-
-def encode(
-  captions: Sequence[str], encoders: dict[str, TextEncoder]
-) -> tuple[np.ndarray, np.ndarray]:
-  """Encodes captions as SD3 does, in one forward pass per encoder.
-
-  Args:
-    captions: N captions; "" is the empty caption.
-    encoders: from `load_encoders`, keyed by name (at least one CLIP).
-
-  Returns:
-    context float32 [N, context_len, context_dim] and pooled float32 [N, pooled_dim], laid out
-    as `layout(encoders)` says; channels and rows no encoder fills are zero.
-  """
-  length, dim, pooled_dim, slots = layout(encoders)
-  context = np.zeros((len(captions), length, dim), np.float32)
-  pooled = np.zeros((len(captions), pooled_dim), np.float32)
-  if not captions:
-    return context, pooled
-  for slot in slots:
-    seq, vec = _forward(encoders[slot.name], captions)
-    (r0, r1), (c0, c1), (p0, p1) = slot.seq, slot.context_channels, slot.pooled_channels
-    context[:, r0:r1, c0:c1] = seq  # [N, max_length, width]
-    if vec is not None:
-      pooled[:, p0:p1] = vec  # [N, pooled_width]
-  return context, pooled
-
-
-def text_spec(encoders: dict[str, TextEncoder]) -> text.TextSpec:
-  """The TextSpec of `encoders`, with the empty caption encoded through the same path."""
-  length, dim, pooled_dim, slots = layout(encoders)
-  null_context, null_pooled = encode([""], encoders)
-  return text.TextSpec(length, dim, pooled_dim, slots, null_context[0], null_pooled[0])
-
-
-def count_truncated(captions: Sequence[str], encoders: dict[str, TextEncoder]) -> dict[str, int]:
-  """How many captions each encoder cuts to its max_length tokens."""
-  counts = {}
-  for name, enc in encoders.items():
-    ids = enc.tokenizer(list(captions), truncation=False, verbose=False)["input_ids"]
-    counts[name] = sum(len(i) > enc.max_length for i in ids)
-  return counts
+  try:
+    sizes = [int(s) for s in shape.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != len(parallel.MESH_AXES):
+    raise ConfigError(f"--mesh={shape!r} is not {MESH_HELP}, e.g. --mesh=1,-1,1.")
+  config = ml_collections.ConfigDict(
+    {
+      "parallel": {
+        "preset": "dp",
+        "rules": {},
+        "mesh": dict(zip(parallel.MESH_AXES, sizes, strict=True)),
+        "dcn_mesh": dict(zip(parallel.MESH_AXES, (-1, 1, 1), strict=True)),
+      }
+    }
+  )
+  return parallel.make_mesh(config)
 
 
 FORMATS = records.FORMATS
@@ -405,12 +314,11 @@ def write(
     raise ConfigError(f"batch_size={batch_size} must be at least 1.")
   n = len(captions)
   format, shard_size = _choose_layout(out, n, format, shard_size, batch_size)
-  from tqdm import tqdm
 
-  spec = text_spec(encoders)
-  storage.makedirs(out)
+  spec = text_encoders.text_spec(encoders)
   sharded = format == records.FORMAT
-  start = 0
+  stored = text.StoredText(format, n if sharded else 0, shard_size)
+  job = None
   if sharded:
     job = {
       "count": n,
@@ -424,36 +332,44 @@ def write(
         spec.null_context.tobytes() + spec.null_pooled.tobytes()
       ).hexdigest(),
     }
-    start = _resume_shards(out, json.loads(json.dumps(job)), overwrite)  # (As it reads back.)
-  spec_path = storage.join(out, text.SPEC_FILE)
-  stored = text.StoredText(format, n if sharded else 0, shard_size)
-  if start >= n and storage.isfile(spec_path) and text.stored_layout(out) == stored:
+    job = json.loads(json.dumps(job))  # As it reads back.
+  start = distributed.on_process_0(
+    lambda: _prepare(out, n, spec, dtype, stored, job, overwrite),
+    f"write into --out={out!r}",
+    "choose a writable directory.",
+  )
+  if start > n:
     logging.info("%s holds all %d text embeddings already; nothing to do.", out, n)
     return spec, dict.fromkeys(encoders, 0)
-  # Until the spec is written again, a crashed or running job does not look complete.
-  for stale in (text.SPEC_FILE, text.NULL_FILE):
-    storage.remove(storage.join(out, stale))
-  if not sharded:
-    context = storage.open_memmap(
-      storage.join(out, text.CONTEXT_FILE), "w+", dtype, (n, spec.context_len, spec.context_dim)
-    )
-    pooled = storage.open_memmap(
-      storage.join(out, text.POOLED_FILE), "w+", dtype, (n, spec.pooled_dim)
-    )
+  writer = jax.process_index() == 0
+  if writer and not sharded:
+    context = storage.open_memmap(storage.join(out, text.CONTEXT_FILE), "r+")
+    pooled = storage.open_memmap(storage.join(out, text.POOLED_FILE), "r+")
   num_shards = records.num_shards(n, shard_size) if sharded else 0
   shard = {"context": [], "pooled": []}
   truncated = dict.fromkeys(encoders, 0)
-  with tqdm(total=n, initial=start, desc="encode_text", unit="caption", dynamic_ncols=True) as bar:
+  bar = tqdm(
+    total=n,
+    initial=start,
+    desc="encode_text",
+    unit="caption",
+    dynamic_ncols=True,
+    disable=not writer,
+  )
+  with bar:
     for batches, begin in enumerate(range(start, n, batch_size)):
       if max_batches is not None and batches >= max_batches:
         logging.info("Stopping after %d batches (max_batches); %d of %d done.", batches, begin, n)
         return spec, truncated
       batch = captions[begin : begin + batch_size]
-      c, p = encode(batch, encoders)
-      for name, count in count_truncated(batch, encoders).items():
+      c, p = text_encoders.encode(batch, encoders)
+      for name, count in text_encoders.count_truncated(batch, encoders).items():
         truncated[name] += count
       c, p = _stored(c, dtype, begin, len(batch)), _stored(p, dtype, begin, len(batch))
       end = begin + len(batch)
+      bar.update(len(batch))
+      if not writer:
+        continue
       if sharded:
         shard["context"].append(c)
         shard["pooled"].append(p)
@@ -464,37 +380,77 @@ def write(
           shard = {"context": [], "pooled": []}
       else:
         context[begin:end], pooled[begin:end] = c, p
-      bar.update(len(batch))
-  if not sharded:
-    context.flush()
-    pooled.flush()
-    del context, pooled
-  storage.write_text(
-    storage.join(out, text.CAPTIONS_FILE), "".join(caption + "\n" for caption in captions)
-  )
-  spec.save(out, stored)
+  if writer:
+    if not sharded:
+      context.flush()
+      pooled.flush()
+      del context, pooled
+    storage.write_text(
+      storage.join(out, text.CAPTIONS_FILE), "".join(caption + "\n" for caption in captions)
+    )
+    spec.save(out, stored)
   return spec, truncated
+
+
+def _prepare(
+  out: str,
+  n: int,
+  spec: text.TextSpec,
+  dtype: str,
+  stored: text.StoredText,
+  job: dict | None,
+  overwrite: bool,
+) -> int:
+  """On process 0: readies `out` for the job and returns the first caption to encode, or n + 1
+  if `out` holds the whole job already."""
+  storage.makedirs(out)
+  start = 0 if job is None else _resume_shards(out, job, overwrite)
+  spec_path = storage.join(out, text.SPEC_FILE)
+  if start >= n and storage.isfile(spec_path) and text.stored_layout(out) == stored:
+    return n + 1
+  # Until the spec is written again, a crashed or running job does not look complete.
+  for stale in (text.SPEC_FILE, text.NULL_FILE):
+    storage.remove(storage.join(out, stale))
+  if job is None:
+    shapes = {
+      text.CONTEXT_FILE: (n, spec.context_len, spec.context_dim),
+      text.POOLED_FILE: (n, spec.pooled_dim),
+    }
+    for name, shape in shapes.items():
+      storage.open_memmap(storage.join(out, name), "w+", dtype, shape).flush()
+  return start
 
 
 def _define_flags() -> None:
   """Defines the flags only when run as a program: a program that imports `encode` (e.g. to
   encode prompts for sampling) must not get --captions and --out as required flags."""
-  flags.DEFINE_string("captions", None, "Text file of captions, one per line.")
+  flags.DEFINE_string(
+    "captions", None, "Captions: a text file (one per line), a .jsonl file or an image folder."
+  )
+  flags.DEFINE_string("caption_field", "caption", "The caption's key in a .jsonl file.")
   flags.DEFINE_string("out", None, "Output directory (created; the latents' directory).")
-  flags.DEFINE_string("clip_l", None, "Local CLIP-L (CLIPTextModelWithProjection) directory.")
-  flags.DEFINE_string("clip_g", None, "Local CLIP-G (CLIPTextModelWithProjection) directory.")
+  flags.DEFINE_string("clip_l", None, "Local CLIP-L directory (CLIPTextModelWithProjection).")
+  flags.DEFINE_string("clip_g", None, "Local OpenCLIP bigG directory (the same class).")
   flags.DEFINE_string("t5", None, "Local T5 (T5EncoderModel) directory; omit for CLIP rows only.")
   flags.DEFINE_integer("clip_max_length", 77, "CLIP tokens per caption.")
   flags.DEFINE_integer("t5_max_length", 256, "T5 tokens per caption.")
-  flags.DEFINE_integer("batch_size", 64, "Captions per forward pass.")
+  flags.DEFINE_integer("batch_size", 64, "Captions per forward pass, over all devices.")
   flags.DEFINE_enum("dtype", "float16", DTYPES, "Storage dtype of context and pooled.")
-  flags.DEFINE_enum("compute_dtype", "float32", COMPUTE_DTYPES, "Dtype the encoders run in.")
-  flags.DEFINE_string("device", "cpu", "torch device: cpu, cuda or cuda:N.")
+  flags.DEFINE_string(
+    "compute_dtype", "float32", "Dtype the encoders run in: float32 or bfloat16 (torch: float16)."
+  )
+  flags.DEFINE_string("backend", "jax", "jax (Flax encoders on the mesh) or torch (parity).")
+  flags.DEFINE_string("preset", "fsdp", "jax: how params are laid out (dp, fsdp, fsdp_tp).")
+  flags.DEFINE_string("mesh", "1,-1,1", f"jax: mesh {MESH_HELP}.")
+  flags.DEFINE_string("device", "cpu", "torch: cpu, cuda or cuda:N.")
   flags.DEFINE_string(
     "format", "", "npy | array_record (shards; default on gs:// and beside array_record latents)."
   )
   flags.DEFINE_integer("shard_size", 0, "Captions per array_record shard (0: the latents').")
   flags.DEFINE_bool("overwrite", False, "Replace text shards encoded from other inputs.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+  flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+  flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
   flags.mark_flags_as_required(["captions", "out"])
 
 
@@ -503,15 +459,27 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   storage.check_reachable(f.out, f.captions)
-  if f.format:  # Before the encoders load: a bad flag is reported at once.
+  # Before the encoders load: a bad flag is reported at once.
+  if f.format:
     check_choice(f.format, FORMATS, "--format", prefix="")
-  captions = text.read_captions(f.captions)
+  check_choice(f.backend, BACKENDS, "--backend", prefix="")
+  dtypes = text_encoders.COMPUTE_DTYPES if f.backend == "jax" else TORCH_COMPUTE_DTYPES
+  check_choice(f.compute_dtype, dtypes, "--compute_dtype", prefix="")
+  check_choice(f.preset, parallel.PRESETS, "--preset", prefix="")
+  captions = text.read_captions(f.captions, f.caption_field)
+  mesh = None
+  if f.backend == "jax":
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    mesh = make_mesh(f.mesh)
   encoders = load_encoders(
     {"clip_l": f.clip_l, "clip_g": f.clip_g, "t5": f.t5},
     f.clip_max_length,
     f.t5_max_length,
-    f.device,
-    f.compute_dtype,
+    backend=f.backend,
+    mesh=mesh,
+    compute_dtype=f.compute_dtype,
+    preset=f.preset,
+    device=f.device,
   )
   spec, truncated = write(
     captions,
@@ -523,6 +491,8 @@ def main(argv):
     shard_size=f.shard_size,
     overwrite=f.overwrite,
   )
+  if jax.process_index():
+    return
   n = len(captions)
   slots = ", ".join(f"{s.name} rows {s.seq} channels {s.context_channels}" for s in spec.encoders)
   logging.info(

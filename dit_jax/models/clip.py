@@ -1,0 +1,326 @@
+"""CLIP's text tower in Flax, read from a Hugging Face `transformers` directory.
+
+    config, params = load_text_hf("sd3/text_encoder")   # CLIP-L; text_encoder_2 is OpenCLIP bigG
+    out = CLIPText(config, "bfloat16").apply({"params": params}, ids)  # ids int32 [B, L]
+    out["penultimate"], out["last"], out["text_embeds"]
+
+The architecture of `transformers`' CLIPTextModelWithProjection: token plus learned position
+embeddings, pre-LayerNorm causal self-attention layers (scanned), a final LayerNorm, the pooled
+vector taken at the end-of-text token and projected. The OpenCLIP bigG/14 tower of SD3 is the same
+architecture with exact GELU. Weights load from the safetensors of a CLIPTextModel[WithProjection]
+or of a whole CLIPModel (its text half).
+
+Numerics: the residual stream, LayerNorms, attention logits and softmax are float32; the matrix
+products run in the compute dtype (float32 or bfloat16).
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dit_jax import axes
+from dit_jax.errors import ConfigError
+from dit_jax.models import hf, layers
+
+Params = dict[str, Any]
+ACTIVATIONS = ("quick_gelu", "gelu")
+# transformers' CLIPTextConfig defaults, for the fields a saved config.json leaves out.
+_HF_DEFAULTS = dict(
+  vocab_size=49408,
+  hidden_size=512,
+  intermediate_size=2048,
+  projection_dim=512,
+  num_hidden_layers=12,
+  num_attention_heads=8,
+  max_position_embeddings=77,
+  hidden_act="quick_gelu",
+  layer_norm_eps=1e-5,
+  eos_token_id=49407,
+)
+WHAT = "CLIPTextModelWithProjection"
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+  """CLIP text tower sizes. `projection_dim` 0: no text projection (a plain CLIPTextModel)."""
+
+  vocab_size: int
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  max_positions: int
+  projection_dim: int
+  activation: str = "quick_gelu"
+  eps: float = 1e-5
+  # transformers pools at argmax(ids) when this is 2 (configs saved before the eos fix), else
+  # at the first token equal to it.
+  eos_token_id: int = 49407
+
+  @classmethod
+  def from_hf(cls, hf_config: dict, has_projection: bool = True) -> "CLIPTextConfig":
+    """The config of a CLIPTextConfig dict, or of a CLIPConfig's text half."""
+    top = hf_config
+    if hf_config.get("model_type") == "clip" or "text_config" in hf_config:
+      hf_config = hf_config.get("text_config") or {}
+    c = {**_HF_DEFAULTS, **{k: v for k, v in hf_config.items() if v is not None}}
+    projection = top.get("projection_dim") or c["projection_dim"]
+    eos = c["eos_token_id"]
+    config = cls(
+      vocab_size=int(c["vocab_size"]),
+      width=int(c["hidden_size"]),
+      depth=int(c["num_hidden_layers"]),
+      heads=int(c["num_attention_heads"]),
+      mlp_dim=int(c["intermediate_size"]),
+      max_positions=int(c["max_position_embeddings"]),
+      projection_dim=int(projection) if has_projection else 0,
+      activation=str(c["hidden_act"]),
+      eps=float(c["layer_norm_eps"]),
+      eos_token_id=int(eos[0] if isinstance(eos, list) else eos),
+    )
+    config.check()
+    return config
+
+  def check(self) -> None:
+    if self.activation not in ACTIVATIONS:
+      raise ConfigError(
+        f"CLIP hidden_act={self.activation!r} is not one of {list(ACTIVATIONS)} (CLIP-L uses "
+        "quick_gelu, OpenCLIP bigG gelu)."
+      )
+    if self.width % self.heads:
+      raise ConfigError(f"CLIP hidden_size {self.width} is not divisible by {self.heads} heads.")
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+  if name == "quick_gelu":
+    return x * jax.nn.sigmoid(1.702 * x)
+  if name == "gelu":
+    return jax.nn.gelu(x, approximate=False)
+  if name == "gelu_new":  # The tanh approximation (T5 v1.1).
+    return jax.nn.gelu(x, approximate=True)
+  if name == "relu":
+    return jax.nn.relu(x)
+  raise AssertionError(name)
+
+
+def layer_norm(eps: float, name: str) -> nn.LayerNorm:
+  """A float32 LayerNorm with logical axes (its output is cast by the caller)."""
+  return nn.LayerNorm(
+    epsilon=eps,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    scale_init=layers.logical(nn.initializers.ones_init(), (axes.EMBED,)),
+    bias_init=layers.logical(layers.zeros, (axes.EMBED,)),
+    name=name,
+  )
+
+
+def attention_probs(logits: jax.Array, dtype) -> jax.Array:
+  """softmax in float32 over the last axis, cast to `dtype`."""
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+class EncoderLayer(nn.Module):
+  """A pre-LayerNorm transformer layer (CLIP's). The carry is (hidden [B, L, D] float32, the
+  previous layer's hidden), so that after a scan the second is the penultimate hidden state."""
+
+  width: int
+  heads: int
+  mlp_dim: int
+  activation: str
+  eps: float
+  causal: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, carry: tuple[jax.Array, jax.Array]):
+    h, _ = carry
+    head_dim = self.width // self.heads
+    qkv_axes = (axes.EMBED, axes.HEADS, axes.KV)
+
+    x = layer_norm(self.eps, "layer_norm1")(h).astype(self.dtype)
+    q, k, v = (
+      layers.dense((self.heads, head_dim), qkv_axes, self.dtype, name=f"{n}_proj")(x)
+      for n in ("q", "k", "v")
+    )  # [B, L, H, Dh]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (head_dim**-0.5)  # [B, H, L, L]
+    if self.causal:
+      n = h.shape[1]
+      mask = np.tril(np.ones((n, n), bool))
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    o = jnp.einsum("bhqk,bkhd->bqhd", attention_probs(logits, self.dtype), v)
+    o = layers.dense(
+      self.width, (axes.HEADS, axes.KV, axes.EMBED), self.dtype, axis=(-2, -1), name="out_proj"
+    )(o)
+    h2 = layers.constrain(h + o, axes.TOKENS)
+
+    y = layer_norm(self.eps, "layer_norm2")(h2).astype(self.dtype)
+    y = layers.dense(self.mlp_dim, (axes.EMBED, axes.MLP), self.dtype, name="fc1")(y)
+    y = activation(self.activation, y.astype(jnp.float32)).astype(self.dtype)
+    y = layers.dense(self.width, (axes.MLP, axes.EMBED), self.dtype, name="fc2")(y)
+    return (layers.constrain(h2 + y, axes.TOKENS), h), None
+
+
+class CLIPText(nn.Module):
+  """CLIP's text tower: token ids int32 [B, L] (L <= max_positions) -> dict of
+  "last" (after the final LayerNorm) and "penultimate" (the second-to-last layer's output, no
+  LayerNorm; SD3's conditioning) [B, L, D] float32, "pooled" [B, D] at the end-of-text token, and
+  "text_embeds" [B, projection_dim] if the tower has a projection."""
+
+  config: CLIPTextConfig
+  dtype: Any = jnp.float32
+  scan_unroll: int = 1
+
+  @nn.compact
+  def __call__(self, ids: jax.Array) -> dict[str, jax.Array]:
+    cfg = self.config
+    b, n = ids.shape
+    assert n <= cfg.max_positions, (n, cfg.max_positions)
+    init = nn.initializers.normal(0.02)
+    tokens = self.param(
+      "token_embedding",
+      layers.logical(init, (axes.VOCAB, axes.EMBED)),
+      (cfg.vocab_size, cfg.width),
+      jnp.float32,
+    )
+    positions = self.param(
+      "position_embedding",
+      layers.logical(init, (None, axes.EMBED)),
+      (cfg.max_positions, cfg.width),
+      jnp.float32,
+    )
+    h = jnp.take(tokens, ids, axis=0).astype(jnp.float32) + positions[None, :n]  # [B, L, D]
+    h = layers.constrain(h, axes.TOKENS)
+    stack = layers.scanned(EncoderLayer, cfg.depth, self.scan_unroll, "none", broadcast=0)(
+      cfg.width, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.eps, True, self.dtype, name="layers"
+    )
+    (h, penultimate), _ = stack((h, h))
+    last = layer_norm(cfg.eps, "final_layer_norm")(h)
+    if cfg.eos_token_id == 2:
+      at = jnp.argmax(ids, axis=-1)
+    else:
+      at = jnp.argmax(ids == cfg.eos_token_id, axis=-1)
+    pooled = jnp.take_along_axis(last, at[:, None, None], axis=1)[:, 0]  # [B, D]
+    out = {"last": last, "penultimate": penultimate, "pooled": pooled}
+    if cfg.projection_dim:
+      proj = layers.dense(
+        cfg.projection_dim,
+        (axes.EMBED, axes.TEXT),
+        self.dtype,
+        use_bias=False,
+        name="text_projection",
+      )
+      out["text_embeds"] = proj(pooled.astype(self.dtype)).astype(jnp.float32)
+    return out
+
+
+def param_shapes(config: CLIPTextConfig) -> Params:
+  """The params' shapes (ShapeDtypeStructs, unboxed) of `CLIPText(config)`."""
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda x: CLIPText(config).init(jax.random.key(0), x), ids)["params"]
+  return nn.unbox(shapes)
+
+
+# --- Weights: transformers' names and layouts (Linear weights are [out, in]) -------------------
+
+
+def _linear(w: hf.Weights, name: str, shape: tuple[int, ...], bias: bool, in_dims: int, dt):
+  """A Linear's weight [out, in] as a kernel of `shape` ([*in, *out]) and its bias."""
+  in_shape, out_shape = shape[:in_dims], shape[in_dims:]
+  torch_shape = (int(np.prod(out_shape)), int(np.prod(in_shape)))
+  kernel = w.get(f"{name}.weight", torch_shape, dt).T.reshape(shape)
+  if not bias:
+    return {"kernel": kernel}
+  return {"kernel": kernel, "bias": w.get(f"{name}.bias", (torch_shape[0],), dt).reshape(out_shape)}
+
+
+def _norm(w: hf.Weights, name: str, width: int, dt) -> Params:
+  return {
+    "scale": w.get(f"{name}.weight", (width,), dt),
+    "bias": w.get(f"{name}.bias", (width,), dt),
+  }
+
+
+def stack_layers(per_layer: list[Params]) -> Params:
+  """Layer params stacked along a leading axis (the scanned layout)."""
+  return jax.tree.map(lambda *a: np.stack(a), *per_layer)
+
+
+def encoder_layer_params(w: hf.Weights, prefix: str, width: int, heads: int, mlp: int, dt):
+  """One CLIP encoder layer's params from `prefix` (e.g. "text_model.encoder.layers.3")."""
+  dh = width // heads
+  attn = f"{prefix}.self_attn"
+  return {
+    "layer_norm1": _norm(w, f"{prefix}.layer_norm1", width, dt),
+    "layer_norm2": _norm(w, f"{prefix}.layer_norm2", width, dt),
+    **{
+      f"{n}_proj": _linear(w, f"{attn}.{n}_proj", (width, heads, dh), True, 1, dt)
+      for n in ("q", "k", "v")
+    },
+    "out_proj": _linear(w, f"{attn}.out_proj", (heads, dh, width), True, 2, dt),
+    "fc1": _linear(w, f"{prefix}.mlp.fc1", (width, mlp), True, 1, dt),
+    "fc2": _linear(w, f"{prefix}.mlp.fc2", (mlp, width), True, 1, dt),
+  }
+
+
+def text_params(w: hf.Weights, config: CLIPTextConfig, dtype: str = "float32") -> Params:
+  """`CLIPText` params from the tensors of a CLIPTextModel[WithProjection] or CLIPModel."""
+  dt = hf.numpy_dtype(dtype)
+  c = config
+  params = {
+    "token_embedding": w.get(
+      "text_model.embeddings.token_embedding.weight", (c.vocab_size, c.width), dt
+    ),
+    "position_embedding": w.get(
+      "text_model.embeddings.position_embedding.weight", (c.max_positions, c.width), dt
+    ),
+    "layers": stack_layers(
+      [
+        encoder_layer_params(w, f"text_model.encoder.layers.{i}", c.width, c.heads, c.mlp_dim, dt)
+        for i in range(c.depth)
+      ]
+    ),
+    "final_layer_norm": _norm(w, "text_model.final_layer_norm", c.width, dt),
+  }
+  if c.projection_dim:
+    params["text_projection"] = _linear(
+      w, "text_projection", (c.width, c.projection_dim), False, 1, dt
+    )
+  return params
+
+
+def load_text_hf(directory: str, dtype: str = "float32") -> tuple[CLIPTextConfig, Params]:
+  """Reads the text tower of a transformers CLIP directory (config.json + safetensors, local).
+
+  Args:
+    directory: a CLIPTextModelWithProjection (SD3's text_encoder, text_encoder_2), a
+      CLIPTextModel (no projection: `text_embeds` is then absent) or a CLIPModel.
+    dtype: the params' numpy dtype ("float32", "bfloat16" or "float16").
+
+  Raises:
+    ConfigError: for a directory that holds no CLIP, or weights that do not match its config.
+  """
+  config_json = hf.read_config(directory, WHAT)
+  model_type = config_json.get("model_type")
+  if model_type not in ("clip_text_model", "clip"):
+    raise ConfigError(
+      f"{directory!r} holds a {model_type or 'model of no model_type'}, not a CLIP text encoder "
+      f"({WHAT}); pass CLIP's directory (in an SD3 pipeline: text_encoder or text_encoder_2)."
+    )
+  with hf.open_weights(directory) as w:
+    config = CLIPTextConfig.from_hf(config_json, has_projection="text_projection.weight" in w)
+    params = text_params(w, config, dtype)
+    w.check_all_used(
+      ignore=(
+        "vision_model.",
+        "visual_projection.",
+        "logit_scale",
+        "text_model.embeddings.position_ids",
+      )
+    )
+  return config, params
