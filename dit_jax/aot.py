@@ -222,3 +222,22 @@ def estimate(twin_compiled, gen: Generation, images_per_chip: float, scale: floa
     images=images_per_chip,
     peak_flops=gen.peak_flops,
   )
+
+
+def text_encoder_costs(name: str, mesh, gen: Generation, batch_size: int, length: int, dtype: str):
+  """The compiler's estimate of one forward of released text encoder `name` on `mesh`: FLOPs
+  and roofline time of twins of depth 1 and 2, unrolled, extrapolated linearly to the full
+  depth (minutes to compile instead of the full unrolled program's)."""
+  from dit_jax import text_encoders
+
+  twins = [
+    text_encoders.compile_forward(name, mesh, batch_size, length, dtype, depth) for depth in (1, 2)
+  ]
+  depth = text_encoders.RELEASED[name].depth
+  seconds = [roofline_seconds(c) for c in twins]
+  return Estimate(
+    flops=text_encoders.extrapolate(*(utils.xla_flops(c) for c in twins), depth),
+    seconds=None if None in seconds else text_encoders.extrapolate(*seconds, depth),
+    images=batch_size / mesh.size,
+    peak_flops=gen.peak_flops,
+  )

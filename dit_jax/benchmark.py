@@ -33,6 +33,13 @@ prefetch) and placed on the devices, in images/s of this process; no model is bu
 times the training loop's step, the config's data prefetched into the jitted train step, beside
 the same step on a batch already on the devices, and their ratio (1 = the step never waits for
 the input; config.data.prefetch=0 shows the cost of reading each batch in the step).
+
+  python -m dit_jax.benchmark --text_encoder=t5_xxl --text_batch_size=8
+
+times one of SD3's text encoders (clip_l, clip_g, t5_xxl: the released architecture, random
+weights, params laid out by the fsdp preset over all devices) on captions of SD3's token length,
+in captions/s, with FLOPs per caption from twins of depth 1 and 2 extrapolated to the full depth.
+This is the rate of `python -m dit_jax.tools.encode_text` after tokenization.
 """
 
 import os
@@ -45,7 +52,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import checks, cli, conditioning, experiment, parallel, storage, utils
+from dit_jax import checks, cli, conditioning, experiment, parallel, storage, text_encoders, utils
 from dit_jax.config_defaults import base_config
 from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
@@ -107,7 +114,19 @@ _PEAK_SIZE = flags.DEFINE_integer(
   "Side of the square float32 jnp.dot that measures the matmul peak.",
   lower_bound=1,
 )
-flags.mark_flags_as_mutual_exclusive(["config", "vae", "inception"], required=True)
+_TEXT = flags.DEFINE_enum(
+  "text_encoder", None, ["clip_l", "clip_g", "t5_xxl"], "Time this SD3 text encoder instead."
+)
+_TEXT_BATCH = flags.DEFINE_integer(
+  "text_batch_size", 8, "With --text_encoder: captions per call, over all devices."
+)
+_TEXT_LENGTH = flags.DEFINE_integer(
+  "text_length", 0, "With --text_encoder: tokens per caption (0: SD3's, 77 or 256)."
+)
+_TEXT_DTYPE = flags.DEFINE_enum(
+  "text_dtype", "bfloat16", ["float32", "bfloat16"], "With --text_encoder: params and compute."
+)
+flags.mark_flags_as_mutual_exclusive(["config", "vae", "inception", "text_encoder"], required=True)
 flags.mark_flags_as_mutual_exclusive(["input", "loop"])
 
 
@@ -426,6 +445,74 @@ def _main_inception():
   )
 
 
+def text_encoder_flops(name: str, batch_size: int, length: int, mesh, dtype: str) -> float:
+  """XLA's FLOPs of one forward of released text encoder `name`, summed over devices: twins of
+  depth 1 and 2, unrolled, extrapolated linearly to the depth."""
+  counts = [
+    utils.xla_flops(text_encoders.compile_forward(name, mesh, batch_size, length, dtype, d))
+    for d in (1, 2)
+  ]
+  depth = text_encoders.RELEASED[name].depth
+  return text_encoders.extrapolate(*counts, depth) * mesh.size
+
+
+def benchmark_text_encoder(
+  name: str,
+  batch_size: int = 8,
+  length: int = 0,
+  dtype: str = "bfloat16",
+  steps: int = 10,
+  warmup: int = 2,
+) -> dict[str, float]:
+  """Seconds per call, captions/s, FLOPs per caption and FLOP/s of released text encoder `name`
+  (random weights) on `batch_size` captions of `length` tokens (0: SD3's) over all devices."""
+  length = length or text_encoders.SD3_LENGTHS[name]
+  mesh = text_encoders.make_mesh()
+  n = parallel.data_parallel_size(mesh)
+  if batch_size <= 0 or batch_size % n or length <= 0:
+    raise ConfigError(
+      f"--text_batch_size={batch_size} must be a positive multiple of the {n} devices and "
+      f"--text_length={length} positive."
+    )
+  config = text_encoders.RELEASED[name]
+  if name != "t5_xxl" and length > config.max_positions:
+    raise ConfigError(f"--text_length={length}: {name} has {config.max_positions} positions.")
+  module = text_encoders.released_module(name, dtype)
+  rules = parallel.PRESETS["fsdp"]
+  fn, abstract, ids_shape = text_encoders.sharded_forward(
+    module, (batch_size, length), mesh, rules, dtype
+  )
+  params = text_encoders.random_params(abstract)
+  ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch_size, length), np.int32)
+  ids = jax.device_put(ids, ids_shape.sharding)
+  with jax.set_mesh(mesh):
+    seconds = _time(fn, (params, ids), steps, warmup, carry=False)
+  del params
+  flops = text_encoder_flops(name, batch_size, length, mesh, dtype)
+  return {
+    "seconds": seconds,
+    "captions_per_sec": batch_size / seconds,
+    "gflops_per_caption": flops / batch_size / 1e9,
+    "tflops_per_sec": flops / seconds / 1e12,
+    "params": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract)),
+  }
+
+
+def _main_text_encoder():
+  name, b, dtype = _TEXT.value, _TEXT_BATCH.value, _TEXT_DTYPE.value
+  length = _TEXT_LENGTH.value or text_encoders.SD3_LENGTHS[name]
+  r = benchmark_text_encoder(name, b, length, dtype, _STEPS.value, _WARMUP.value)
+  print(
+    f"{name} (released architecture, {r['params'] / 1e9:.2f}B params, stand-in weights), batch "
+    f"{b} x {length} tokens, {_machine()}, dtype {dtype}, params fsdp over the devices"
+  )
+  print(f"{'':12}{'s/batch':>10}{'captions/s':>12}{'GFLOP/cap':>11}{'TFLOP/s':>9}")
+  print(
+    f"{'encode':12}{r['seconds']:>10.3f}{r['captions_per_sec']:>12.3f}"
+    f"{r['gflops_per_caption']:>11.1f}{r['tflops_per_sec']:>9.3f}"
+  )
+
+
 def _describe_data(config) -> str:
   d = config.data
   where = f" {d.path}" if d.path else ""
@@ -482,7 +569,8 @@ def _main_vae():
 
 def _check_flag_combinations() -> None:
   f = flags.FLAGS
-  other_mode = next((m for m in ("vae", "inception", "input", "loop") if f[m].value), None)
+  modes = ("vae", "inception", "text_encoder", "input", "loop")
+  other_mode = next((m for m in modes if f[m].value), None)
   if _COMPARE.value and other_mode:
     raise ConfigError(
       f"--compare times the train and sampling steps of --config; it does not apply to "
@@ -497,6 +585,9 @@ def main(argv):
   del argv
   _check_flag_combinations()
   storage.check_reachable(_VAE.value or "", _INCEPTION.value or "")
+  if _TEXT.value:
+    _main_text_encoder()
+    return
   if _VAE.value or _INCEPTION.value:
     _main_vae() if _VAE.value else _main_inception()
     return

@@ -19,12 +19,14 @@ for parity checks) plugs into the same `layout` and `encode`.
 
 import dataclasses
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -39,6 +41,8 @@ CLIP_NAMES = ("clip_l", "clip_g")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Any one of these marks a directory that holds a Hugging Face tokenizer.
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model")
+
+MESH_HELP = "data,fsdp,tensor sizes (one may be -1: the devices left)"
 
 Forward = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
@@ -201,8 +205,12 @@ def load_encoder(
       "and its tokenizer (nothing is downloaded)."
     )
   dtype = jnp.dtype(compute_dtype)
+  try:
+    loaded = (clip.load_text_hf if name in CLIP_NAMES else t5.load_hf)(path, compute_dtype)
+  except ConfigError as e:
+    raise ConfigError(f"{name}: {e}") from None
+  config, params = loaded
   if name in CLIP_NAMES:
-    config, params = clip.load_text_hf(path, compute_dtype)
     if not config.projection_dim:
       raise ConfigError(
         f"{name}={path!r} is a CLIPTextModel without the text projection that SD3's pooled vector "
@@ -215,16 +223,9 @@ def load_encoder(
       )
     module = clip.CLIPText(config, dtype)
     width, pooled_width = config.width, config.projection_dim
-
-    def outputs(out):
-      return out["penultimate"], out["text_embeds"]
   else:
-    config, params = t5.load_hf(path, compute_dtype)
     module = t5.T5Encoder(config, dtype)
     width, pooled_width = config.width, 0
-
-    def outputs(out):
-      return out["last"], None
 
   tokenizer = load_tokenizer(name, path)
   rules = parallel.PRESETS[preset]
@@ -235,10 +236,32 @@ def load_encoder(
     max_length=max_length,
     width=width,
     pooled_width=pooled_width,
-    forward=make_forward(module, placed, mesh, rules, outputs),
+    forward=make_forward(module, placed, mesh, rules, sd3_outputs),
     module=module,
     params=placed,
   )
+
+
+def make_mesh(shape: str = "1,-1,1", devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh of "d,f,t" sizes over `devices` (default: every device of
+  the job); the default puts them all on fsdp, so the batch and the params split over all."""
+  try:
+    sizes = [int(s) for s in shape.split(",")]
+  except ValueError:
+    sizes = []
+  if len(sizes) != len(parallel.MESH_AXES):
+    raise ConfigError(f"--mesh={shape!r} is not {MESH_HELP}, e.g. --mesh=1,-1,1.")
+  config = ml_collections.ConfigDict(
+    {
+      "parallel": {
+        "preset": "dp",
+        "rules": {},
+        "mesh": dict(zip(parallel.MESH_AXES, sizes, strict=True)),
+        "dcn_mesh": dict(zip(parallel.MESH_AXES, (-1, 1, 1), strict=True)),
+      }
+    }
+  )
+  return parallel.make_mesh(config, devices)
 
 
 def check_paths(paths: dict[str, str | None]) -> None:
@@ -349,3 +372,96 @@ def text_spec(encoders: dict[str, TextEncoder]) -> text.TextSpec:
   length, dim, pooled_dim, slots = layout(encoders)
   null_context, null_pooled = encode([""], encoders)
   return text.TextSpec(length, dim, pooled_dim, slots, null_context[0], null_pooled[0])
+
+
+# --- The released configurations, for benchmarks and compile checks (random or no weights) ---
+
+RELEASED = {"clip_l": clip.CLIP_L, "clip_g": clip.CLIP_G, "t5_xxl": t5.T5_XXL}
+SD3_LENGTHS = {"clip_l": 77, "clip_g": 77, "t5_xxl": 256}  # Tokens per caption in SD3.
+
+
+def released_module(name: str, dtype: str = "bfloat16", depth: int = 0, unroll: int = 1):
+  """The Flax module of released encoder `name` (RELEASED), `depth` layers if given."""
+  check_choice(name, RELEASED, "text encoder", prefix="")
+  config = RELEASED[name]
+  if depth:
+    config = dataclasses.replace(config, depth=depth)
+  cls = t5.T5Encoder if name.startswith("t5") else clip.CLIPText
+  return cls(config, jnp.dtype(dtype), unroll)
+
+
+def sd3_outputs(out: dict) -> tuple[jax.Array, jax.Array | None]:
+  """What SD3 takes from an encoder's outputs: a CLIP's penultimate hidden state and projected
+  pooled vector, T5's last hidden state (and no pooled vector)."""
+  if "text_embeds" in out:
+    return out["penultimate"], out["text_embeds"]
+  return out["last"], None
+
+
+def sharded_forward(module, ids_shape: tuple[int, int], mesh: Mesh, rules, dtype: str):
+  """(jitted forward ids -> `sd3_outputs`, abstract params and ids carrying their
+  shardings) of `module` on `mesh`: what the benchmark times and the AOT check compiles."""
+  ids = jax.ShapeDtypeStruct(ids_shape, jnp.int32, sharding=parallel.batch_sharding(mesh))
+  boxed = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), ids)["params"]
+  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(
+    lambda b, s: jax.ShapeDtypeStruct(b.shape, jnp.dtype(dtype), sharding=s),
+    nn.unbox(boxed),
+    shardings,
+  )
+
+  def apply(p, x):
+    with nn.logical_axis_rules(rules):
+      return sd3_outputs(module.apply({"params": p}, x))
+
+  batch = parallel.batch_sharding(mesh)
+  return jax.jit(apply, in_shardings=(shardings, batch), out_shardings=batch), abstract, ids
+
+
+def random_params(abstract):
+  """Stand-in params laid out as `abstract` (from `sharded_forward`), made on the devices in
+  their dtype, one array at a time and without random bits (an elementwise hash of the index,
+  so no program holds more than the array itself: T5-XXL in float32 is 19 GB): norms' scales
+  one, biases zero, the rest spread uniformly in [-0.02, 0.02). For timing and memory only."""
+
+  def leaf(path, a):
+    name = jax.tree_util.keystr(path[-1:], simple=True)
+    seed = zlib.crc32(jax.tree_util.keystr(path).encode()) % 2**31
+
+    def make():
+      if name == "scale":
+        return jnp.ones(a.shape, a.dtype)
+      if name == "bias":
+        return jnp.zeros(a.shape, a.dtype)
+      index = jnp.zeros(a.shape, jnp.uint32)
+      for axis in range(len(a.shape)):
+        index = index * np.uint32(a.shape[axis]) + jax.lax.broadcasted_iota(
+          jnp.uint32, a.shape, axis
+        )
+      mixed = (index + np.uint32(seed)) * np.uint32(2654435761)  # Knuth's multiplicative hash.
+      unit = (mixed >> 8).astype(jnp.float32) * (1.0 / 2**24)  # [0, 1)
+      return (0.04 * unit - 0.02).astype(a.dtype)
+
+    return jax.block_until_ready(jax.jit(make, out_shardings=a.sharding)())
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def compile_forward(
+  name: str, mesh: Mesh, batch_size: int, length: int, dtype: str = "bfloat16", depth: int = 0
+):
+  """The forward of released encoder `name` on `mesh` (params fsdp), lowered with abstract
+  inputs and compiled; `depth` > 0 compiles a twin of that many layers, unrolled, whose cost
+  analysis counts every layer (XLA counts a loop body once)."""
+  module = released_module(name, dtype, depth, unroll=depth or 1)
+  fn, abstract, ids = sharded_forward(
+    module, (batch_size, length), mesh, parallel.PRESETS["fsdp"], dtype
+  )
+  with jax.set_mesh(mesh):
+    return fn.lower(abstract, ids).compile()
+
+
+def extrapolate(at_1: float, at_2: float, depth: int) -> float:
+  """A cost of the full `depth` from those of the depth-1 and depth-2 twins (linear in depth:
+  each layer costs the same)."""
+  return at_1 + (depth - 1) * (at_2 - at_1)

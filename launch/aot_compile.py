@@ -48,7 +48,18 @@ _FLOPS_BATCH = flags.DEFINE_integer(
   "batch. For steps whose unrolled twin does not fit at the real batch.",
   lower_bound=0,
 )
-flags.mark_flags_as_required(["config", "topology"])
+_TEXT = flags.DEFINE_enum(
+  "text_encoder",
+  None,
+  ["clip_l", "clip_g", "t5_xxl"],
+  "Compile this SD3 text encoder's forward (params fsdp over the slice) instead of a config.",
+)
+_TEXT_BATCH = flags.DEFINE_integer("text_batch_size", 256, "With --text_encoder: global batch.")
+_TEXT_LENGTH = flags.DEFINE_integer(
+  "text_length", 0, "With --text_encoder: tokens per caption (0: SD3's, 77 or 256)."
+)
+flags.mark_flags_as_required(["topology"])
+flags.mark_flags_as_mutual_exclusive(["config", "text_encoder"], required=True)
 
 
 def _print_config(gen, shape, exp, config):
@@ -112,8 +123,60 @@ def _print_estimates(config, gen, exp, devices) -> None:
   )
 
 
+def _main_text_encoder(gen, shape, devices):
+  """Memory of the full-depth forward and the compiler's speed estimates from its twins."""
+  from dit_jax import text_encoders
+
+  name, b = _TEXT.value, _TEXT_BATCH.value
+  length = _TEXT_LENGTH.value or text_encoders.SD3_LENGTHS[name]
+  mesh = text_encoders.make_mesh("1,-1,1", devices)
+  if b <= 0 or b % mesh.size:
+    sys.exit(
+      f"Error: --text_batch_size={b} must be a positive multiple of the {mesh.size} devices."
+    )
+  config = text_encoders.RELEASED[name]
+  print(
+    f"topology      {_TOPOLOGY.value}: {gen.name} {'x'.join(map(str, shape))}, {mesh.size} "
+    f"devices, {gen.hbm_bytes / GiB:.0f} GiB HBM each"
+  )
+  print(
+    f"model         {name}: width {config.width}, depth {config.depth}, bfloat16 params and "
+    f"compute, params fsdp over {mesh.size} devices; global batch {b} x {length} tokens"
+  )
+  r = aot.report(text_encoders.compile_forward(name, mesh, b, length), gen.hbm_bytes)
+  print(
+    f"per device:   arguments {r.arguments / GiB:.2f} GiB (param shard + ids), outputs "
+    f"{r.outputs / GiB:.2f} GiB, temporaries {r.temporaries / GiB:.2f} GiB, total "
+    f"{r.total / GiB:.2f} GiB of {r.hbm / GiB:.0f} GiB ({100 * r.total / r.hbm:.0f}%)"
+  )
+  est = aot.text_encoder_costs(name, mesh, gen, b, length, "bfloat16")
+  print(
+    "estimates     XLA's cost model, twins of depth 1 and 2 extrapolated to depth "
+    f"{config.depth}: compiler estimates, not measurements"
+  )
+  print(
+    f"  flops       {est.flops / 1e12:8.2f} TFLOP per device per call, "
+    f"{est.flops * mesh.size / b / 1e9:.1f} GFLOP per caption"
+  )
+  if est.seconds:
+    print(f"  roofline    {est.seconds:8.3f} s per call (per device)")
+    print(f"  MFU         {100 * est.mfu:8.1f} % of the chip's bf16 peak")
+    print(f"  captions/s  {est.images_per_second:8.1f} per chip")
+  print(f"verdict       {'FITS' if r.fits else 'DOES NOT FIT'}")
+  sys.exit(0 if r.fits else 1)
+
+
 def main(argv):
   del argv
+  if _TEXT.value:
+    try:
+      gen, shape = aot.parse_topology(_TOPOLOGY.value)
+      devices = aot.topology_devices(gen, shape, _NUM_SLICES.value)
+    except ValueError as e:
+      sys.exit(f"Error: {e}")
+    except (ImportError, RuntimeError) as e:
+      sys.exit(f"Error: no TPU compiler ({e}). Install libtpu with: pip install -e '.[tpu]'")
+    _main_text_encoder(gen, shape, devices)
   config = _CONFIG.value
   try:
     gen, shape = aot.parse_topology(_TOPOLOGY.value)

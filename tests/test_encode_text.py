@@ -241,3 +241,38 @@ def test_errors_name_the_problem(paths, tmp_path):
   empty.write_text("")
   with pytest.raises(ConfigError, match="is empty"):
     text.read_captions(str(empty))
+
+
+def test_jax_and_torch_backends_write_the_same_arrays(paths, tmp_path):
+  for backend in encode_text.BACKENDS:
+    encoders = _load(paths, ("clip_l", "clip_g", "t5"), backend=backend)
+    encode_text.write(CAPTIONS, encoders, str(tmp_path / backend), 2, "float32")
+  for name in (text.CONTEXT_FILE, text.POOLED_FILE):
+    jax_out, torch_out = (np.load(tmp_path / b / name) for b in ("jax", "torch"))
+    assert np.abs(torch_out).max() > 0.1
+    np.testing.assert_allclose(jax_out, torch_out, rtol=0, atol=1e-4, err_msg=name)
+
+
+def test_captions_from_jsonl_and_an_image_folder(tmp_path):
+  jsonl = tmp_path / "captions.jsonl"
+  jsonl.write_text(
+    '{"caption": " a red cat ", "id": 1}\n{"caption": ""}\n{"text": "x", "caption": "b"}\n'
+  )
+  assert text.read_captions(str(jsonl)) == ["a red cat", "", "b"]
+  with pytest.raises(ConfigError, match="Line 1 of .* 'text' string .KeyError.*--caption_field"):
+    text.read_captions(str(jsonl), "text")
+  jsonl.write_text('{"caption": 3}\n')
+  with pytest.raises(ConfigError, match="Line 1 .* is a int, not text"):
+    text.read_captions(str(jsonl))
+  # An image folder: <class>/<name>.<ext> with <name>.txt beside it, in the folder source's order.
+  from PIL import Image
+
+  for cls, names in (("b", ["z", "a"]), ("a", ["m"])):
+    os.makedirs(tmp_path / "images" / cls)
+    for n in names:
+      Image.new("RGB", (4, 4)).save(tmp_path / "images" / cls / f"{n}.png")
+      (tmp_path / "images" / cls / f"{n}.txt").write_text(f"{cls} {n}\n")
+  assert text.read_captions(str(tmp_path / "images")) == ["a m", "b a", "b z"]
+  os.remove(tmp_path / "images" / "b" / "z.txt")
+  with pytest.raises(ConfigError, match="1 images without a caption file .*z.txt"):
+    text.read_captions(str(tmp_path / "images"))

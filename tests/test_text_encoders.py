@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import parallel, text_encoders
+from dit_jax import parallel, text_encoders, utils
 from dit_jax.errors import ConfigError
 from dit_jax.models import clip, t5
 
@@ -151,8 +151,8 @@ def small(tmp_path_factory):
 
 @pytest.mark.sharding
 def test_sharded_over_8_devices_equals_one_device(small):
-  mesh1 = parallel.make_mesh(_mesh_config(1, 1, 1), jax.devices()[:1])
-  mesh8 = parallel.make_mesh(_mesh_config(2, 2, 2), jax.devices()[:8])
+  mesh1 = text_encoders.make_mesh("1,1,1", jax.devices()[:1])
+  mesh8 = text_encoders.make_mesh("2,2,2", jax.devices()[:8])
   for module, (config, params) in (
     (clip.CLIPText, clip.load_text_hf(small["clip"])),
     (t5.T5Encoder, t5.load_hf(small["t5"])),
@@ -176,21 +176,6 @@ def test_sharded_over_8_devices_equals_one_device(small):
     )
     for key in out1:
       np.testing.assert_allclose(out8[key], out1[key], rtol=0, atol=1e-5, err_msg=key)
-
-
-def _mesh_config(data, fsdp, tensor):
-  import ml_collections
-
-  return ml_collections.ConfigDict(
-    {
-      "parallel": {
-        "preset": "fsdp_tp",
-        "rules": {},
-        "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
-        "dcn_mesh": {"data": -1, "fsdp": 1, "tensor": 1},
-      }
-    }
-  )
 
 
 def test_bfloat16_compute_stays_close_to_float32(small):
@@ -232,3 +217,33 @@ def test_loader_errors_name_the_problem(small, tmp_path):
   os.remove(bad / "model.safetensors")
   with pytest.raises(ConfigError, match="holds no \\*.safetensors file"):
     t5.load_hf(str(bad))
+
+
+def test_twins_of_depth_1_and_2_extrapolate_to_the_full_depth_count():
+  # What the benchmark and the AOT check print for the released encoders, checked once against
+  # the unrolled full-depth program of CLIP-L (12 layers; small enough to compile here).
+  mesh = text_encoders.make_mesh("1,1,1", jax.devices()[:1])
+  counts = [
+    utils.xla_flops(text_encoders.compile_forward("clip_l", mesh, 1, 8, "float32", depth))
+    for depth in (1, 2, 12)
+  ]
+  assert counts[1] > 1.5 * counts[0]  # The twins differ by a layer's cost.
+  assert text_encoders.extrapolate(counts[0], counts[1], 12) == pytest.approx(counts[2], rel=1e-5)
+
+
+def test_a_clip_without_projection_is_refused_for_sd3(tmp_path):
+  config = transformers.CLIPTextConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+  )
+  transformers.CLIPTextModel(config).save_pretrained(str(tmp_path))
+  loaded, params = clip.load_text_hf(str(tmp_path))  # The tower itself loads, with no projection.
+  assert loaded.projection_dim == 0 and "text_projection" not in params
+  mesh = text_encoders.make_mesh("1,1,1", jax.devices()[:1])
+  with pytest.raises(ConfigError, match="CLIPTextModel without the text projection"):
+    text_encoders.load_encoder("clip_l", str(tmp_path), 77, mesh)
+  with pytest.raises(ConfigError, match="^t5: .* holds a clip_text_model, not a T5 encoder"):
+    text_encoders.load_encoder("t5", str(tmp_path), 77, mesh)

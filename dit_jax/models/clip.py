@@ -95,6 +95,12 @@ class CLIPTextConfig:
       raise ConfigError(f"CLIP hidden_size {self.width} is not divisible by {self.heads} heads.")
 
 
+# SD3's CLIPs as released (text_encoder: openai CLIP ViT-L/14, whose config keeps the legacy
+# eos_token_id=2; text_encoder_2: OpenCLIP ViT-bigG/14), for benchmarks and compile checks.
+CLIP_L = CLIPTextConfig(49408, 768, 12, 12, 3072, 77, 768, "quick_gelu", 1e-5, 2)
+CLIP_G = CLIPTextConfig(49408, 1280, 32, 20, 5120, 77, 1280, "gelu", 1e-5, 49407)
+
+
 def activation(name: str, x: jax.Array) -> jax.Array:
   if name == "quick_gelu":
     return x * jax.nn.sigmoid(1.702 * x)
@@ -269,23 +275,23 @@ def encoder_layer_params(w: hf.Weights, prefix: str, width: int, heads: int, mlp
 
 
 def text_params(w: hf.Weights, config: CLIPTextConfig, dtype: str = "float32") -> Params:
-  """`CLIPText` params from the tensors of a CLIPTextModel[WithProjection] or CLIPModel."""
+  """`CLIPText` params from the tensors of a CLIPTextModel[WithProjection] or CLIPModel (under
+  "text_model."; transformers v5 saves a plain CLIPTextModel's without that prefix)."""
   dt = hf.numpy_dtype(dtype)
   c = config
+  t = "text_model." if "text_model.embeddings.token_embedding.weight" in w else ""
   params = {
-    "token_embedding": w.get(
-      "text_model.embeddings.token_embedding.weight", (c.vocab_size, c.width), dt
-    ),
+    "token_embedding": w.get(f"{t}embeddings.token_embedding.weight", (c.vocab_size, c.width), dt),
     "position_embedding": w.get(
-      "text_model.embeddings.position_embedding.weight", (c.max_positions, c.width), dt
+      f"{t}embeddings.position_embedding.weight", (c.max_positions, c.width), dt
     ),
     "layers": stack_layers(
       [
-        encoder_layer_params(w, f"text_model.encoder.layers.{i}", c.width, c.heads, c.mlp_dim, dt)
+        encoder_layer_params(w, f"{t}encoder.layers.{i}", c.width, c.heads, c.mlp_dim, dt)
         for i in range(c.depth)
       ]
     ),
-    "final_layer_norm": _norm(w, "text_model.final_layer_norm", c.width, dt),
+    "final_layer_norm": _norm(w, f"{t}final_layer_norm", c.width, dt),
   }
   if c.projection_dim:
     params["text_projection"] = _linear(

@@ -95,6 +95,10 @@ class T5Config:
     )
 
 
+# google/t5-v1_1-xxl's encoder (SD3's text_encoder_3): 4.76B parameters.
+T5_XXL = T5Config(32128, 4096, 24, 64, 64, 10240)
+
+
 def relative_buckets(length: int, buckets: int, max_distance: int) -> np.ndarray:
   """Bucket int32 [L, L] of the distance key - query, bidirectional (T5's encoder): half the
   buckets for each sign, each half exact for small distances and logarithmic up to

@@ -49,7 +49,6 @@ from dit_jax.text_encoders import CLIP_NAMES, ENCODER_NAMES, TextEncoder
 BACKENDS = ("jax", "torch")
 DTYPES = ("float16", "float32")
 TORCH_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-MESH_HELP = "data,fsdp,tensor sizes (one may be -1: the devices left)"
 
 
 def _import_torch():
@@ -161,7 +160,7 @@ def load_encoders(
   check_choice(backend, BACKENDS, "--backend", prefix="")
   text_encoders.check_paths(paths)
   if backend == "jax":
-    mesh = make_mesh() if mesh is None else mesh
+    mesh = text_encoders.make_mesh() if mesh is None else mesh
     return text_encoders.load_encoders(
       paths, mesh, clip_max_length, t5_max_length, compute_dtype, preset
     )
@@ -176,29 +175,6 @@ def load_encoders(
     for name in ENCODER_NAMES
     if paths.get(name)
   }
-
-
-def make_mesh(shape: str = "1,-1,1"):
-  """The (data, fsdp, tensor) mesh over every device of the job, from "d,f,t" sizes."""
-  import ml_collections
-
-  try:
-    sizes = [int(s) for s in shape.split(",")]
-  except ValueError:
-    sizes = []
-  if len(sizes) != len(parallel.MESH_AXES):
-    raise ConfigError(f"--mesh={shape!r} is not {MESH_HELP}, e.g. --mesh=1,-1,1.")
-  config = ml_collections.ConfigDict(
-    {
-      "parallel": {
-        "preset": "dp",
-        "rules": {},
-        "mesh": dict(zip(parallel.MESH_AXES, sizes, strict=True)),
-        "dcn_mesh": dict(zip(parallel.MESH_AXES, (-1, 1, 1), strict=True)),
-      }
-    }
-  )
-  return parallel.make_mesh(config)
 
 
 FORMATS = records.FORMATS
@@ -441,7 +417,7 @@ def _define_flags() -> None:
   )
   flags.DEFINE_string("backend", "jax", "jax (Flax encoders on the mesh) or torch (parity).")
   flags.DEFINE_string("preset", "fsdp", "jax: how params are laid out (dp, fsdp, fsdp_tp).")
-  flags.DEFINE_string("mesh", "1,-1,1", f"jax: mesh {MESH_HELP}.")
+  flags.DEFINE_string("mesh", "1,-1,1", f"jax: mesh {text_encoders.MESH_HELP}.")
   flags.DEFINE_string("device", "cpu", "torch: cpu, cuda or cuda:N.")
   flags.DEFINE_string(
     "format", "", "npy | array_record (shards; default on gs:// and beside array_record latents)."
@@ -470,7 +446,7 @@ def main(argv):
   mesh = None
   if f.backend == "jax":
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
-    mesh = make_mesh(f.mesh)
+    mesh = text_encoders.make_mesh(f.mesh)
   encoders = load_encoders(
     {"clip_l": f.clip_l, "clip_g": f.clip_g, "t5": f.t5},
     f.clip_max_length,
