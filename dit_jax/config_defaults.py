@@ -137,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
   # metrics.jsonl and TensorBoard; 0 = off. Never changes the losses or checkpoints of a run.
   c.train.eval_every = 0
   c.train.eval_num_images = 5000  # Samples per evaluation during training (at least 2).
+  # Steps between validation losses (SD3 §5.1: the loss on held-out data at fixed timesteps and
+  # noise tracks sample quality; config.eval.val_*), logged per t and averaged; 0 = off.
+  c.train.val_every = 0
   # Start a new run (step 0, fresh optimizer and data order) from the parameters and EMA of the
   # newest checkpoint in this workdir (another run, or dit_jax.tools.import_dit / import_sd3).
   c.train.init_from = ""
@@ -191,6 +194,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.name = "eval"
+  # The validation loss (train.val_every): the data config with `val_split` as data.split ("" =
+  # the data's held-out split: "held_out" for digits and shapes, "validation" for tfds) and, if
+  # set, `val_path` as data.path (folder, latents: the held-out data's directory); its first
+  # `val_examples` elements spread evenly (0 = all), each at `val_timesteps` times evenly
+  # spaced over [0, 1] with noise drawn from (val_seed, example, time) alone, in chunks of
+  # `val_device_batch` examples per device, so it is the same bits on any number of devices.
+  c.eval.val_split = ""
+  c.eval.val_path = ""
+  c.eval.val_examples = 256
+  c.eval.val_timesteps = 8
+  c.eval.val_seed = 0
+  c.eval.val_device_batch = 8
   c.eval.num_images = 1000
   # An ADM reference batch (.npz with arr_0 images and/or mu, sigma, mu_s, sigma_s) to score
   # against; "" = the config's own training data (min(its size, eval.num_images) images spread

@@ -93,11 +93,19 @@ class Diffusion:
   def training_loss(
     self, denoise: Denoise, x0: jax.Array, rng: jax.Array
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Per-example loss [B] and per-example terms (mse, vb, t)."""
+    """Per-example loss [B] and per-example terms (mse, vb, t), at times drawn by the timestep
+    sampler and fresh noise."""
     rng_t, rng_eps = jax.random.split(rng)
-    b = x0.shape[0]
-    t = self.sample_t(rng_t, b)
+    t = self.sample_t(rng_t, x0.shape[0])
     eps = jax.random.normal(rng_eps, x0.shape, x0.dtype)
+    return self.loss_at(denoise, x0, t, eps)
+
+  def loss_at(
+    self, denoise: Denoise, x0: jax.Array, t: jax.Array, eps: jax.Array
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The training loss [B] at given times t [B] (the schedule's: int for VP, float for flow)
+    and noise eps [B, H, W, C], and its terms (mse, vb, t): `training_loss`'s and the
+    validation loss's."""
     alpha, sigma = self.alpha_sigma(t)
     z = alpha * x0 + sigma * eps
     out, var_out = self.network_output(denoise, z, t, alpha, sigma)

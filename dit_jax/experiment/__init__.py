@@ -21,6 +21,7 @@ from dit_jax.conditioning import Conditioner, LabelConditioner, build_conditione
 from dit_jax.experiment import ema as ema_lib
 from dit_jax.experiment import state as state_lib
 from dit_jax.experiment import step as step_lib
+from dit_jax.experiment import validation
 from dit_jax.experiment.state import TrainState, learning_rate, optimizer
 from dit_jax.models import attention
 
@@ -123,6 +124,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   diffusion_lib.check_config(config)
   state_lib.check_config(config)
   ema_lib.check_config(config)
+  validation.check_config(config)
 
 
 def build(config: ml_collections.ConfigDict, devices=None, *, training: bool = True) -> Experiment:

@@ -17,6 +17,7 @@ from dit_jax import checkpoint, data, experiment, parallel, storage, utils
 from dit_jax.data.prefetch import Prefetcher
 from dit_jax.errors import TrainingStopped, check_choice, check_numbers
 from dit_jax.experiment import ema as ema_lib
+from dit_jax.experiment import validation
 
 # What each number of config.train that the loop reads accepts (see errors.check_numbers).
 NUMBERS = (
@@ -139,6 +140,9 @@ def _train(
   exp = experiment.build(config)
   t = config.train
   proc = jax.process_index()
+  # The held-out examples are read first: a bad or empty split stops the run before the workdir
+  # changes.
+  val = validation.build(exp) if t.val_every else None
   batches = train_batches(config, exp.mesh)
   if t.init_from and not storage.exists(storage.join(workdir, "checkpoints")):
     checkpoint.check_weights_source(t.init_from)  # Before the new workdir gets its folders.
@@ -294,6 +298,13 @@ def _train(
           if scores:
             text = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
             _warn_above(bar, logging.info)("Evaluation at step %d: %s.", done, text)
+        if val is not None and done % t.val_every == 0:
+          # Of the parameters being trained; before this step's checkpoint, like evaluate.
+          losses = val(state.params)
+          writer.write(done, losses)
+          _warn_above(bar, logging.info)(
+            "Validation loss at step %d: %.5f.", done, losses["val_loss"]
+          )
         if snapshots is not None and (done % t.ema.snapshot_every == 0 or done == t.num_steps):
           # Before this step's checkpoint (see save).
           snapshots.save(done, state.ema_params, tuple(t.ema.std), gammas, config)
