@@ -47,7 +47,13 @@ def unusual_settings(config: ml_collections.ConfigDict) -> list[str]:
     unused("model", ("num_classes", "class_dropout", "conditioning"), "dit", name)
     unused("sample", ("labels",), "a class-conditional model (dit)", f"{name} takes prompts")
   else:
-    text_fields = ("text_dropout", "qk_norm", "pos_embed_max_size", "pos_embed_base_size")
+    text_fields = (
+      "text_dropout",
+      "text_dropout_to",
+      "qk_norm",
+      "pos_embed_max_size",
+      "pos_embed_base_size",
+    )
     unused("model", text_fields + ("context_len", "context_dim", "pooled_dim"), "mmdit", name)
   sampler = f"config.diffusion.timestep_sampler={d.timestep_sampler!r}"
   if d.timestep_sampler != "mode":

@@ -51,10 +51,12 @@ class LabelConditioner:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TextConditioner:
-  """Precomputed text embeddings; each encoder's part is dropped independently."""
+  """Precomputed text embeddings; each encoder's part is dropped independently, to the empty
+  caption's encoding (`replace_with="empty"`) or to zeros ("zeros")."""
 
   spec: TextSpec
   dropout: float
+  replace_with: str = "empty"
 
   keys = ("context", "pooled")
 
@@ -85,13 +87,16 @@ class TextConditioner:
     return ctx, pooled
 
   def drop(self, cond: Cond, key: jax.Array) -> Cond:
-    """Replaces each encoder's part of each example by the empty caption's with prob `dropout`."""
+    """Replaces each encoder's part of each example, with probability `dropout` and
+    independently of the other encoders, by the empty caption's encoding or by zeros."""
     if self.dropout <= 0:
       return cond
     b = cond["pooled"].shape[0]
     keep = ~jax.random.bernoulli(key, self.dropout, (b, len(self.spec.encoders)))
     ctx_mask, pooled_mask = self._masks(keep)
     null = self.null(cond)
+    if self.replace_with == "zeros":
+      null = jax.tree.map(jnp.zeros_like, null)
     return {
       "context": jnp.where(ctx_mask, cond["context"], null["context"]),
       "pooled": jnp.where(pooled_mask, cond["pooled"], null["pooled"]),
@@ -126,4 +131,4 @@ def build_conditioner(config: ml_collections.ConfigDict, text_spec: TextSpec | N
       f"{config.data.name!r} has no text; use 'shapes', 'synthetic' or 'latents' with text "
       "embeddings."
     )
-  return TextConditioner(text_spec, m.text_dropout)
+  return TextConditioner(text_spec, m.text_dropout, m.text_dropout_to)

@@ -23,6 +23,8 @@ PRECONDITIONINGS = ("none", "edm")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTIONS = ("xla", "cudnn", "splash")
+# What a dropped text encoder's part becomes: the empty caption's encoding, or zeros.
+TEXT_DROPOUT_TO = ("empty", "zeros")
 EMA_KINDS = ("exponential", "power")
 ATTENTION_CONDITIONINGS = ("none", "tmsa")
 _TRUE = ("", "1", "true", "yes")
@@ -56,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 4.0
   # MMDiT (model.name="mmdit", variant "d<depth>": width 64*depth, depth heads, patch 2).
   c.model.text_dropout = 0.1  # Per text encoder, independently (SD3 used 0.464).
+  # A dropped encoder's part becomes the empty caption's encoding ("empty") or zeros ("zeros":
+  # what diffusers' SD3 pipeline feeds for a T5 left out at inference). Guidance's unconditional
+  # input is the empty caption's encoding either way.
+  c.model.text_dropout_to = "empty"
   c.model.qk_norm = True  # RMS-normalize queries and keys per head (SD3.5; SD3-medium: False).
   c.model.pos_embed_max_size = 0  # Side of the position table in patches (0: the image's grid).
   c.model.pos_embed_base_size = 0  # Grid side its positions are spaced for (0: = max size).

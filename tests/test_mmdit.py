@@ -146,6 +146,16 @@ def test_text_dropout_is_per_encoder_and_uses_the_empty_caption():
     assert abs(dropped.mean() - 0.4) < 0.03
   assert abs((clip_dropped & t5_dropped).mean() - 0.16) < 0.03  # Independent.
 
+  # To zeros instead: the same draws (same key), the dropped parts zero, the rest as it was.
+  zeros = TextConditioner(spec, dropout=0.4, replace_with="zeros").drop(cond, jax.random.key(0))
+  zctx, zpooled = np.asarray(zeros["context"]), np.asarray(zeros["pooled"])
+  np.testing.assert_array_equal(zctx[:, 0, 0] == 0, clip_dropped)
+  np.testing.assert_array_equal(zctx[:, 3, 0] == 0, t5_dropped)
+  np.testing.assert_array_equal(zctx[clip_dropped][:, :3, :4], 0.0)
+  np.testing.assert_array_equal(zctx[t5_dropped][:, 3:], 0.0)
+  np.testing.assert_array_equal(zpooled[clip_dropped], 0.0)
+  np.testing.assert_array_equal(zctx[~clip_dropped][:, :3], 7.0)
+
 
 @pytest.mark.integration
 @pytest.mark.sharding

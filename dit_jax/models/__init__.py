@@ -51,6 +51,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ConfigError for config.model's name or a number in it that cannot work (the
   variant and the fields that depend on the data are checked when the model is built)."""
   check_choice(config.model.name, MODELS, "model.name")
+  check_choice(
+    config.model.text_dropout_to, config_defaults.TEXT_DROPOUT_TO, "model.text_dropout_to"
+  )
   check_numbers(config, NUMBERS)
 
 
