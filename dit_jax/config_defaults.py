@@ -206,6 +206,9 @@ def base_config() -> ml_collections.ConfigDict:
   # `val_examples` elements spread evenly (0 = all), each at `val_timesteps` times evenly
   # spaced over [0, 1] with noise drawn from (val_seed, example, time) alone, in chunks of
   # `val_device_batch` examples per device, so it is the same bits on any number of devices.
+  # A transformers CLIPModel directory (e.g. a saved openai/clip-vit-large-patch14): text
+  # models' evaluations then report the CLIP score of the samples against their prompts.
+  c.eval.clip_model = ""
   c.eval.val_split = ""
   c.eval.val_path = ""
   c.eval.val_examples = 256

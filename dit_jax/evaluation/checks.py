@@ -160,6 +160,22 @@ def _check_training_eval(config: ml_collections.ConfigDict) -> None:
     check_inception_eval(config, t.eval_num_images, "train.eval_num_images")
 
 
+def _check_clip_model(config: ml_collections.ConfigDict) -> None:
+  path = config.eval.clip_model
+  if not path:
+    return
+  if config.model.name != "mmdit":
+    raise ConfigError(
+      f"config.eval.clip_model scores samples against their prompts, and "
+      f"config.model.name={config.model.name!r} takes none; leave eval.clip_model empty."
+    )
+  if not storage.isdir(path):
+    raise ConfigError(
+      f"config.eval.clip_model={path!r} is not a directory; pass a local transformers CLIPModel "
+      "directory (e.g. a saved openai/clip-vit-large-patch14; nothing is downloaded)."
+    )
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises a ConfigError for a field of config.sample or config.eval, or of the evaluation
   during training, that cannot work (the Inception's weights file must be there when a run
@@ -170,4 +186,5 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_prompts(config)
   _check_training_eval(config)
   _check_guidance(config)
+  _check_clip_model(config)
   diffusion.resolve_sampler(config)

@@ -190,7 +190,13 @@ def evaluate(
     results.update(scoring.builtin_scorer(config)(images, meta))
     if config.data.name == "shapes":
       results["prompts"] = config.sample.prompts or "held-out captions"
-    scores = scorer.score_images(utils.to_uint8(images)) if scorer else None
+    uint8 = utils.to_uint8(images)
+    scores = scorer.score_images(uint8) if scorer else None
+    if config.eval.clip_model:
+      from dit_jax.evaluation import clip_score
+
+      cs = scorer.clip if scorer else clip_score.ClipScorer.load(config.eval.clip_model, exp.mesh)
+      results.update(cs.score(cs.image_features(uint8), meta["captions"]))
   else:
     scores = scorer.score(
       params, step=step, num_images=num, parts_dir=parts_dir, overwrite=overwrite

@@ -180,6 +180,11 @@ class Scorer:
         "images: set config.vae.path to the VAE that decodes the model's latents to RGB."
       )
     self.run = run or sampling.make_sampler(exp)
+    self.clip = None
+    if cfg.eval.clip_model:
+      from dit_jax.evaluation import clip_score
+
+      self.clip = clip_score.ClipScorer.load(cfg.eval.clip_model, exp.mesh, cfg.eval.batch_size)
     batch = parallel.batch_sharding(exp.mesh)
     self._to_uint8 = jax.jit(_to_uint8_rgb, in_shardings=batch, out_shardings=batch)
     if cfg.eval.reference:
@@ -205,12 +210,13 @@ class Scorer:
     overwrite: bool,
     field: str,
     desc: str,
+    width: int = FEATURE_DIM,
   ) -> np.ndarray | None:
     """Features [num, FEATURE_DIM] on process 0 (None elsewhere) of the chunks that
     `chunks(first)` yields as (start, features) from `first` on, each written to `parts_dir` as
     it is done; a rerun with the same fingerprint `want` continues after the last whole chunk."""
 
-    store = storage.ChunkStore(parts_dir, (FEATURE_DIM,), np.float32)
+    store = storage.ChunkStore(parts_dir, (width,), np.float32)
 
     def prepare() -> int:
       return store.resume(want, overwrite=overwrite, field=field)
@@ -404,6 +410,12 @@ class Scorer:
     out.update(num_reference=scores["num_reference"], reference=self.reference_name)
     return out
 
+  def _clip_features(self, images: jax.Array, count: int) -> np.ndarray:
+    """CLIP image embeddings [count, dim] of the first `count` rows of a global float array of
+    images in [-1, 1] (rounded to uint8 as for the Inception)."""
+    uint8 = multihost_utils.process_allgather(self._to_uint8(images), tiled=True)
+    return self.clip.image_features(np.asarray(uint8)[:count])
+
   def score(
     self,
     params,
@@ -438,6 +450,9 @@ class Scorer:
       cfg, step=step, num_images=num_images, seed=seed, key="inception_features", meta=conds.meta
     )
     want.update(inception_sha256=self.weights_id, **(fingerprint or {}))
+    if self.clip is not None:
+      want["clip_model"] = cfg.eval.clip_model  # Its image embeddings follow the Inception's.
+    width = FEATURE_DIM + (self.clip.dim if self.clip is not None else 0)
     batch = sampling.chunk_size(cfg, num_images)
 
     def chunks(first: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -452,12 +467,39 @@ class Scorer:
         decoder=self.decoder,
         gather=False,
       ):
-        yield start, self._features(images, min(batch, num_images - start))
+        count = min(batch, num_images - start)
+        features = self._features(images, count)
+        if self.clip is not None:
+          features = np.concatenate([features, self._clip_features(images, count)], axis=1)
+        yield start, features
 
     features = self._in_parts(
-      parts_dir, want, num_images, chunks, overwrite=overwrite, field=field, desc="evaluating"
+      parts_dir,
+      want,
+      num_images,
+      chunks,
+      overwrite=overwrite,
+      field=field,
+      desc="evaluating",
+      width=width,
     )
-    return _on_process_0(lambda: self._scores(split_features(features)), "score the samples")
+    captions = conds.meta.get("captions")
+    # The text tower runs on every process (a collective); the scores on process 0.
+    clip_scores = None
+    if self.clip is not None:
+      image_features = features[:, FEATURE_DIM:] if features is not None else None
+      image_features = multihost_utils.broadcast_one_to_all(
+        image_features
+        if image_features is not None
+        else np.zeros((num_images, self.clip.dim), np.float32)
+      )
+      clip_scores = self.clip.score(np.asarray(image_features), captions)
+
+    def scores() -> dict:
+      out = self._scores(split_features(features[:, :FEATURE_DIM]))
+      return {**out, **(clip_scores or {})}
+
+    return _on_process_0(scores, "score the samples")
 
   def score_images(self, images: np.ndarray) -> dict | None:
     """The scores (as `score`) of uint8 images [N, H, W, 1 or 3] that every process holds whole

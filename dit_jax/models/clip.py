@@ -330,3 +330,156 @@ def load_text_hf(directory: str, dtype: str = "float32") -> tuple[CLIPTextConfig
       )
     )
   return config, params
+
+
+# --- The image tower and the whole CLIP (for the CLIP score) -----------------------------------
+
+_HF_VISION_DEFAULTS = dict(
+  hidden_size=768,
+  intermediate_size=3072,
+  num_hidden_layers=12,
+  num_attention_heads=12,
+  image_size=224,
+  patch_size=32,
+  hidden_act="quick_gelu",
+  layer_norm_eps=1e-5,
+)
+# CLIP's image normalization (transformers' CLIPImageProcessor, OpenAI's release).
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  image_size: int
+  patch: int
+  projection_dim: int
+  activation: str = "quick_gelu"
+  eps: float = 1e-5
+
+  @classmethod
+  def from_hf(cls, hf_config: dict) -> "CLIPVisionConfig":
+    """The image half of a CLIPConfig dict."""
+    v = hf_config.get("vision_config") or {}
+    c = {**_HF_VISION_DEFAULTS, **{k: val for k, val in v.items() if val is not None}}
+    return cls(
+      width=int(c["hidden_size"]),
+      depth=int(c["num_hidden_layers"]),
+      heads=int(c["num_attention_heads"]),
+      mlp_dim=int(c["intermediate_size"]),
+      image_size=int(c["image_size"]),
+      patch=int(c["patch_size"]),
+      projection_dim=int(hf_config.get("projection_dim") or 512),
+      activation=str(c["hidden_act"]),
+      eps=float(c["layer_norm_eps"]),
+    )
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch
+
+
+class CLIPVision(nn.Module):
+  """CLIP's image tower: pixels [B, S, S, 3] (S = image_size, normalized by IMAGE_MEAN/STD) ->
+  the projected image embedding [B, projection_dim] float32."""
+
+  config: CLIPVisionConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    cfg = self.config
+    b = pixels.shape[0]
+    assert pixels.shape[1:] == (cfg.image_size, cfg.image_size, 3), pixels.shape
+    p, g = cfg.patch, cfg.grid
+    patches = pixels.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(b, g * g, p * p * 3).astype(self.dtype)  # [B, N, p*p*3] (h, w, c)
+    tokens = layers.dense(
+      cfg.width, (axes.PATCH, axes.EMBED), self.dtype, use_bias=False, name="patch_embedding"
+    )(patches).astype(jnp.float32)
+    init = nn.initializers.normal(0.02)
+    cls_token = self.param(
+      "class_embedding", layers.logical(init, (axes.EMBED,)), (cfg.width,), jnp.float32
+    )
+    positions = self.param(
+      "position_embedding",
+      layers.logical(init, (None, axes.EMBED)),
+      (g * g + 1, cfg.width),
+      jnp.float32,
+    )
+    h = jnp.concatenate([jnp.broadcast_to(cls_token, (b, 1, cfg.width)), tokens], axis=1)
+    h = layers.constrain(layer_norm(cfg.eps, "pre_layrnorm")(h + positions[None]), axes.TOKENS)
+    stack = layers.scanned(EncoderLayer, cfg.depth, 1, "none", broadcast=0)(
+      cfg.width, cfg.heads, cfg.mlp_dim, cfg.activation, cfg.eps, False, self.dtype, name="layers"
+    )
+    (h, _), _ = stack((h, h))
+    pooled = layer_norm(cfg.eps, "post_layernorm")(h[:, 0])
+    proj = layers.dense(
+      cfg.projection_dim, (axes.EMBED, axes.TEXT), self.dtype, use_bias=False, name="projection"
+    )
+    return proj(pooled.astype(self.dtype)).astype(jnp.float32)
+
+
+def vision_params(w: hf.Weights, config: CLIPVisionConfig, dtype: str = "float32") -> Params:
+  """`CLIPVision` params from the tensors of a CLIPModel (or CLIPVisionModelWithProjection)."""
+  dt = hf.numpy_dtype(dtype)
+  c = config
+  conv = w.get("vision_model.embeddings.patch_embedding.weight", (c.width, 3, c.patch, c.patch), dt)
+  return {
+    # [D, 3, p, p] -> [p, p, 3, D] flattened as the patches are: (h, w, channel).
+    "patch_embedding": {"kernel": conv.transpose(2, 3, 1, 0).reshape(-1, c.width)},
+    "class_embedding": w.get("vision_model.embeddings.class_embedding", (c.width,), dt),
+    "position_embedding": w.get(
+      "vision_model.embeddings.position_embedding.weight", (c.grid**2 + 1, c.width), dt
+    ),
+    "pre_layrnorm": _norm(w, "vision_model.pre_layrnorm", c.width, dt),
+    "layers": stack_layers(
+      [
+        encoder_layer_params(w, f"vision_model.encoder.layers.{i}", c.width, c.heads, c.mlp_dim, dt)
+        for i in range(c.depth)
+      ]
+    ),
+    "post_layernorm": _norm(w, "vision_model.post_layernorm", c.width, dt),
+    "projection": _linear(w, "visual_projection", (c.width, c.projection_dim), False, 1, dt),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIP:
+  """A whole CLIP (both towers), read by `load_hf`."""
+
+  text: CLIPTextConfig
+  vision: CLIPVisionConfig
+  text_params: Params
+  vision_params: Params
+  logit_scale: float
+
+
+def load_hf(directory: str, dtype: str = "float32") -> CLIP:
+  """Reads a transformers CLIPModel directory (config.json + safetensors, local), e.g.
+  openai/clip-vit-large-patch14, the model of the CLIP score.
+
+  Raises:
+    ConfigError: for a directory that holds no CLIPModel, or weights that do not match.
+  """
+  config_json = hf.read_config(directory, "CLIPModel")
+  if config_json.get("model_type") != "clip":
+    raise ConfigError(
+      f"{directory!r} holds a {config_json.get('model_type') or 'model of no model_type'}, not a "
+      "CLIPModel with both towers (the CLIP score needs the image tower too); pass e.g. a saved "
+      "openai/clip-vit-large-patch14."
+    )
+  text_config = CLIPTextConfig.from_hf(config_json)
+  vision_config = CLIPVisionConfig.from_hf(config_json)
+  with hf.open_weights(directory) as w:
+    text = text_params(w, text_config, dtype)
+    vision = vision_params(w, vision_config, dtype)
+    scale = float(np.exp(w.get("logit_scale", (), np.float32)))
+    w.check_all_used(
+      ignore=("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+    )
+  return CLIP(text_config, vision_config, text, vision, scale)
