@@ -128,7 +128,7 @@ CASES = {
   "benchmark_nothing_to_time": (
     "dit_jax.benchmark",
     [],
-    ["pass exactly one of --config, --vae, --inception (got none)"],
+    ["pass exactly one of --config, --vae, --inception, --text_encoder (got none)"],
   ),
   "benchmark_config_and_vae": ("dit_jax.benchmark", [QS, "--vae=sd"], ["(got --config, --vae)"]),
   "benchmark_no_steps": ("dit_jax.benchmark", [QS, "--steps=0"], ["--steps=0"]),
@@ -143,6 +143,16 @@ CASES = {
     "dit_jax.tools.encode_text",
     ["--captions={tmp}/file", "--out={tmp}/text", "--format=parquet"],
     ["--format='parquet' is not supported; choose one of ['npy', 'array_record']"],
+  ),
+  "encode_text_backend": (
+    "dit_jax.tools.encode_text",
+    ["--captions={tmp}/file", "--out={tmp}/text", "--backend=jx"],
+    ["--backend='jx' is not supported; choose one of ['jax', 'torch']"],
+  ),
+  "benchmark_text_batch": (
+    "dit_jax.benchmark",
+    ["--text_encoder=clip_l", "--text_batch_size=0"],
+    ["--text_batch_size=0 must be a positive multiple"],
   ),
   "launch_local": ("launch.local", ["--num_processes=0"], ["--num_processes=0"]),
   "launch_local_failed_processes": (
