@@ -126,11 +126,6 @@ def count_truncated(captions: Sequence[str], encoders: dict[str, TextEncoder]) -
   return counts
 
 
-def _global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-  """A global array from a host array that every process holds whole."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
 def place_params(module, params, ids_shape, mesh: Mesh, rules):
   """`params` (host numpy) on `mesh` as the module's logical axes and `rules` say, and the
   shardings of the params."""
@@ -139,7 +134,7 @@ def place_params(module, params, ids_shape, mesh: Mesh, rules):
   shardings = parallel.logical_shardings(boxed, mesh, rules)
   want = jax.tree.map(lambda b: b.shape, nn.unbox(boxed))
   assert want == jax.tree.map(np.shape, params), "converted params differ from the module's"
-  return jax.tree.map(_global, params, shardings), shardings
+  return jax.tree.map(parallel.from_host, params, shardings), shardings
 
 
 def make_forward(module, params, mesh: Mesh, rules, outputs: Callable[[dict], tuple]) -> Forward:
@@ -160,11 +155,25 @@ def make_forward(module, params, mesh: Mesh, rules, outputs: Callable[[dict], tu
     padded = -(-n // dp) * dp
     ids = np.concatenate([ids, np.zeros((padded - n, ids.shape[1]), ids.dtype)])
     with jax.set_mesh(mesh):
-      out = jitted(params, _global(ids.astype(np.int32), batch))
+      out = jitted(params, parallel.from_host(ids.astype(np.int32), batch))
     out = multihost_utils.process_allgather(out, tiled=True)
     return jax.tree.map(lambda a: np.asarray(a, np.float32)[:n], out)
 
   return forward
+
+
+def check_local_dir(name: str, path: str) -> None:
+  """Raises a ConfigError unless encoder `name`'s `path` is a local directory."""
+  if storage.is_remote(path):
+    raise ConfigError(
+      f"{name}={path!r} is on GCS, but the encoders load from a local directory; copy it first "
+      f"(gcloud storage cp -r {path} .) and pass the copy."
+    )
+  if not storage.isdir(path):
+    raise ConfigError(
+      f"{name}={path!r} is not a directory; pass a local directory holding the saved encoder "
+      "and its tokenizer (nothing is downloaded)."
+    )
 
 
 def load_encoder(
@@ -194,16 +203,7 @@ def load_encoder(
   check_choice(name, ENCODER_NAMES, "text encoder", prefix="")
   check_choice(compute_dtype, COMPUTE_DTYPES, "compute_dtype", prefix="")
   check_choice(preset, parallel.PRESETS, "preset", prefix="")
-  if storage.is_remote(path):
-    raise ConfigError(
-      f"{name}={path!r} is on GCS, but the encoders load from a local directory; copy it first "
-      f"(gcloud storage cp -r {path} .) and pass the copy."
-    )
-  if not storage.isdir(path):
-    raise ConfigError(
-      f"{name}={path!r} is not a directory; pass a local directory holding the saved encoder "
-      "and its tokenizer (nothing is downloaded)."
-    )
+  check_local_dir(name, path)
   dtype = jnp.dtype(compute_dtype)
   try:
     loaded = (clip.load_text_hf if name in CLIP_NAMES else t5.load_hf)(path, compute_dtype)

@@ -22,11 +22,6 @@ from dit_jax.models.autoencoder import AutoencoderConfig, AutoencoderKL
 DTYPES = ("float32", "bfloat16")
 
 
-def _global(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
-  """A global array from a host array that every process holds whole."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
 class VAE:
   """An `AutoencoderKL` with its params on `mesh`, jitted once for encoding and decoding.
 
@@ -42,7 +37,9 @@ class VAE:
     self.config, self.mesh, self.dtype = config, mesh, dtype
     module = AutoencoderKL(config, dtype)
     replicated, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    self._params = jax.tree.map(lambda a: _global(np.asarray(a, np.float32), replicated), params)
+    self._params = jax.tree.map(
+      lambda a: parallel.from_host(np.asarray(a, np.float32), replicated), params
+    )
     scale, shift = config.scaling_factor, config.shift_factor
 
     def encode(params, images):
@@ -88,7 +85,7 @@ class VAE:
     x = np.asarray(x, np.float32)
     if padded != n:
       x = np.concatenate([x, np.zeros((padded - n, *x.shape[1:]), np.float32)])
-    out = fn(_global(x, parallel.batch_sharding(self.mesh)))
+    out = fn(parallel.from_host(x, parallel.batch_sharding(self.mesh)))
     out = multihost_utils.process_allgather(out, tiled=True)
     return jax.tree.map(lambda a: np.asarray(a, np.float32)[:n], out)
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import _stand_in_inception
 import _tiny_text_encoders as tiny
 import jax
 import numpy as np
@@ -163,10 +164,13 @@ def test_evaluate_reports_the_clip_score_of_text_models(small, tmp_path):
 
 @pytest.mark.integration
 def test_the_chunked_evaluation_keeps_clip_features_beside_the_inceptions(
-  small, inception_weights, tmp_path
+  small, monkeypatch, tmp_path
 ):
   # Latents of a tiny random VAE with captions encoded by encode_text: the path of real text
-  # data, whose samples are decoded and scored chunk by chunk by the FID Inception.
+  # data, whose samples are decoded and scored chunk by chunk by the FID Inception (its stand-in:
+  # the subject is the chunks around the network).
+  _stand_in_inception.patch(monkeypatch)
+  inception_weights = _stand_in_inception.write(str(tmp_path / "inception.npz"))
   from dit_jax.models import autoencoder
   from dit_jax.tools import encode_text
 

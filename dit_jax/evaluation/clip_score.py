@@ -102,7 +102,7 @@ class ClipScorer:
       if pad:  # One shape: one compile.
         chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
       sharding = parallel.batch_sharding(self.mesh)
-      x = jax.make_array_from_callback(chunk.shape, sharding, lambda i, c=chunk: c[i])
+      x = parallel.from_host(chunk, sharding)
       y = multihost_utils.process_allgather(fn(params, x), tiled=True)
       out.append(np.asarray(y, np.float32)[: self.batch_size - pad])
     return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)

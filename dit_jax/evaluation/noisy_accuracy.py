@@ -51,7 +51,7 @@ def noisy_accuracy(
   jitted = jax.jit(correct, in_shardings=(exp.param_shardings, sharding, sharding, sharding, None))
 
   def put(a: np.ndarray) -> jax.Array:
-    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+    return parallel.from_host(a, sharding)
 
   results = {}
   for u in unit_times:

@@ -212,7 +212,7 @@ class Scorer:
     desc: str,
     width: int = FEATURE_DIM,
   ) -> np.ndarray | None:
-    """Features [num, FEATURE_DIM] on process 0 (None elsewhere) of the chunks that
+    """Features [num, width] on process 0 (None elsewhere) of the chunks that
     `chunks(first)` yields as (start, features) from `first` on, each written to `parts_dir` as
     it is done; a rerun with the same fingerprint `want` continues after the last whole chunk."""
 
@@ -483,21 +483,18 @@ class Scorer:
       desc="evaluating",
       width=width,
     )
-    captions = conds.meta.get("captions")
     # The text tower runs on every process (a collective); the scores on process 0.
-    clip_scores = None
+    clip_scores = {}
     if self.clip is not None:
-      image_features = features[:, FEATURE_DIM:] if features is not None else None
-      image_features = multihost_utils.broadcast_one_to_all(
-        image_features
-        if image_features is not None
-        else np.zeros((num_images, self.clip.dim), np.float32)
-      )
-      clip_scores = self.clip.score(np.asarray(image_features), captions)
+      rows = np.zeros((num_images, self.clip.dim), np.float32)
+      if features is not None:
+        rows = features[:, FEATURE_DIM:]
+      rows = np.asarray(multihost_utils.broadcast_one_to_all(rows))
+      clip_scores = self.clip.score(rows, conds.meta["captions"])
 
     def scores() -> dict:
       out = self._scores(split_features(features[:, :FEATURE_DIM]))
-      return {**out, **(clip_scores or {})}
+      return {**out, **clip_scores}
 
     return _on_process_0(scores, "score the samples")
 

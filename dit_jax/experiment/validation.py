@@ -98,12 +98,9 @@ class Validation:
     out = []
     for begin in range(0, n, self.chunk):
       index = np.arange(begin, begin + self.chunk) % n  # The last chunk wraps around.
-      batch = {k: v[index] for k, v in self.examples.items()}
-
-      def put(x):
-        return jax.make_array_from_callback(x.shape, sharding, lambda i, x=x: x[i])
-
-      rows = self.losses_fn(params, jax.tree.map(put, batch), put(index.astype(np.int32)))
+      batch = {k: parallel.from_host(v[index], sharding) for k, v in self.examples.items()}
+      ids = parallel.from_host(index.astype(np.int32), sharding)
+      rows = self.losses_fn(params, batch, ids)
       rows = multihost_utils.process_allgather(rows, tiled=True)
       out.append(np.asarray(rows)[: min(self.chunk, n - begin)])
     return np.concatenate(out)

@@ -226,6 +226,12 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def from_host(x: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A global array from a host array that every process holds whole (each device takes its
+  slice)."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles the global batch `jax.Array`s from each process's local rows."""
   sharding = batch_sharding(mesh)

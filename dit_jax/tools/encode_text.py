@@ -76,16 +76,7 @@ def load_torch_encoder(
   check_choice(name, ENCODER_NAMES, "text encoder", prefix="")
   check_choice(compute_dtype, TORCH_COMPUTE_DTYPES, "compute_dtype", prefix="")
   torch, transformers = _import_torch()
-  if storage.is_remote(path):
-    raise ConfigError(
-      f"{name}={path!r} is on GCS, but the encoders load from a local directory; copy it first "
-      f"(gcloud storage cp -r {path} .) and pass the copy."
-    )
-  if not storage.isdir(path):
-    raise ConfigError(
-      f"{name}={path!r} is not a directory; pass a local directory holding the saved encoder "
-      "and its tokenizer (nothing is downloaded)."
-    )
+  text_encoders.check_local_dir(name, path)
   if device.startswith("cuda") and not torch.cuda.is_available():
     raise ConfigError(f"device={device!r}, but torch sees no CUDA GPU; use device='cpu'.")
   is_clip = name in CLIP_NAMES
