@@ -60,7 +60,7 @@ class TextEncoder:
     forward: token ids int32 [N, max_length] -> (sequence features float32 [N, max_length,
       width], pooled float32 [N, pooled_width] or None): for a CLIP the penultimate layer's
       hidden state and the projected end-of-text embedding, for T5 the last hidden state.
-    module: the Flax module and its params on the mesh (None for another backend).
+    module: the Flax module (the torch backend: the PyTorch model).
   """
 
   name: str
@@ -70,7 +70,6 @@ class TextEncoder:
   pooled_width: int
   forward: Forward
   module: Any = None
-  params: Any = None
 
   @property
   def is_clip(self) -> bool:
@@ -126,15 +125,20 @@ def count_truncated(captions: Sequence[str], encoders: dict[str, TextEncoder]) -
   return counts
 
 
-def place_params(module, params, ids_shape, mesh: Mesh, rules):
-  """`params` (host numpy) on `mesh` as the module's logical axes and `rules` say, and the
-  shardings of the params."""
+def _param_layout(module, ids_shape, mesh: Mesh, rules):
+  """(unboxed param shapes, their shardings) of `module` on `mesh` under `rules`."""
   ids = jax.ShapeDtypeStruct(ids_shape, jnp.int32)
   boxed = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), ids)["params"]
-  shardings = parallel.logical_shardings(boxed, mesh, rules)
-  want = jax.tree.map(lambda b: b.shape, nn.unbox(boxed))
-  assert want == jax.tree.map(np.shape, params), "converted params differ from the module's"
-  return jax.tree.map(parallel.from_host, params, shardings), shardings
+  return nn.unbox(boxed), parallel.logical_shardings(boxed, mesh, rules)
+
+
+def place_params(module, params, ids_shape, mesh: Mesh, rules):
+  """`params` (host numpy) on `mesh` as the module's logical axes and `rules` say."""
+  shapes, shardings = _param_layout(module, ids_shape, mesh, rules)
+  assert jax.tree.map(lambda b: b.shape, shapes) == jax.tree.map(np.shape, params), (
+    "converted params differ from the module's"
+  )
+  return jax.tree.map(parallel.from_host, params, shardings)
 
 
 def make_forward(module, params, mesh: Mesh, rules, outputs: Callable[[dict], tuple]) -> Forward:
@@ -229,7 +233,7 @@ def load_encoder(
 
   tokenizer = load_tokenizer(name, path)
   rules = parallel.PRESETS[preset]
-  placed, _ = place_params(module, params, (1, max_length), mesh, rules)
+  placed = place_params(module, params, (1, max_length), mesh, rules)
   return TextEncoder(
     name=name,
     tokenizer=tokenizer,
@@ -238,7 +242,6 @@ def load_encoder(
     pooled_width=pooled_width,
     forward=make_forward(module, placed, mesh, rules, sd3_outputs),
     module=module,
-    params=placed,
   )
 
 
@@ -402,12 +405,9 @@ def sharded_forward(module, ids_shape: tuple[int, int], mesh: Mesh, rules, dtype
   """(jitted forward ids -> `sd3_outputs`, abstract params and ids carrying their
   shardings) of `module` on `mesh`: what the benchmark times and the AOT check compiles."""
   ids = jax.ShapeDtypeStruct(ids_shape, jnp.int32, sharding=parallel.batch_sharding(mesh))
-  boxed = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), ids)["params"]
-  shardings = parallel.logical_shardings(boxed, mesh, rules)
+  shapes, shardings = _param_layout(module, ids_shape, mesh, rules)
   abstract = jax.tree.map(
-    lambda b, s: jax.ShapeDtypeStruct(b.shape, jnp.dtype(dtype), sharding=s),
-    nn.unbox(boxed),
-    shardings,
+    lambda b, s: jax.ShapeDtypeStruct(b.shape, jnp.dtype(dtype), sharding=s), shapes, shardings
   )
 
   def apply(p, x):

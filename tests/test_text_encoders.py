@@ -159,13 +159,11 @@ def test_sharded_over_8_devices_equals_one_device(small):
   ):
     net = module(config)
     ids = _ids(24, VOCAB - 1)[:2].repeat(4, axis=0)  # 8 rows: one per data-parallel device
-    one, _ = text_encoders.place_params(net, params, ids.shape, mesh1, parallel.PRESETS["fsdp_tp"])
+    one = text_encoders.place_params(net, params, ids.shape, mesh1, parallel.PRESETS["fsdp_tp"])
     out1 = text_encoders.make_forward(net, one, mesh1, parallel.PRESETS["fsdp_tp"], lambda o: o)(
       ids
     )
-    placed, shardings = text_encoders.place_params(
-      net, params, ids.shape, mesh8, parallel.PRESETS["fsdp_tp"]
-    )
+    placed = text_encoders.place_params(net, params, ids.shape, mesh8, parallel.PRESETS["fsdp_tp"])
     # The layers' kernels are split over fsdp (embed) and tensor (heads, mlp).
     assert (
       len(placed["layers"]["wo" if module is t5.T5Encoder else "fc2"]["kernel"].sharding.device_set)

@@ -225,13 +225,6 @@ class CLIPText(nn.Module):
     return out
 
 
-def param_shapes(config: CLIPTextConfig) -> Params:
-  """The params' shapes (ShapeDtypeStructs, unboxed) of `CLIPText(config)`."""
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda x: CLIPText(config).init(jax.random.key(0), x), ids)["params"]
-  return nn.unbox(shapes)
-
-
 # --- Weights: transformers' names and layouts (Linear weights are [out, in]) -------------------
 
 

@@ -215,13 +215,6 @@ class T5Encoder(nn.Module):
     return {"last": RMSNorm(cfg.eps, name="final_layer_norm")(h), "penultimate": penultimate}
 
 
-def param_shapes(config: T5Config) -> Params:
-  """The params' shapes (ShapeDtypeStructs, unboxed) of `T5Encoder(config)`."""
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda x: T5Encoder(config).init(jax.random.key(0), x), ids)["params"]
-  return nn.unbox(shapes)
-
-
 def _kernel(w: hf.Weights, name: str, shape: tuple[int, ...], in_dims: int, dt) -> Params:
   """A bias-free Linear's weight [out, in] as a kernel of `shape` ([*in, *out])."""
   torch_shape = (int(np.prod(shape[in_dims:])), int(np.prod(shape[:in_dims])))
