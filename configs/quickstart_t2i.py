@@ -8,14 +8,17 @@ Meant for: one CPU (2 cores suffice). An MMDiT (width 128, 4 joint blocks, QK-no
 draw "a red circle at the top left" and the like at 16x16 with rectified flow and logit-normal
 timesteps; `--mode=evaluate` draws the 8 caption combinations held out of training and reads
 colour, shape and position back with the shapes checker (docs/text_to_image.md has the figures).
-Arg string: none (any is an error); set fields with --config.<field>=<value>.
+Arg string: "buckets" trains with two aspect-ratio buckets, 16x16 (64 tokens) and 12x20 (60),
+each global batch from one of them, and draws a grid at each size (images/step_*_16x16.png and
+_12x20.png); `--config.sample.size=12x20 --mode=evaluate` scores the wide one. Any other arg is
+an error; set fields with --config.<field>=<value>.
 """
 
 from dit_jax.config_defaults import base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
-  parse_arg(arg, {})
+  args = parse_arg(arg, {"buckets": False})
   c = base_config()
   c.model.name = "mmdit"
   c.model.variant = "d4"
@@ -40,4 +43,6 @@ def get_config(arg: str | None = None):
   c.sample.guidance_scale = 4.0
   c.sample.clip_denoised = True
   c.eval.num_images = 400
+  if args["buckets"]:
+    c.data.buckets = "16x16,12x20"
   return c

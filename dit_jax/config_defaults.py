@@ -96,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "digits"  # digits | synthetic | tfds:<name> | folder | latents
   c.data.path = ""  # Image folder root, or directory of pre-encoded latents.
   c.data.split = "train"
+  # Aspect-ratio buckets "HxW,HxW,..." in the data's units (MMDiT; dit_jax.data.buckets): each
+  # global batch holds one bucket's size; "" = square config.data.image_size only.
+  c.data.buckets = ""
   c.data.image_size = 16
   c.data.channels = 1
   c.data.random_flip = False
@@ -164,6 +167,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.guidance_scale = 1.0
   c.sample.eta = 0.0  # DDIM eta.
   c.sample.batch_size = 100  # Images per jitted sampling call.
+  # The size "HxW" to sample at (MMDiT: any size that divides into patches and fits the position
+  # table, e.g. one of config.data.buckets); "" = config.data.image_size square.
+  c.sample.size = ""
   c.sample.seed = 0
   c.sample.use_ema = True
   c.sample.ema_index = 0  # Which EMA of a checkpoint with several (train.ema.std) to use.

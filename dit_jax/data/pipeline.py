@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
+from dit_jax.data import buckets as buckets_lib
 from dit_jax.data.sources import DataError, LatentsSource, build_source
 
 # Each thread builds whole batches; a few in flight keep the accelerator fed without holding many
@@ -81,8 +82,11 @@ def build_train_iterator(
     raise DataError(f"The per-process batch size is {batch_size}; it must be positive.")
   if not 0 <= process_index < process_count:
     raise DataError(f"process_index={process_index} is not in [0, process_count={process_count}).")
-  source = build_source(config, num_classes=config.model.num_classes)
+  bucketed = bool(config.data.buckets)
+  source = build_source(config, num_classes=config.model.num_classes, bucketed=bucketed)
   global_batch = batch_size * process_count
+  if bucketed:
+    return _bucketed_iterator(config, source, batch_size, process_index, process_count, seed)
   if len(source) < global_batch:
     raise DataError(
       f"config.data.name={config.data.name!r} has {len(source)} examples, fewer than one global "
@@ -128,6 +132,70 @@ def build_train_iterator(
     process_count,
     seed,
     config.data.num_workers,
+  )
+  return iter(iter_dataset)
+
+
+class _BucketRows:
+  """Global batch k -> this process's rows of it, read and stacked (`buckets.BucketBatches`);
+  element i's flip is drawn from (seed, k, its row in the global batch), like the global stream's
+  draws a function of the position alone."""
+
+  def __init__(self, source, batches, batch_size, process_index, seed, flip):
+    self._source, self._batches = source, batches
+    self._rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    self._first_row, self._seed, self._flip = process_index * batch_size, seed, flip
+
+  def __call__(self, k: int, _) -> dict[str, np.ndarray]:
+    _, indices = self._batches(k)
+    elements = []
+    for row, i in enumerate(indices[self._rows], start=self._first_row):
+      element = self._source[int(i)]
+      if self._flip:
+        element = _random_flip(element, np.random.default_rng([self._seed, 7, k, row]))
+      elements.append(element)
+    return {key: np.stack([e[key] for e in elements]) for key in elements[0]}
+
+
+def _bucketed_iterator(config, source, batch_size, process_index, process_count, seed):
+  """`build_train_iterator` for config.data.buckets: each global batch is one bucket's."""
+  seed = config.train.seed if seed is None else seed
+  sizes = buckets_lib.parse(config.data.buckets)
+  batches = buckets_lib.BucketBatches(
+    source.bucket_of(), len(sizes), batch_size * process_count, seed
+  )
+  empty = [
+    buckets_lib.format_sizes([s])
+    for s, n in zip(sizes, batches.counts, strict=True)
+    if n < batch_size * process_count
+  ]
+  if empty:
+    logging.warning(
+      "Buckets %s hold fewer elements than one global batch of %d and are never trained.",
+      ", ".join(empty),
+      batch_size * process_count,
+    )
+  read = _BucketRows(source, batches, batch_size, process_index, seed, config.data.random_flip)
+  dataset = grain.MapDataset.range(batches.batches_per_epoch).repeat(None).map_with_index(read)
+  iter_dataset = dataset.to_iter_dataset(
+    grain.ReadOptions(num_threads=_NUM_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+  )
+  if config.data.num_workers > 0:
+    _ensure_flags_parsed()
+    iter_dataset = iter_dataset.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=config.data.num_workers)
+    )
+  logging.info(
+    "Train data: %d examples in buckets %s (%s elements), %d batches per epoch of %d on process "
+    "%d of %d, seed %d.",
+    len(source),
+    config.data.buckets,
+    batches.counts,
+    batches.batches_per_epoch,
+    batch_size,
+    process_index,
+    process_count,
+    seed,
   )
   return iter(iter_dataset)
 

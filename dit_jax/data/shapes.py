@@ -109,15 +109,35 @@ def parse_caption(caption: str) -> tuple[str, str, str]:
   )
 
 
-def _check_image_size(image_size: int) -> None:
-  if image_size not in IMAGE_SIZES:
+# The sides a bucket of shapes images (config.data.buckets) may have.
+BUCKET_SIDES = (12, 64)
+
+
+def _hw(image_size) -> tuple[int, int]:
+  """S or (H, W) -> (H, W)."""
+  if isinstance(image_size, int | np.integer):
+    return int(image_size), int(image_size)
+  h, w = image_size
+  return int(h), int(w)
+
+
+def _check_image_size(image_size) -> None:
+  if isinstance(image_size, int | np.integer):
+    if image_size not in IMAGE_SIZES:
+      raise ConfigError(
+        f"config.data.image_size={image_size} is not supported for the shapes dataset; use one "
+        f"of {IMAGE_SIZES}."
+      )
+    return
+  h, w = _hw(image_size)
+  lo, hi = BUCKET_SIDES
+  if not (lo <= h <= hi and lo <= w <= hi):
     raise ConfigError(
-      f"config.data.image_size={image_size} is not supported for the shapes dataset; use one "
-      f"of {IMAGE_SIZES}."
+      f"The bucket {h}x{w} is not supported for the shapes dataset; use sides in [{lo}, {hi}]."
     )
 
 
-def coverage(shape: str, cx: float, cy: float, d: float, image_size: int) -> np.ndarray:
+def coverage(shape: str, cx: float, cy: float, d: float, image_size) -> np.ndarray:
   """Fraction of each pixel covered by a shape, from _SUPERSAMPLE^2 samples per pixel.
 
   Args:
@@ -125,14 +145,15 @@ def coverage(shape: str, cx: float, cy: float, d: float, image_size: int) -> np.
     cx: the horizontal centre of the shape's bounding box, in pixels from the left edge.
     cy: the vertical centre, in pixels from the top edge.
     d: the side of the bounding box, in pixels.
-    image_size: S.
+    image_size: S, or (H, W).
 
   Returns:
-    float32 [S, S] in [0, 1].
+    float32 [H, W] in [0, 1].
   """
   k = _SUPERSAMPLE
-  t = (np.arange(image_size * k) + 0.5) / k  # Sample positions in pixel units.
-  x, y = t[None, :] - cx, t[:, None] - cy  # [S*k, 1] and [1, S*k] broadcast to [S*k, S*k].
+  h, w = _hw(image_size)
+  x = (np.arange(w * k) + 0.5)[None, :] / k - cx  # Sample positions in pixel units, [1, W*k].
+  y = (np.arange(h * k) + 0.5)[:, None] / k - cy  # [H*k, 1]; they broadcast to [H*k, W*k].
   r = d / 2
   if shape == "circle":
     inside = x**2 + y**2 <= r**2
@@ -140,15 +161,15 @@ def coverage(shape: str, cx: float, cy: float, d: float, image_size: int) -> np.
     inside = (np.abs(x) <= r) & (np.abs(y) <= r)
   else:  # An upright triangle: apex at the top centre, base along the bottom of the box.
     inside = (y <= r) & (np.abs(x) <= (y + r) / 2)
-  inside = inside.astype(np.float32).reshape(image_size, k, image_size, k)
-  return inside.mean(axis=(1, 3))  # [S, S]
+  inside = inside.astype(np.float32).reshape(h, k, w, k)
+  return inside.mean(axis=(1, 3))  # [H, W]
 
 
 def render(
   colour: str,
   shape: str,
   position: str,
-  image_size: int,
+  image_size,
   rng: np.random.Generator | None = None,
 ) -> np.ndarray:
   """Draws one filled, antialiased shape on black.
@@ -157,11 +178,12 @@ def render(
     colour: a key of COLOURS.
     shape: one of SHAPES.
     position: one of POSITIONS; the quadrant the shape sits in.
-    image_size: S, 16 or 32.
-    rng: draws the jitter of position (up to S / 20 pixels per axis) and size; None draws none.
+    image_size: S, 16 or 32; or a bucket (H, W), each side in BUCKET_SIDES (the shape's size
+      follows the shorter side, its position each side).
+    rng: draws the jitter of position (up to 1/20 of each side) and size; None draws none.
 
   Returns:
-    uint8 [S, S, 3].
+    uint8 [H, W, 3].
   """
   _check_image_size(image_size)
   if colour not in COLOURS or shape not in SHAPES or position not in POSITIONS:
@@ -169,16 +191,17 @@ def render(
       f"Cannot render ({colour!r}, {shape!r}, {position!r}); colour must be one of "
       f"{list(COLOURS)}, shape one of {list(SHAPES)}, position one of {list(POSITIONS)}."
     )
-  s = float(image_size)
+  h, w = map(float, _hw(image_size))
   vertical, horizontal = position.split()
-  cx = s * (0.25 + _INSET if horizontal == "left" else 0.75 - _INSET)
-  cy = s * (0.25 + _INSET if vertical == "top" else 0.75 - _INSET)
-  d = _SIZE_FRACTION * s
+  cx = w * (0.25 + _INSET if horizontal == "left" else 0.75 - _INSET)
+  cy = h * (0.25 + _INSET if vertical == "top" else 0.75 - _INSET)
+  d = _SIZE_FRACTION * min(h, w)
   if rng is not None:
-    jx, jy = rng.uniform(-s * _JITTER, s * _JITTER, size=2)
+    reach = np.array([w, h]) * _JITTER
+    jx, jy = rng.uniform(-reach, reach, size=2)
     cx, cy, d = cx + jx, cy + jy, d * rng.uniform(_MIN_SCALE, 1.0)
   cover = coverage(shape, cx, cy, d, image_size)
-  image = cover[..., None] * np.asarray(COLOURS[colour], np.float32)  # [S, S, 3]
+  image = cover[..., None] * np.asarray(COLOURS[colour], np.float32)  # [H, W, 3]
   return np.round(image).astype(np.uint8)
 
 
@@ -250,13 +273,17 @@ class ShapesSource:
 
   num_classes = None
 
-  def __init__(self, split: str, image_size: int, size: int = 4096, seed: int = 0):
+  def __init__(
+    self, split: str, image_size: int, size: int = 4096, seed: int = 0, buckets: tuple = ()
+  ):
     if split not in SPLITS:
       raise ConfigError(
         f"config.data.split={split!r} is not a split of the shapes dataset; use one of "
         f"{list(SPLITS)}."
       )
     _check_image_size(image_size)
+    for bucket in buckets:
+      _check_image_size(tuple(bucket))
     if size <= 0:
       raise ConfigError(f"The shapes dataset size {size} must be positive.")
     self._split_id = SPLITS.index(split)
@@ -269,7 +296,15 @@ class ShapesSource:
     self._seed = seed
     self.split = split
     self.image_size = image_size
+    self.buckets = tuple(tuple(b) for b in buckets)
     self.text_spec = text_spec()
+
+  def bucket_of(self) -> np.ndarray:
+    """The bucket of every element [N] (with config.data.buckets): element i is in bucket
+    (i // C) % K of K, so every caption is equally frequent in every bucket."""
+    if not self.buckets:
+      raise ValueError("This shapes source has no buckets.")
+    return (np.arange(self._size) // len(self._combos)) % len(self.buckets)
 
   def __len__(self) -> int:
     return self._size
@@ -291,7 +326,10 @@ class ShapesSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     c = self._check_index(index)
     rng = np.random.default_rng([self._seed, self._split_id, index])
-    pixels = render(*self._combos[c], self.image_size, rng)
+    size = self.image_size
+    if self.buckets:
+      size = self.buckets[(index // len(self._combos)) % len(self.buckets)]
+    pixels = render(*self._combos[c], size, rng)
     return {
       "image": pixels.astype(np.float32) / 127.5 - 1.0,
       "context": self._context[c].copy(),

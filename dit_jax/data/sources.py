@@ -44,10 +44,11 @@ from absl import logging
 from PIL import Image
 
 from dit_jax import storage
-from dit_jax.data import latents, records, text
+from dit_jax.data import buckets, latents, records, text
 from dit_jax.errors import ConfigError, check_numbers
 
 SOURCE_NAMES = ("digits", "synthetic", "shapes", "tfds:<name>", "folder", "latents")
+BUCKETED_SOURCES = ("synthetic", "shapes")  # Those that read config.data.buckets.
 
 # What each number in config.data accepts (see errors.check_numbers).
 NUMBERS = (
@@ -292,9 +293,11 @@ class SyntheticSource:
     num_classes: int,
     seed: int,
     text_spec: text.TextSpec | None = None,
+    buckets: tuple = (),
   ):
     self._size = size
     self._shape = shape
+    self.buckets = tuple(tuple(b) for b in buckets)
     self._seed = seed
     self.num_classes = None if text_spec else num_classes
     self.text_spec = text_spec
@@ -306,7 +309,10 @@ class SyntheticSource:
     if not 0 <= index < self._size:
       raise IndexError(f"Index {index} out of range for {self._size} synthetic examples.")
     rng = np.random.default_rng([self._seed, index])
-    image = rng.standard_normal(self._shape, dtype=np.float32)
+    shape = self._shape
+    if self.buckets:
+      shape = (*self.buckets[index % len(self.buckets)], shape[-1])
+    image = rng.standard_normal(shape, dtype=np.float32)
     if self.text_spec is None:
       return _element(image, rng.integers(max(self.num_classes, 1)))
     s = self.text_spec
@@ -315,6 +321,10 @@ class SyntheticSource:
       "context": rng.standard_normal((s.context_len, s.context_dim), dtype=np.float32),
       "pooled": rng.standard_normal((s.pooled_dim,), dtype=np.float32),
     }
+
+  def bucket_of(self) -> np.ndarray:
+    """The bucket of every element [N] (with config.data.buckets): element i is in i % K."""
+    return np.arange(self._size) % len(self.buckets)
 
 
 class TfdsSource:
@@ -721,13 +731,17 @@ def text_spec(config: ml_collections.ConfigDict) -> text.TextSpec | None:
   return spec
 
 
-def build_source(config: ml_collections.ConfigDict, num_classes: int | None = None) -> Source:
+def build_source(
+  config: ml_collections.ConfigDict, num_classes: int | None = None, bucketed: bool = False
+) -> Source:
   """Builds the source named by `config.data.name`.
 
   Args:
     config: the full config; reads `config.data` and, for synthetic data, `config.train.seed`.
     num_classes: the model's number of classes. Synthetic labels are drawn from [0, num_classes)
       (default `config.model.num_classes`); if positive, other sources must not hold more classes.
+    bucketed: read the elements in the sizes of config.data.buckets (training batches); else at
+      config.data.image_size (evaluation's real images, the validation split).
 
   Returns:
     A random-access source with a `num_classes` attribute.
@@ -737,6 +751,7 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
   """
   data = config.data
   name = data.name
+  sizes = buckets.parse(data.buckets) if bucketed else ()
   if data.image_size <= 0 or data.channels <= 0:
     raise DataError(
       f"config.data.image_size={data.image_size} and config.data.channels={data.channels} must "
@@ -765,7 +780,7 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
       raise DataError(f"config.data.synthetic_size={data.synthetic_size} must be positive.")
     classes = config.model.num_classes if num_classes is None else num_classes
     shape = (data.image_size, data.image_size, data.channels)
-    source = SyntheticSource(data.synthetic_size, shape, classes, config.train.seed, spec)
+    source = SyntheticSource(data.synthetic_size, shape, classes, config.train.seed, spec, sizes)
   elif name == "shapes":
     from dit_jax.data import shapes
 
@@ -777,7 +792,11 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
         "config.model.name='mmdit'."
       )
     source = shapes.ShapesSource(
-      data.split, data.image_size, size=data.synthetic_size, seed=config.train.seed
+      data.split,
+      data.image_size,
+      size=data.synthetic_size,
+      seed=config.train.seed,
+      buckets=sizes,
     )
   elif name.startswith("tfds:") and len(name) > len("tfds:"):
     _check_pixel_channels(config)
@@ -791,6 +810,12 @@ def build_source(config: ml_collections.ConfigDict, num_classes: int | None = No
     )
   else:
     raise DataError(f"config.data.name={name!r} is unknown; use one of {SOURCE_NAMES}.")
+  if sizes and not hasattr(source, "bucket_of"):
+    raise DataError(
+      f"config.data.buckets={data.buckets!r}, but config.data.name={name!r} cannot be read in "
+      f"buckets; buckets work with {list(BUCKETED_SOURCES)} (pre-encoded latents in buckets are "
+      "not supported yet), so set config.data.buckets='' for this data."
+    )
   if num_classes and source.num_classes is not None and source.num_classes > num_classes:
     where = f" in {source.labels_path!r}" if isinstance(source, LatentsSource) else ""
     raise DataError(

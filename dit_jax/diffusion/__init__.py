@@ -50,6 +50,20 @@ class Diffusion:
   min_snr_gamma: float = 5.0
   preconditioning: str = "none"
   sigma_data: float = 0.5
+  # The shift above is of the configured square size; `at_size` gives another size's
+  # (SD3's resolution-dependent shift) when these are set.
+  base_shift: float = 1.0
+  shift_base_resolution: int = 0
+
+  def at_size(self, height: int, width: int) -> "Diffusion":
+    """This diffusion with the time shift of images of height x width (an aspect-ratio bucket):
+    itself without a resolution-dependent shift (diffusion.shift_base_resolution = 0)."""
+    if self.shift_base_resolution <= 0:
+      return self
+    shift = timesteps.resolution_shift(
+      self.base_shift, height, self.shift_base_resolution, width=width
+    )
+    return self if shift == self.shift else dataclasses.replace(self, shift=shift)
 
   def sample_t(self, rng: jax.Array, batch: int) -> jax.Array:
     """Training times [B]: int32 in [0, T) for VP, float32 in [0, 1] for rectified flow."""
@@ -310,4 +324,6 @@ def build_diffusion(config: ml_collections.ConfigDict) -> Diffusion:
     min_snr_gamma=d.min_snr_gamma,
     preconditioning=d.preconditioning,
     sigma_data=d.sigma_data,
+    base_shift=d.shift,
+    shift_base_resolution=d.shift_base_resolution,
   )

@@ -59,8 +59,13 @@ def shift_time(t: jax.Array, shift: float) -> jax.Array:
   return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def resolution_shift(base_shift: float, image_size: int, base_resolution: int) -> float:
-  """The resolution-dependent shift: alpha = sqrt(m / n) for m = H * W and n = base^2 pixels."""
+def resolution_shift(
+  base_shift: float, image_size: int, base_resolution: int, width: int | None = None
+) -> float:
+  """The resolution-dependent shift: alpha = sqrt(m / n) for m = H * W (H = image_size, W =
+  width, default H) and n = base^2 pixels."""
   if base_resolution <= 0:
     return base_shift
-  return base_shift * image_size / base_resolution
+  if width is None or width == image_size:
+    return base_shift * image_size / base_resolution
+  return base_shift * math.sqrt(image_size * width) / base_resolution

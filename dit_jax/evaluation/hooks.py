@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from dit_jax import data, experiment, storage, utils
+from dit_jax.data import buckets
 from dit_jax.evaluation import checks, sampling
 from dit_jax.evaluation.scoring import (
   TRAINING_PARTS,
@@ -22,11 +23,13 @@ from dit_jax.evaluation.scoring import (
 
 def grid_sampler(
   exp: experiment.Experiment, run: Callable, decoder: Any
-) -> Callable[[Any], np.ndarray | None]:
-  """Returns grid(params) -> uint8 [n, H, W, 3 or 1], the first min(100, sample.num_images)
-  samples as pixels, or None for a model that makes none (a noise-aware classifier, or a latent
-  model without a VAE). `run`: a `sampling.make_sampler(exp)`, compiled on the first call;
-  `decoder`: the VAE to decode latents with (`sampling.load_decoder`), or None."""
+) -> Callable[[Any], dict[str, np.ndarray] | None]:
+  """Returns grid(params) -> {suffix: uint8 [n, H, W, 3 or 1]}, the first min(100,
+  sample.num_images) samples as pixels at config.sample.size ("" suffix), or with
+  config.data.buckets and no sample.size at every bucket's size ("_<H>x<W>" suffixes); None for a
+  model that makes none (a noise-aware classifier, or a latent model without a VAE). `run`: a
+  `sampling.make_sampler(exp)`, compiled on the first call; `decoder`: the VAE to decode latents
+  with (`sampling.load_decoder`), or None."""
   cfg = exp.config
   if cfg.model.name == "classifier":  # A noise-aware classifier makes no images.
     return lambda params: None
@@ -37,12 +40,20 @@ def grid_sampler(
     )
     return lambda params: None
   n = min(sampling.GRID_IMAGES, cfg.sample.num_images)
+  runs = {"": run}
+  if cfg.data.buckets and not cfg.sample.size:
+    runs = {
+      f"_{h}x{w}": sampling.make_sampler(exp, (h, w)) for h, w in buckets.parse(cfg.data.buckets)
+    }
 
-  def grid(params) -> np.ndarray:
-    images, _ = sampling.generate(
-      exp, params, n, seed=cfg.sample.seed, progress=False, decoder=decoder, run=run
-    )
-    return utils.to_uint8(images)
+  def grid(params) -> dict[str, np.ndarray]:
+    out = {}
+    for suffix, one in runs.items():
+      images, _ = sampling.generate(
+        exp, params, n, seed=cfg.sample.seed, progress=False, decoder=decoder, run=one
+      )
+      out[suffix] = utils.to_uint8(images)
+    return out
 
   return grid
 
@@ -125,17 +136,20 @@ class TrainingHooks:
     self._evaluate = training_evaluator(exp, self.workdir, run, decoder)
 
   def grid(self, ema_params, step: int, writer: utils.MetricWriter) -> str | None:
-    """Writes images/step_<step>.png and a TensorBoard image of the grid of `ema_params` (pixels,
-    decoded for latent models); returns the PNG's path, or None if the model makes no pixels."""
-    u8 = self._grid(ema_params)
-    if u8 is None:
+    """Writes images/step_<step>.png (with buckets: step_<step>_<H>x<W>.png for each) and a
+    TensorBoard image of the grid of `ema_params` (pixels, decoded for latent models); returns
+    the (first) PNG's path, or None if the model makes no pixels."""
+    grids = self._grid(ema_params)
+    if grids is None:
       return None
-    path = storage.join(self.workdir, "images", f"step_{step:07d}.png")
-    if jax.process_index() == 0:
-      upscale = max(1, 128 // u8.shape[1])
-      utils.save_grid(path, u8, upscale=upscale)
-      writer.write_image(step, "samples", utils.image_grid(u8))
-    return path
+    paths = []
+    for suffix, u8 in grids.items():
+      paths.append(storage.join(self.workdir, "images", f"step_{step:07d}{suffix}.png"))
+      if jax.process_index() == 0:
+        upscale = max(1, 128 // min(u8.shape[1:3]))
+        utils.save_grid(paths[-1], u8, upscale=upscale)
+        writer.write_image(step, "samples" + suffix, utils.image_grid(u8))
+    return paths[0]
 
   def evaluate(self, ema_params, step: int) -> dict[str, float] | None:
     return None if self._evaluate is None else self._evaluate(ema_params, step)

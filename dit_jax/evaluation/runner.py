@@ -216,7 +216,9 @@ def evaluate(
   s = config.sample
   if s.guidance_interval and s.guidance_scale != 1.0:
     results["guidance_interval"] = list(s.guidance_interval)
-    results["network_passes"] = guides.interval_passes(config, exp.diffusion)
+    results["network_passes"] = guides.interval_passes(
+      config, exp.diffusion.at_size(*sampling.sample_size(config))
+    )
   if s.cads.noise_scale > 0:
     results["cads"] = s.cads.to_dict()
   if s.classifier.scale > 0:

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from dit_jax import data, parallel, storage, utils
 from dit_jax import diffusion as diffusion_lib
+from dit_jax.data import buckets
 from dit_jax.diffusion import guidance
 from dit_jax.errors import ConfigError
 from dit_jax.evaluation import checks, guides
@@ -40,11 +41,28 @@ _CADS_STREAM = 3  # fold_in(seed key, this) seeds CADS's condition noise (apart 
 FINGERPRINT_FILE = storage.ChunkStore.FINGERPRINT
 
 
-def make_sampler(exp: Experiment):
+def sample_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(H, W) the model samples at: config.sample.size, or config.data.image_size square."""
+  sizes = buckets.parse(config.sample.size, "config.sample.size")
+  if len(sizes) > 1:
+    raise ConfigError(
+      f"config.sample.size={config.sample.size!r} lists {len(sizes)} sizes; give one HxW (run "
+      "once per size)."
+    )
+  if sizes and config.model.name != "mmdit" and sizes[0] != (config.data.image_size,) * 2:
+    raise ConfigError(
+      f"config.sample.size={config.sample.size!r}: config.model.name={config.model.name!r} "
+      f"samples at config.data.image_size={config.data.image_size} only; set "
+      "config.sample.size=''."
+    )
+  return sizes[0] if sizes else (config.data.image_size, config.data.image_size)
+
+
+def make_sampler(exp: Experiment, size: tuple[int, int] | None = None):
   """Returns run(params, cond, indices [B], key, gather=True) -> samples [B, H, W, C], host numpy
   on every process (with gather=False: the global array, split over the mesh's data axes as it was
   sampled), sampled with `config.sample`'s sampler, steps and guidance in one jitted call over the
-  mesh.
+  mesh, at `size` (H, W) (default `sample_size(config)`).
 
   Guidance: classifier-free at `guidance_scale`, optionally only inside `guidance_interval`, with
   CADS (`sample.cads`), with autoguidance's guide model in place of the unconditional pass
@@ -63,8 +81,10 @@ def make_sampler(exp: Experiment):
   scale, steps = cfg.sample.guidance_scale, cfg.sample.num_steps
   sampler = diffusion_lib.resolve_sampler(cfg)
   n_guided = guides.guided_channels(cfg)
-  shape = (cfg.data.image_size, cfg.data.image_size, cfg.data.channels)
-  schedule = exp.diffusion.schedule
+  height, width = size or sample_size(cfg)
+  shape = (height, width, cfg.data.channels)
+  diff = exp.diffusion.at_size(height, width)  # The time shift of this size.
+  schedule = diff.schedule
   text_model = data.wants_text(cfg)
   guide = guides.load_guide(cfg, exp.mesh)
   classifier = guides.load_classifier(cfg, exp.mesh)
@@ -73,7 +93,7 @@ def make_sampler(exp: Experiment):
   if c.noise_scale > 0:
     cads = guidance.CADS(c.noise_scale, c.tau1, c.tau2, c.psi, c.rescale)
   interval = tuple(cfg.sample.guidance_interval) if scale != 1.0 else ()
-  passes = guides.interval_passes(cfg, exp.diffusion)
+  passes = guides.interval_passes(cfg, diff)
   if passes is not None and passes["guided"] in (0, passes["evaluations"]):
     # The grid lies wholly inside or outside: no branch at run time, the same program as
     # guiding everywhere (or nowhere, scale 1).
@@ -144,7 +164,7 @@ def make_sampler(exp: Experiment):
       guide_apply=guide_apply,
     )
     noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(noise_key, i), shape))(indices)
-    return exp.diffusion.sample(
+    return diff.sample(
       denoise,
       noise,
       sampler=sampler,
@@ -389,13 +409,14 @@ def write_samples(
   path, png, parts_dir = sample_files(workdir, name)
   want = fingerprint(cfg, step=step, num_images=num_images, seed=seed, key=key, meta=conds.meta)
   run = run or make_sampler(exp)
-  size, channels = cfg.data.image_size, cfg.data.channels
+  (height, width), channels = sample_size(cfg), cfg.data.channels
   if decoder is not None:
-    size, channels = size * decoder.downsample_factor, decoder.config.out_channels
+    f = decoder.downsample_factor
+    height, width, channels = height * f, width * f, decoder.config.out_channels
   # Process 0 writes; its file errors stop every process (see distributed.on_process_0).
   retry = "make room there or make it writable, then rerun the same command, which resumes."
 
-  store = storage.ChunkStore(parts_dir, (size, size, channels), dtype)
+  store = storage.ChunkStore(parts_dir, (height, width, channels), dtype)
 
   def prepare() -> int:
     if not overwrite:
@@ -422,7 +443,7 @@ def write_samples(
       bar.close()
 
   def finish() -> None:
-    shape = (num_images, size, size, channels)
+    shape = (num_images, height, width, channels)
     storage.write_npz_streamed(path, key, store.arrays(), shape, dtype, conds.meta)
     if pixels:
       grid, got = [], 0

@@ -42,9 +42,9 @@ _PALETTE_CHROMA = _PALETTE / _PALETTE.max(axis=1, keepdims=True)
 def _to_unit(images: np.ndarray) -> np.ndarray:
   """uint8 in [0, 255] or float in [-1, 1] -> float32 in [0, 1]."""
   images = np.asarray(images)
-  if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+  if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(
-      f"Expected RGB images [N, S, S, 3]; got shape {list(images.shape)}. Stack single images "
+      f"Expected RGB images [N, H, W, 3]; got shape {list(images.shape)}. Stack single images "
       "with images[None]."
     )
   if images.dtype == np.uint8:
@@ -72,22 +72,21 @@ def _match_shape(cover: np.ndarray) -> str:
   """The shape whose template, placed and sized by `cover`'s first and second moments, fits best.
 
   Args:
-    cover: float [S, S], the shape's estimated coverage of each pixel, up to a constant gain
+    cover: float [H, W], the shape's estimated coverage of each pixel, up to a constant gain
       (a dim shape is still a shape), and 0 away from the shape.
   """
-  size = cover.shape[0]
   mass = max(float(cover.sum()), 1e-6)
-  centres = np.arange(size) + 0.5
-  rows, cols = cover.sum(axis=1), cover.sum(axis=0)  # [S], [S]
-  cy, cx = float(rows @ centres) / mass, float(cols @ centres) / mass
-  spread = float(rows @ (centres - cy) ** 2 + cols @ (centres - cx) ** 2) / mass
+  ys, xs = np.arange(cover.shape[0]) + 0.5, np.arange(cover.shape[1]) + 0.5
+  rows, cols = cover.sum(axis=1), cover.sum(axis=0)  # [H], [W]
+  cy, cx = float(rows @ ys) / mass, float(cols @ xs) / mass
+  spread = float(rows @ (ys - cy) ** 2 + cols @ (xs - cx) ** 2) / mass
   errors = []
   for shape in shapes.SHAPES:
     fits = []
     # A 3x3 box blur adds 2/3 px^2 of variance per axis; the blurred template is sized for that.
     for blur, extra in ((False, 0.0), (True, 4 / 3)):
       side = np.sqrt(max(spread - extra, 0.25) / _SPREAD[shape])
-      template = shapes.coverage(shape, cx, cy - _CENTROID_DROP[shape] * side, side, size)
+      template = shapes.coverage(shape, cx, cy - _CENTROID_DROP[shape] * side, side, cover.shape)
       if blur:
         template = scipy.ndimage.uniform_filter(template, size=3, mode="constant")
       fits.append(_misfit(cover, template))
@@ -96,18 +95,18 @@ def _match_shape(cover: np.ndarray) -> str:
 
 
 def _read_one(image: np.ndarray) -> Reading:
-  size = image.shape[0]
-  blob = _largest_blob(image.max(axis=-1) > FOREGROUND_THRESHOLD)  # [S, S]
-  if blob.sum() < max(1, MIN_AREA_FRACTION * size * size):
+  height, width = image.shape[:2]
+  blob = _largest_blob(image.max(axis=-1) > FOREGROUND_THRESHOLD)  # [H, W]
+  if blob.sum() < max(1, MIN_AREA_FRACTION * height * width):
     return None, None, None
   ys, xs = np.nonzero(blob)
-  vertical = "top" if ys.mean() + 0.5 < size / 2 else "bottom"
-  horizontal = "left" if xs.mean() + 0.5 < size / 2 else "right"
+  vertical = "top" if ys.mean() + 0.5 < height / 2 else "bottom"
+  horizontal = "left" if xs.mean() + 0.5 < width / 2 else "right"
   mean = image[blob].mean(axis=0)  # [3]
   index = int(np.argmin(((_PALETTE_CHROMA - mean / max(mean.max(), 1e-6)) ** 2).sum(axis=1)))
   # Projecting on the shape's colour turns the image into coverage, with zero-mean noise.
   paint = _PALETTE[index] / 255.0
-  cover = image @ paint / (paint @ paint)  # [S, S]
+  cover = image @ paint / (paint @ paint)  # [H, W]
   near = scipy.ndimage.binary_dilation(blob, np.ones((3, 3)), iterations=_MARGIN)
   # Clipping noise to the valid range biases the background upwards; its median removes that.
   background = float(np.median(cover[~near])) if (~near).any() else 0.0
@@ -119,7 +118,7 @@ def read(images: np.ndarray) -> list[Reading]:
   """Reads (colour, shape, position) from each image; (None, None, None) if nothing is drawn.
 
   Args:
-    images: [N, S, S, 3], uint8 in [0, 255] or float in [-1, 1] (the dataset's range).
+    images: [N, H, W, 3], uint8 in [0, 255] or float in [-1, 1] (the dataset's range).
 
   Returns:
     N tuples of names from shapes.COLOURS, shapes.SHAPES and shapes.POSITIONS.
@@ -131,7 +130,7 @@ def score(images: np.ndarray, captions: Sequence[str]) -> dict[str, float]:
   """Scores images against the captions they were generated from.
 
   Args:
-    images: [N, S, S, 3], as for `read`.
+    images: [N, H, W, 3], as for `read`.
     captions: N captions of the shapes template.
 
   Returns:

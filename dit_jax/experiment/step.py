@@ -69,6 +69,8 @@ def train_step(
   """One optimizer update on a global batch {"image": [B, H, W, C], **conditioning}."""
   key_drop, key_loss = jax.random.split(state.step_key())
   images, cond = split_batch(batch)
+  # The time shift of this batch's size (aspect-ratio buckets; the same diffusion otherwise).
+  diffusion = diffusion.at_size(*images.shape[1:3])
   cond = conditioner.drop(cond, key_drop)  # Trains the unconditional model too (guidance).
 
   def loss_fn(params):

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 import ml_collections
 
 from dit_jax import config_defaults
+from dit_jax.data import buckets
 from dit_jax.errors import ConfigError, check_choice, check_numbers
 from dit_jax.models.classifier import Classifier, ClassifierConfig
 from dit_jax.models.dit import DiT, DiTConfig
@@ -109,15 +110,34 @@ def build_model(
       f"model width {dims['width']} must be divisible by 4 and by heads={dims['heads']} "
       "(config.model.width / config.model.heads)."
     )
+  sizes = buckets.parse(config.data.buckets)
+  if sizes and m.name != "mmdit":
+    raise ConfigError(
+      f"config.data.buckets={config.data.buckets!r} is for config.model.name='mmdit' (its "
+      f"position table crops to any aspect ratio), not {m.name!r}; set config.data.buckets=''."
+    )
   if m.name == "mmdit":
     if m.learn_sigma:
       raise ConfigError("config.model.learn_sigma=True is not supported for mmdit; set it False.")
     assert text_spec is not None, "MMDiT needs the data's text layout"
-    if m.pos_embed_max_size and m.pos_embed_max_size < size // dims["patch"]:
-      raise ConfigError(
-        f"config.model.pos_embed_max_size={m.pos_embed_max_size} is smaller than the image grid "
-        f"of {size // dims['patch']} patches; raise it (or 0 for the grid)."
-      )
+    buckets.check(sizes, dims["patch"])
+    # The position table: pos_embed_max_size, or 0: the largest grid side trained on.
+    table = m.pos_embed_max_size or max(
+      s // dims["patch"] for hw in ((size, size), *sizes) for s in hw
+    )
+    sample_sizes = buckets.parse(config.sample.size, "config.sample.size")
+    buckets.check(sample_sizes, dims["patch"], "config.sample.size")
+    for what, hws in (
+      ("config.data.image_size and buckets", ((size, size), *sizes)),
+      ("config.sample.size", sample_sizes),
+    ):
+      side = max((s // dims["patch"] for hw in hws for s in hw), default=0)
+      if side > table:
+        raise ConfigError(
+          f"The image grid side of {side} patches ({what}) does not fit the position table of "
+          f"{table} (config.model.pos_embed_max_size={m.pos_embed_max_size}); raise "
+          "pos_embed_max_size or use smaller images."
+        )
     return MMDiT(
       MMDiTConfig(
         input_size=size,
@@ -126,7 +146,7 @@ def build_model(
         pooled_dim=text_spec.pooled_dim,
         mlp_ratio=m.mlp_ratio,
         qk_norm=m.qk_norm,
-        pos_embed_max_size=m.pos_embed_max_size,
+        pos_embed_max_size=m.pos_embed_max_size or (table if sizes else 0),
         pos_embed_base_size=m.pos_embed_base_size,
         dtype=m.dtype,
         remat=m.remat,

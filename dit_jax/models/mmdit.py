@@ -59,20 +59,23 @@ class MMDiTConfig:
     return self.input_size // self.patch
 
 
-def position_table(cfg: MMDiTConfig) -> np.ndarray:
-  """The fixed position embedding of the image tokens [grid * grid, width], cropped at the centre
-  of the `pos_embed_max_size` table (positions spaced base_size / max_size apart)."""
+def position_table(cfg: MMDiTConfig, gh: int | None = None, gw: int | None = None) -> np.ndarray:
+  """The fixed position embedding of the image tokens [gh * gw, width] of a gh x gw grid (default:
+  the config's square grid), cropped at the centre of the `pos_embed_max_size` table (positions
+  spaced base_size / max_size apart), as SD3 crops it for any aspect ratio."""
+  gh = cfg.grid if gh is None else gh
+  gw = cfg.grid if gw is None else gw
   size = cfg.pos_embed_max_size or cfg.grid
   base = cfg.pos_embed_base_size or size
-  if cfg.grid > size:
+  if max(gh, gw) > size:
     raise ValueError(
-      f"An image grid of {cfg.grid} patches does not fit the position table of {size} "
+      f"An image grid of {gh}x{gw} patches does not fit the position table of {size} "
       "(config.model.pos_embed_max_size); raise it or use smaller images."
     )
   table = layers.sincos_2d(cfg.width, size, size, spacing=base / size).reshape(size, size, -1)
-  top = (size - cfg.grid) // 2
-  crop = table[top : top + cfg.grid, top : top + cfg.grid]
-  return crop.reshape(cfg.grid * cfg.grid, cfg.width)  # [L, D]
+  top, left = (size - gh) // 2, (size - gw) // 2
+  crop = table[top : top + gh, left : left + gw]
+  return crop.reshape(gh * gw, cfg.width)  # [L, D]
 
 
 class JointAttention(nn.Module):
@@ -204,7 +207,8 @@ class MMDiT(nn.Module):
     b, h, w, c = x.shape
     p = cfg.patch
     context, pooled = cond["context"], cond["pooled"]
-    assert (h, w, c) == (cfg.input_size, cfg.input_size, cfg.in_channels), (x.shape, cfg)
+    # Any size that divides into patches (aspect-ratio buckets); the position table checks fit.
+    assert h % p == 0 and w % p == 0 and c == cfg.in_channels, (x.shape, cfg)
     assert t.shape == (b,), t.shape
     assert context.ndim == 3 and context.shape[0] == b and context.shape[2] == cfg.context_dim, (
       context.shape,
@@ -215,7 +219,7 @@ class MMDiT(nn.Module):
 
     img = layers.patch_embed(x, p, cfg.width, dtype)  # [B, L, D]
     # Both residual streams stay float32 whatever the compute dtype (see `dit_jax.models.dit.DiT`).
-    pos = jnp.asarray(position_table(cfg), jnp.float32)[None]
+    pos = jnp.asarray(position_table(cfg, gh, gw), jnp.float32)[None]
     img = constrain(img + pos, axes.TOKENS)  # [B, L, D]
 
     txt = dense(cfg.width, (axes.TEXT, axes.EMBED), dtype, name="context_embedder")(
