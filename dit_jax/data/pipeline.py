@@ -55,6 +55,17 @@ def _ensure_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _iter_batches(dataset: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+  """A map dataset of batches read by threads, with `num_workers` > 0 worker processes."""
+  iter_dataset = dataset.to_iter_dataset(
+    grain.ReadOptions(num_threads=_NUM_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+  )
+  if num_workers > 0:
+    _ensure_flags_parsed()
+    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter_dataset
+
+
 def build_train_iterator(
   config: ml_collections.ConfigDict,
   *,
@@ -116,14 +127,7 @@ def build_train_iterator(
   # Process p reads rows [p * batch_size, (p + 1) * batch_size) of every global batch, so the
   # global batch (processes' rows in order) is the same for any process count.
   dataset = dataset.batch(batch_size, drop_remainder=True)[process_index::process_count]
-  iter_dataset = dataset.to_iter_dataset(
-    grain.ReadOptions(num_threads=_NUM_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
-  )
-  if config.data.num_workers > 0:
-    _ensure_flags_parsed()
-    iter_dataset = iter_dataset.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=config.data.num_workers)
-    )
+  iter_dataset = _iter_batches(dataset, config.data.num_workers)
   logging.info(
     "Train data: %d examples, batches of %d on process %d of %d, seed %d, %d worker processes.",
     len(source),
@@ -177,14 +181,7 @@ def _bucketed_iterator(config, source, batch_size, process_index, process_count,
     )
   read = _BucketRows(source, batches, batch_size, process_index, seed, config.data.random_flip)
   dataset = grain.MapDataset.range(batches.batches_per_epoch).repeat(None).map_with_index(read)
-  iter_dataset = dataset.to_iter_dataset(
-    grain.ReadOptions(num_threads=_NUM_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
-  )
-  if config.data.num_workers > 0:
-    _ensure_flags_parsed()
-    iter_dataset = iter_dataset.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=config.data.num_workers)
-    )
+  iter_dataset = _iter_batches(dataset, config.data.num_workers)
   logging.info(
     "Train data: %d examples in buckets %s (%s elements), %d batches per epoch of %d on process "
     "%d of %d, seed %d.",
