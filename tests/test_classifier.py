@@ -157,7 +157,10 @@ def test_log_prob_grad_is_finite_per_row_and_matches_finite_differences():
   fd = (log_prob(z + h * v) - log_prob(z - h * v)) / (2 * h)  # [B]
   np.testing.assert_allclose(np.sum(np.asarray(grad * v), axis=(1, 2, 3)), fd, rtol=1e-2)
   alone = log_prob_grad(apply_fn, z[1:2], t[1:2], labels[1:2])
-  np.testing.assert_allclose(alone[0], grad[1], rtol=1e-4, atol=1e-6)
+  # Equal up to float32 summation order, which XLA may choose by batch size: relative to the
+  # gradient's scale, not per element (a near-zero element differs at rounding level).
+  scale = float(np.abs(grad[1]).max())
+  np.testing.assert_allclose(alone[0], grad[1], rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_evaluate_reports_accuracy_by_noise_level_and_sample_is_a_clear_error(
