@@ -165,19 +165,18 @@ def _bucketed_iterator(config, source, batch_size, process_index, process_count,
   """`build_train_iterator` for config.data.buckets: each global batch is one bucket's."""
   seed = config.train.seed if seed is None else seed
   sizes = buckets_lib.parse(config.data.buckets)
-  batches = buckets_lib.BucketBatches(
-    source.bucket_of(), len(sizes), batch_size * process_count, seed
-  )
+  global_batch = batch_size * process_count
+  batches = buckets_lib.BucketBatches(source.bucket_of(), len(sizes), global_batch, seed)
   empty = [
     buckets_lib.format_sizes([s])
     for s, n in zip(sizes, batches.counts, strict=True)
-    if n < batch_size * process_count
+    if n < global_batch
   ]
   if empty:
     logging.warning(
       "Buckets %s hold fewer elements than one global batch of %d and are never trained.",
       ", ".join(empty),
-      batch_size * process_count,
+      global_batch,
     )
   read = _BucketRows(source, batches, batch_size, process_index, seed, config.data.random_flip)
   dataset = grain.MapDataset.range(batches.batches_per_epoch).repeat(None).map_with_index(read)
