@@ -114,10 +114,12 @@ def build(config, devices):
   return experiment.build(config, devices=devices)
 
 
-def compile_train_step(exp):
-  """The train step training would run, lowered with abstract inputs and compiled."""
+def compile_train_step(exp, size: tuple[int, int] | None = None):
+  """The train step training would run, lowered with abstract inputs and compiled; for images of
+  `size` = (height, width) (one bucket's program), by default the config's square size."""
   with exp.context():
-    return exp.jit_train_step().lower(exp.abstract_state, exp.abstract_batch()).compile()
+    batch = exp.abstract_batch(size=size)
+    return exp.jit_train_step().lower(exp.abstract_state, batch).compile()
 
 
 def fit_hints(config: ml_collections.ConfigDict) -> str:

@@ -14,7 +14,9 @@ default) it also prints the compiler's estimates of speed, read from a twin of t
 blocks unrolled and XLA's attention: FLOPs per step, XLA's roofline time per step
 (`optimal_seconds`), and the MFU and images/s per chip they imply against the chip's bfloat16
 peak. They are XLA's cost model, not measurements. If the twin does not fit at the real batch,
---flops_batch=N compiles it at global batch N and scales its counts up in proportion.
+--flops_batch=N compiles it at global batch N and scales its counts up in proportion. With
+config.data.buckets, training compiles one program per bucket: each is compiled and reported
+(exit 0 only if all fit).
 Topologies: accelerator types (v4-64, v5p-32: TensorCores; v5e-16, v6e-8: chips) or explicit
 `<generation>:<AxBxC>` names (v5p:2x2x4).
 """
@@ -26,8 +28,9 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from dit_jax import aot, cli
+from dit_jax import aot, cli, models
 from dit_jax.aot import GiB
+from dit_jax.data import buckets
 from dit_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -81,13 +84,13 @@ def _print_config(gen, shape, exp, config):
   )
 
 
-def _print_estimates(config, gen, exp, devices) -> None:
+def _print_estimates(config, gen, exp, devices, size=None) -> None:
   """The compiler's estimates of speed, from the unrolled twin with XLA attention."""
   b = config.train.batch_size
   twin_b = _FLOPS_BATCH.value or b
   try:
     twin = aot.build(aot.twin_config(config, twin_b), devices)
-    compiled = aot.compile_train_step(twin)
+    compiled = aot.compile_train_step(twin, size)
   except ConfigError as e:
     sys.exit(f"Error: --flops_batch={twin_b}: {e}")
   except jax.errors.JaxRuntimeError as e:
@@ -187,8 +190,27 @@ def main(argv):
   except (ImportError, RuntimeError) as e:
     sys.exit(f"Error: no TPU compiler ({e}). Install libtpu with: pip install -e '.[tpu]'")
   _print_config(gen, shape, exp, config)
+  # With config.data.buckets training compiles one program per bucket: check each.
+  sizes = buckets.parse(config.data.buckets) or ((config.data.image_size,) * 2,)
+  fits = [_check_size(config, gen, exp, devices, size, len(sizes) > 1) for size in sizes]
+  if len(sizes) > 1:
+    print(
+      f"verdict       {sum(fits)} of {len(sizes)} buckets fit"
+      + ("" if all(fits) else f": {aot.fit_hints(config)}")
+    )
+  sys.exit(0 if all(fits) else 1)
+
+
+def _check_size(config, gen, exp, devices, size, bucketed: bool) -> bool:
+  """Compiles the step for images of `size` = (height, width), prints its memory (and with
+  --flops the estimates); returns whether it fits."""
+  h, w = size
+  if bucketed:
+    patch = models.variant_dims(config.model)["patch"]
+    tokens = (h // patch) * (w // patch)
+    print(f"bucket        {h}x{w} ({tokens} image tokens)")
   try:
-    compiled = aot.compile_train_step(exp)
+    compiled = aot.compile_train_step(exp, size)
   except jax.errors.JaxRuntimeError as e:
     needed = aot.out_of_memory_bytes(e)
     if needed is None:
@@ -202,7 +224,7 @@ def main(argv):
       f"verdict       DOES NOT FIT: over by at least {(needed - gen.hbm_bytes) / GiB:.2f} GiB "
       f"per device; {aot.fit_hints(config)}"
     )
-    sys.exit(1)
+    return False
   r = aot.report(compiled, gen.hbm_bytes)
   print("per device:")
   print(f"  arguments   {r.arguments / GiB:8.2f} GiB  (train state shard + batch shard)")
@@ -215,7 +237,7 @@ def main(argv):
     f"({100 * r.total / r.hbm:.0f}%)"
   )
   if _FLOPS.value:
-    _print_estimates(config, gen, exp, devices)
+    _print_estimates(config, gen, exp, devices, size)
   if r.fits:
     print(f"verdict       FITS, {(r.hbm - r.total) / GiB:.2f} GiB to spare per device")
   else:
@@ -223,7 +245,7 @@ def main(argv):
       f"verdict       DOES NOT FIT: over by {(r.total - r.hbm) / GiB:.2f} GiB per device; "
       f"{aot.fit_hints(config)}"
     )
-  sys.exit(0 if r.fits else 1)
+  return r.fits
 
 
 if __name__ == "__main__":

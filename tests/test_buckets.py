@@ -142,5 +142,21 @@ def test_sample_size():
 def test_unbucketed_sources_refuse_buckets():
   c = _config(**{"data.name": "digits", "data.channels": 1})
   c.model.name, c.model.variant = "dit", "S/2"
-  with pytest.raises(data.DataError, match="cannot be read in buckets"):
+  with pytest.raises(data.DataError, match="cannot be trained in buckets; .*encode_latents"):
     data.build_source(c, bucketed=True)
+
+
+def test_train_step_lowers_for_every_bucket():
+  """What launch/aot_compile.py compiles per bucket: the train step with a batch of each
+  bucket's shape (the same function, one program per shape)."""
+  from dit_jax import experiment
+
+  c = _config()
+  exp = experiment.build(c, devices=jax.devices()[:1])
+  for h, w in buckets.parse(c.data.buckets):
+    batch = exp.abstract_batch(size=(h, w))
+    assert batch["image"].shape == (8, h, w, 3)
+    with exp.context():
+      lowered = exp.jit_train_step().lower(exp.abstract_state, batch)
+    assert f"tensor<8x{h}x{w}x3xf32>" in lowered.as_text()
+  assert exp.abstract_batch()["image"].shape == (8, 16, 16, 3)  # data.image_size, square.

@@ -99,18 +99,21 @@ class Experiment:
     )
     return self._train_step
 
-  def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes of a global training batch, sharded over the data axes."""
+  def abstract_batch(
+    self, batch_size: int | None = None, size: tuple[int, int] | None = None
+  ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes of a global training batch, sharded over the data axes; its images are
+    `size` = (height, width) (a bucket of config.data.buckets), by default square of
+    config.data.image_size."""
     b = self.config.train.batch_size if batch_size is None else batch_size
     d = self.config.data
+    height, width = size or (d.image_size, d.image_size)
     sharding = parallel.batch_sharding(self.mesh)
     cond = {
       k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
       for k, s in self.conditioner.shapes(b).items()
     }
-    image = jax.ShapeDtypeStruct(
-      (b, d.image_size, d.image_size, d.channels), jnp.float32, sharding=sharding
-    )
+    image = jax.ShapeDtypeStruct((b, height, width, d.channels), jnp.float32, sharding=sharding)
     return {"image": image, **cond}
 
 
