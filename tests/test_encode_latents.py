@@ -172,6 +172,7 @@ def test_folder_latents_match_the_vae(full, vae_dir, vae, folder):
     "has_labels": True,
     "format": "npy",
     "shard_size": 0,
+    "buckets": "",
   }
   mean, std = _encode_in_chunks(vae, images)
   assert files["latents.npy"].shape == (7, 4, 4, 4)
@@ -381,3 +382,97 @@ def test_cli_completes_and_refuses(full, tmp_path, vae_dir, folder):
   assert refused.returncode == 1
   last = refused.stderr.strip().splitlines()[-1]
   assert last.startswith("Error: --out=") and "other arguments: vae=" in last, refused.stderr
+
+
+def _bucket_reference(image, height, width):
+  """The bucket crop, transcribed independently: halve while both sides are at least twice the
+  target's, bicubic so the image just covers it, the central part."""
+  while image.width >= 2 * width and image.height >= 2 * height:
+    image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
+  ratio = max(width / image.width, height / image.height)
+  image = image.resize(
+    (round(image.width * ratio), round(image.height * ratio)), resample=Image.BICUBIC
+  )
+  array = np.array(image)
+  y, x = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
+  return array[y : y + height, x : x + width]
+
+
+def test_latents_in_buckets(full, tmp_path, vae_dir, vae, folder):
+  """With config.data.buckets, encode_latents crops each image to the bucket nearest its aspect
+  ratio and encodes it at that size; killed after each shard it resumes to the same bytes; the
+  latents source trains in those buckets, and shows other readers the square bucket alone."""
+  from dit_jax.data import records
+
+  spec = "4x4,3x5,5x3"  # Latent cells; the tiny VAE's pixels are twice that.
+  config = _latent_config(buckets=spec)
+  args = dict(source_path=folder, flip=True, std=True, dtype="float32", shard_size=_BATCH)
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  meta = _encode(config, vae_dir, vae, whole, **args)
+  assert meta.buckets == spec and meta.format == "array_record"
+  for done in (1, 2):
+    _encode(config, vae_dir, vae, killed, max_chunks=1, **args)
+    assert len([n for n in os.listdir(killed) if n.startswith("buckets-")]) == done
+  _encode(config, vae_dir, vae, killed, **args)
+  for name in os.listdir(whole):
+    assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
+  assert any(n == records.shard_name("buckets", 0, 3) for n in os.listdir(whole))
+
+  sizes = data.buckets.parse(spec)
+  source = data.build_source(_latent_config(path=str(whole), buckets=spec), bucketed=True)
+  bucket_of = source.bucket_of()
+  i = 0
+  for label, name in enumerate(sorted(_SIZES)):
+    for j, (w, h) in enumerate(_SIZES[name]):
+      logs = [abs(np.log(h / w) - np.log(bh / bw)) for bh, bw in sizes]
+      bucket = int(np.argmin(logs))
+      assert bucket_of[i] == bucket, (name, j)
+      bh, bw = sizes[bucket]
+      with Image.open(os.path.join(folder, name, f"{j}.png")) as image:
+        pixels = _bucket_reference(image.convert("RGB"), 2 * bh, 2 * bw)
+      pixels = pixels.astype(np.float32)[None] / 127.5 - 1.0
+      padded = np.concatenate([pixels, np.zeros((_BATCH - 1, *pixels.shape[1:]), np.float32)])
+      mean, std = vae.encode(padded)
+      got = source.read(i, variants=True)
+      assert got["image"].shape == (bh, bw, 4) and got["label"] == label
+      np.testing.assert_allclose(got["image"], mean[0], atol=1e-5, err_msg=f"{name} {j}")
+      np.testing.assert_allclose(got["latent_std"], std[0], atol=1e-5)
+      flipped, _ = vae.encode(padded[:, :, ::-1])
+      np.testing.assert_allclose(got["latent_flip"], flipped[0], atol=1e-5)
+      i += 1
+  assert len(set(bucket_of.tolist())) == 3  # The images fall in every bucket.
+
+  # Training batches: each of one bucket, drawn from the posterior (std) of its elements.
+  train = _latent_config(path=str(whole), buckets=spec, random_flip=True)
+  it = data.build_train_iterator(train, batch_size=2)
+  means = [source.read(k, variants=True) for k in range(7)]
+  shapes = set()
+  for _ in range(6):
+    batch = next(it)["image"]
+    shapes.add(batch.shape[1:3])
+    for row in batch:
+      assert not any(
+        row.shape == m[key].shape and np.array_equal(row, m[key])
+        for m in means
+        for key in ("image", "latent_flip")
+      )
+  assert shapes <= set(sizes) and len(shapes) > 1
+
+  # Outside training (validation, reference statistics): the square bucket's rows alone.
+  square = data.build_source(_latent_config(path=str(whole), buckets=spec))
+  want = [k for k in range(7) if bucket_of[k] == 0]
+  assert len(square) == len(want)
+  for k, row in enumerate(want):
+    np.testing.assert_array_equal(square[k]["image"], source[row]["image"])
+
+  with pytest.raises(data.DataError, match=r"encoded in the buckets '4x4,3x5,5x3', but .*set "):
+    data.build_source(_latent_config(path=str(whole), buckets="4x4,5x3"), bucketed=True)
+  with pytest.raises(data.DataError, match=r"holds latents of one size; encode the images"):
+    data.build_source(_latent_config(path=str(full), buckets=spec), bucketed=True)
+  with pytest.raises(ConfigError, match=r"cannot hold; use --format=array_record"):
+    _encode(config, vae_dir, vae, tmp_path / "x", source_path=folder, format="npy")
+  with pytest.raises(ConfigError, match=r"\('digits'\) cannot be read in buckets"):
+    _encode(config, vae_dir, vae, tmp_path / "y", source="digits")
+  with pytest.raises(ConfigError, match=r"none of them 2x2 .*config.data.image_size"):
+    data.build_source(_latent_config(path=str(whole), buckets=spec, image_size=2))
+  assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

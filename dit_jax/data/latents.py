@@ -60,6 +60,9 @@ class LatentsMetadata:
   has_labels: bool
   format: str = "npy"  # "npy" (memory-mapped arrays) or "array_record" (shards).
   shard_size: int = 0  # Rows per shard (array_record).
+  # config.data.buckets of the latents ("HxW,..." in latent cells), "" for one size; with
+  # buckets, each row has its bucket's shape and buckets-<i>-of-<n>.npy holds the rows' buckets.
+  buckets: str = ""
 
   @property
   def latent_size(self) -> int:

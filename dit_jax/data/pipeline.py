@@ -142,21 +142,29 @@ def build_train_iterator(
 
 class _BucketRows:
   """Global batch k -> this process's rows of it, read and stacked (`buckets.BucketBatches`);
-  element i's flip is drawn from (seed, k, its row in the global batch), like the global stream's
-  draws a function of the position alone."""
+  element i's flip (and, for latents, posterior draw) comes from (seed, k, its row in the global
+  batch), like the global stream's draws a function of the position alone."""
 
   def __init__(self, source, batches, batch_size, process_index, seed, flip):
-    self._source, self._batches = source, batches
+    self._batches = batches
     self._rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
     self._first_row, self._seed, self._flip = process_index * batch_size, seed, flip
+    latent = isinstance(source, LatentsSource)
+    self._draws = latent and (source.has_std or (flip and source.has_flip))
+    self._source = source.training_view() if self._draws else source
+    self._flip_tensor = flip and not (latent and source.has_flip)
 
   def __call__(self, k: int, _) -> dict[str, np.ndarray]:
     _, indices = self._batches(k)
     elements = []
     for row, i in enumerate(indices[self._rows], start=self._first_row):
       element = self._source[int(i)]
-      if self._flip:
-        element = _random_flip(element, np.random.default_rng([self._seed, 7, k, row]))
+      if self._draws or self._flip:
+        rng = np.random.default_rng([self._seed, 7, k, row])
+        if self._draws:
+          element = _draw_latent(element, rng, self._flip)
+        if self._flip_tensor:
+          element = _random_flip(element, rng)
       elements.append(element)
     return {key: np.stack([e[key] for e in elements]) for key in elements[0]}
 

@@ -5,6 +5,8 @@ The `array_record` layout of a latents directory (`dit_jax.data.latents`), besid
                                     example, a msgpack map of its arrays ("latent", and as
                                     encoded "latent_std", "latent_flip", "latent_flip_std")
   labels-<i>-of-<n>.npy             int32 class ids of those rows (class-labelled data)
+  buckets-<i>-of-<n>.npy            (latents encoded in config.data.buckets) int32 bucket of each
+                                    row, whose latent has that bucket's shape
   text-<i>-of-<n>.array_record      (text-conditioned data) the rows' text embeddings, written by
                                     encode_text (layout in `dit_jax.data.text`)
 
@@ -44,7 +46,7 @@ def output_format(format: str, out: str, sharded_default: bool = False) -> str:
 
 
 def shard_name(kind: str, index: int, num_shards: int) -> str:
-  ext = "npy" if kind == "labels" else "array_record"
+  ext = "npy" if kind in ("labels", "buckets") else "array_record"
   return f"{kind}-{index:05d}-of-{num_shards:05d}.{ext}"
 
 
@@ -53,8 +55,8 @@ def num_shards(count: int, shard_size: int) -> int:
 
 
 def shard_names(kind: str, count: int, shard_size: int) -> list[str]:
-  """The names of all `kind` ("latents", "labels" or "text") files of `count` rows, in row
-  order."""
+  """The names of all `kind` ("latents", "labels", "buckets" or "text") files of `count` rows,
+  in row order."""
   n = num_shards(count, shard_size)
   return [shard_name(kind, i, n) for i in range(n)]
 

@@ -48,7 +48,10 @@ from dit_jax.data import buckets, latents, records, text
 from dit_jax.errors import ConfigError, check_numbers
 
 SOURCE_NAMES = ("digits", "synthetic", "shapes", "tfds:<name>", "folder", "latents")
-BUCKETED_SOURCES = ("synthetic", "shapes")  # Those that read config.data.buckets.
+BUCKETED_SOURCES = ("synthetic", "shapes", "latents")  # Those training reads in buckets.
+# Those encode_latents also reads in buckets, each image at the bucket nearest its aspect ratio
+# (training cannot: it needs every element's bucket before reading any).
+ENCODED_IN_BUCKETS = ("synthetic", "shapes", "folder", "tfds:<name>")
 
 # What each number in config.data accepts (see errors.check_numbers).
 NUMBERS = (
@@ -197,28 +200,32 @@ def _element(image: np.ndarray, label: Any) -> dict[str, np.ndarray]:
   return {"image": image, "label": np.int32(label)}
 
 
-def adm_center_crop(image: Image.Image, size: int) -> Image.Image:
-  """ADM's center crop of `image` to `size` x `size` (guided-diffusion's `center_crop_arr`).
+def adm_center_crop(image: Image.Image, size: int | tuple[int, int]) -> Image.Image:
+  """ADM's center crop of `image` to `size` x `size` (guided-diffusion's `center_crop_arr`), or
+  its extension to a bucket `size` = (height, width).
 
-  Halves the whole image with a box filter while its shorter side is at least 2 * size, scales it
-  with bicubic so that the shorter side is `size` (the longer one rounded), then takes the central
-  square (top-left corner at (length - size) // 2).
+  Halves the whole image with a box filter while both sides are at least twice the target's,
+  scales it with bicubic so that it just covers the target (for a square: the shorter side
+  becomes `size`, the other rounded), then takes the central part (top-left corner at
+  ((width - w) // 2, (height - h) // 2)). For a square target this is ADM's crop exactly.
   """
+  h, w = (size, size) if isinstance(size, int) else size
   # One large bicubic step aliases; repeated box halving averages every source pixel first.
-  while min(image.size) >= 2 * size:
+  while image.width >= 2 * w and image.height >= 2 * h:
     image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-  scale = size / min(image.size)
+  scale = max(w / image.width, h / image.height)
   image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
-  width, height = image.size
-  left, top = (width - size) // 2, (height - size) // 2
-  return image.crop((left, top, left + size, top + size))
+  left, top = (image.width - w) // 2, (image.height - h) // 2
+  return image.crop((left, top, left + w, top + h))
 
 
-def _pil_to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
-  """Converts, crops and resizes `image`; returns float32 [size, size, channels] in [-1, 1]."""
-  image = adm_center_crop(image.convert("L" if channels == 1 else "RGB"), size)
+def _pil_to_array(image: Image.Image, size: int, channels: int, sizes: tuple = ()) -> np.ndarray:
+  """Converts, crops and resizes `image`; returns float32 [size, size, channels] in [-1, 1], or
+  with bucket `sizes` [h, w, channels] at the bucket nearest the image's aspect ratio."""
+  target = sizes[buckets.nearest(image.height, image.width, sizes)] if sizes else (size, size)
+  image = adm_center_crop(image.convert("L" if channels == 1 else "RGB"), target)
   array = np.asarray(image, np.float32) / 127.5 - 1.0
-  return array.reshape(size, size, channels)
+  return array.reshape(*target, channels)
 
 
 def _check_pixel_channels(config: ml_collections.ConfigDict) -> None:
@@ -330,7 +337,7 @@ class SyntheticSource:
 class TfdsSource:
   """A prepared TFDS dataset; images are cropped, resized and converted per element."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, buckets: tuple = ()):
     import tensorflow_datasets as tfds  # Imported here: only this source needs it.
 
     data = config.data
@@ -357,6 +364,7 @@ class TfdsSource:
     self._label_key = data.label_key
     self._size = data.image_size
     self._channels = data.channels
+    self._buckets = tuple(buckets)
 
   def __len__(self) -> int:
     return len(self._source)
@@ -366,15 +374,16 @@ class TfdsSource:
     pixels = np.asarray(example[self._image_key])
     if pixels.ndim == 3 and pixels.shape[-1] == 1:
       pixels = pixels[..., 0]  # PIL reads [H, W] as grayscale but rejects [H, W, 1].
-    image = _pil_to_array(Image.fromarray(pixels), self._size, self._channels)
+    image = _pil_to_array(Image.fromarray(pixels), self._size, self._channels, self._buckets)
     return _element(image, example[self._label_key])
 
 
 class FolderSource:
   """`root/<class>/<image>` files, decoded lazily; labels follow the sorted class names."""
 
-  def __init__(self, root: str, image_size: int, channels: int):
-    """Lists `root` (a local directory or a gs:// prefix) once; images are read when asked for."""
+  def __init__(self, root: str, image_size: int, channels: int, buckets: tuple = ()):
+    """Lists `root` (a local directory or a gs:// prefix) once; images are read when asked for
+    (with bucket sizes: each at the one nearest its aspect ratio)."""
     remote = storage.is_remote(root)
     if not remote and not storage.isdir(root):
       raise DataError(
@@ -407,6 +416,7 @@ class FolderSource:
     labels = [label for label, name in enumerate(self.classes) for _ in by_class[name]]
     self._labels = np.asarray(labels, np.int32)
     self._size, self._channels, self.num_classes = image_size, channels, len(self.classes)
+    self._buckets = tuple(buckets)
 
   def __len__(self) -> int:
     return len(self._files)
@@ -423,7 +433,8 @@ class FolderSource:
         image = image.convert("L" if self._channels == 1 else "RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       raise DataError(f"Cannot read image {path!r} ({e}); remove or fix this file.") from e
-    return _element(_pil_to_array(image, self._size, self._channels), self._labels[index])
+    image = _pil_to_array(image, self._size, self._channels, self._buckets)
+    return _element(image, self._labels[index])
 
 
 class LatentsSource:
@@ -446,13 +457,22 @@ class LatentsSource:
     scale: float,
     text_spec: text.TextSpec | None = None,
     vae_path: str = "",
+    buckets: tuple = (),
   ):
     self._path = path
     self._sharded = False
+    self._rows = None  # Element i is stored row i, or row _rows[i] (a view of one bucket).
     meta = latents.LatentsMetadata.load(path) if storage.isdir(path) else None
     if meta is not None and meta.format == records.FORMAT:
-      self._init_records(meta, image_size, channels, scale, text_spec, vae_path)
+      self._init_records(meta, image_size, channels, scale, text_spec, vae_path, tuple(buckets))
       return
+    if buckets:
+      raise DataError(
+        f"config.data.buckets is set, but config.data.path={path!r} holds latents of one size; "
+        "encode the images in those buckets with `python -m dit_jax.tools.encode_latents` and "
+        "this config (it reads config.data.buckets) into a new --out, or set "
+        "config.data.buckets=''."
+      )
     if storage.is_remote(path):
       raise DataError(
         f"config.data.path={path!r} holds no array_record latents (no {latents.METADATA_FILE} "
@@ -516,26 +536,85 @@ class LatentsSource:
     self.num_classes = int(labels.max()) + 1
     self._labels = labels.astype(np.int32)
 
-  def _init_records(self, meta, image_size, channels, scale, text_spec, vae_path) -> None:
-    """The array_record layout (dit_jax.data.records): shards read on demand, labels in memory."""
+  def _init_records(self, meta, image_size, channels, scale, text_spec, vae_path, sizes) -> None:
+    """The array_record layout (dit_jax.data.records): shards read on demand, labels (and
+    buckets) in memory."""
     path, self._sharded, self.metadata = self._path, True, meta
     self.text_spec, self._scale = text_spec, np.float32(1.0)
     self._check_metadata(scale, vae_path)
     self.has_std, self.has_flip = meta.std, meta.flip
     self._latents_path = self.labels_path = path
     self._open()
-    self._check_shape(image_size, channels)
+    if meta.buckets:
+      self._init_buckets(image_size, channels, sizes)
+    elif sizes:
+      raise DataError(
+        f"config.data.buckets={buckets.format_sizes(sizes)!r}, but config.data.path={path!r} "
+        "holds latents of one size; encode the images in those buckets with `python -m "
+        "dit_jax.tools.encode_latents` and this config into a new --out, or set "
+        "config.data.buckets=''."
+      )
+    else:
+      self._check_shape(image_size, channels)
     if text_spec is not None:
       self._check_text()
       return
-    names = records.shard_names("labels", meta.count, meta.shard_size)
-    labels = np.concatenate([storage.load_npy(storage.join(path, n)) for n in names])
-    assert labels.shape == (meta.count,), (labels.shape, meta.count)
-    self.num_classes, self._labels = int(labels.max()) + 1, labels.astype(np.int32)
+    labels = self._read_shards("labels")
+    self.num_classes = int(labels.max()) + 1
+    self._labels = labels.astype(np.int32)
+
+  def _read_shards(self, kind: str) -> np.ndarray:
+    """The per-row .npy shards of `kind` ("labels", "buckets") joined: [count]."""
+    meta = self.metadata
+    names = records.shard_names(kind, meta.count, meta.shard_size)
+    rows = np.concatenate([storage.load_npy(storage.join(self._path, n)) for n in names])
+    if rows.shape != (meta.count,):
+      raise DataError(
+        f"The {kind} shards in config.data.path={self._path!r} hold {rows.shape[0]} rows, not "
+        f"{meta.count} as {latents.METADATA_FILE} says: {_REENCODE}"
+      )
+    return rows
+
+  def _init_buckets(self, image_size: int, channels: int, sizes: tuple) -> None:
+    """Latents encoded in buckets: training (`sizes` given) reads them all in the buckets they
+    were encoded in; other readers (validation, reference statistics) see the square bucket of
+    config.data.image_size alone."""
+    stored = buckets.parse(self.metadata.buckets)
+    path = self._path
+    if channels != self.metadata.latent_channels:
+      raise DataError(
+        f"config.data.path={path!r} holds {self.metadata.latent_channels}-channel latents, but "
+        f"config.data.channels={channels}; set config.data.channels="
+        f"{self.metadata.latent_channels}."
+      )
+    bucket_ids = self._read_shards("buckets")
+    if sizes:
+      if sizes != stored:
+        raise DataError(
+          f"config.data.path={path!r} holds latents encoded in the buckets "
+          f"{self.metadata.buckets!r}, but config.data.buckets={buckets.format_sizes(sizes)!r}; "
+          f"set config.data.buckets={self.metadata.buckets!r}."
+        )
+      self._bucket_of = bucket_ids
+      return
+    square = (image_size, image_size)
+    if square not in stored:
+      raise DataError(
+        f"config.data.path={path!r} holds latents in the buckets {self.metadata.buckets!r}, "
+        f"none of them {image_size}x{image_size} (config.data.image_size), which is what is "
+        "read outside training (validation, reference statistics); set config.data.image_size "
+        "to a square bucket's side, config.eval.val_path to square latents, and "
+        "config.eval.reference to an ADM reference batch."
+      )
+    self._rows = np.flatnonzero(bucket_ids == stored.index(square))
+
+  def bucket_of(self) -> np.ndarray:
+    """The bucket of every element [N] (latents encoded in config.data.buckets)."""
+    return self._bucket_of
 
   def _check_text(self) -> None:
     """The text embeddings have one row per latent and the sizes of text_encoders.json."""
-    s, n = self.text_spec, len(self._latents)
+    s, n = self.text_spec, len(self._latents)  # (All rows, also in a view of one bucket.)
     for what, array, want in (
       ("context", self._context, (n, s.context_len, s.context_dim)),
       ("pooled", self._pooled, (n, s.pooled_dim)),
@@ -627,11 +706,13 @@ class LatentsSource:
     self._open()
 
   def __len__(self) -> int:
-    return len(self._latents)
+    return len(self._latents) if self._rows is None else len(self._rows)
 
   def read(self, index: int, variants: bool = False) -> dict[str, np.ndarray]:
     """Element `index`; with `variants`, also its "latent_std", "latent_flip" and
     "latent_flip_std" (those present), float32 and scaled like the latent."""
+    if self._rows is not None:
+      index = int(self._rows[index])
     element = {"image": np.asarray(self._latents[index], np.float32) * self._scale}
     if variants:
       for key, array in self._extra.items():
@@ -732,7 +813,10 @@ def text_spec(config: ml_collections.ConfigDict) -> text.TextSpec | None:
 
 
 def build_source(
-  config: ml_collections.ConfigDict, num_classes: int | None = None, bucketed: bool = False
+  config: ml_collections.ConfigDict,
+  num_classes: int | None = None,
+  bucketed: bool = False,
+  encoding: bool = False,
 ) -> Source:
   """Builds the source named by `config.data.name`.
 
@@ -742,6 +826,8 @@ def build_source(
       (default `config.model.num_classes`); if positive, other sources must not hold more classes.
     bucketed: read the elements in the sizes of config.data.buckets (training batches); else at
       config.data.image_size (evaluation's real images, the validation split).
+    encoding: with `bucketed`, the reader is encode_latents, which also reads folder and TFDS
+      images in buckets (`ENCODED_IN_BUCKETS`; each at the bucket nearest its aspect ratio).
 
   Returns:
     A random-access source with a `num_classes` attribute.
@@ -800,21 +886,23 @@ def build_source(
     )
   elif name.startswith("tfds:") and len(name) > len("tfds:"):
     _check_pixel_channels(config)
-    source = TfdsSource(config)
+    source = TfdsSource(config, sizes)
   elif name == "folder":
     _check_pixel_channels(config)
-    source = FolderSource(data.path, data.image_size, data.channels)
+    source = FolderSource(data.path, data.image_size, data.channels, sizes)
   elif name == "latents":
     source = LatentsSource(
-      data.path, data.image_size, data.channels, data.latent_scale, spec, config.vae.path
+      data.path, data.image_size, data.channels, data.latent_scale, spec, config.vae.path, sizes
     )
   else:
     raise DataError(f"config.data.name={name!r} is unknown; use one of {SOURCE_NAMES}.")
-  if sizes and not hasattr(source, "bucket_of"):
+  if sizes and not encoding and not hasattr(source, "bucket_of"):
     raise DataError(
-      f"config.data.buckets={data.buckets!r}, but config.data.name={name!r} cannot be read in "
-      f"buckets; buckets work with {list(BUCKETED_SOURCES)} (pre-encoded latents in buckets are "
-      "not supported yet), so set config.data.buckets='' for this data."
+      f"config.data.buckets={data.buckets!r}, but config.data.name={name!r} cannot be trained "
+      f"in buckets; buckets work with {list(BUCKETED_SOURCES)}: encode the images in buckets "
+      "with `python -m dit_jax.tools.encode_latents` (it reads the folder or TFDS images, each "
+      "at the bucket nearest its aspect ratio) and train on those latents, or set "
+      "config.data.buckets=''."
     )
   if num_classes and source.num_classes is not None and source.num_classes > num_classes:
     where = f" in {source.labels_path!r}" if isinstance(source, LatentsSource) else ""

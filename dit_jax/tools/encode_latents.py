@@ -41,7 +41,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from dit_jax import cli, parallel, storage
-from dit_jax.data import latents, records, sources
+from dit_jax.data import buckets, latents, records, sources
 from dit_jax.errors import ConfigError
 from dit_jax.parallel import distributed
 
@@ -109,10 +109,37 @@ def pixel_config(
   # Digits are grayscale only; they are repeated over the channels of an RGB encoder.
   pixel.data.channels = 1 if name == "digits" else vae_config.in_channels
   pixel.data.random_flip = False
+  pixel.data.buckets = buckets.format_sizes(pixel_buckets(config, vae_config))
+  kind = "tfds:<name>" if name.startswith("tfds:") else name
+  if pixel.data.buckets and kind not in sources.ENCODED_IN_BUCKETS:
+    raise ConfigError(
+      f"config.data.buckets={config.data.buckets!r}, but the images to encode "
+      f"({name!r}) cannot be read in buckets; encode from one of "
+      f"{list(sources.ENCODED_IN_BUCKETS)}, or set --config.data.buckets=''."
+    )
   if sources.wants_text(pixel) and name not in ("shapes", "synthetic"):
     # The images are read without captions (dit_jax.tools.encode_text writes those).
     pixel.model.name = "dit"
   return pixel
+
+
+def pixel_buckets(config: ml_collections.ConfigDict, vae_config) -> tuple[tuple[int, int], ...]:
+  """The pixel sizes of config.data.buckets (latent cells for a config of latents, else pixels).
+
+  Raises:
+    ConfigError: for pixel buckets the VAE cannot divide.
+  """
+  sizes = buckets.parse(config.data.buckets)
+  f = vae_config.downsample_factor
+  if config.data.name == "latents":
+    return tuple((h * f, w * f) for h, w in sizes)
+  for h, w in sizes:
+    if h % f or w % f:
+      raise ConfigError(
+        f"config.data.buckets: the bucket {h}x{w} (pixels) is not a multiple of the VAE's "
+        f"downsample factor {f}; use sizes whose sides are multiples of {f}."
+      )
+  return sizes
 
 
 def _prepare(out: str, meta: latents.LatentsMetadata) -> int:
@@ -186,7 +213,7 @@ def _prepare_shards(out: str, meta: latents.LatentsMetadata) -> int:
   old = latents.LatentsMetadata.load(out)
   present = set(storage.listdir(out))
   if old is None:
-    ours = sorted(n for n in present if n.startswith(("latents-", "labels-")))
+    ours = sorted(n for n in present if n.startswith(("latents-", "labels-", "buckets-")))
     if ours:
       raise ConfigError(
         f"--out={out!r} holds {ours[:3]} but no {latents.METADATA_FILE}, so they were not "
@@ -271,7 +298,14 @@ def encode_latents(
     raise ConfigError(f"--dtype={dtype!r} is not supported; choose one of {list(DTYPES)}.")
   if batch_size < 1:
     raise ConfigError(f"--batch_size={batch_size} must be at least 1.")
-  format = records.output_format(format, out)
+  bucketed = bool(config.data.buckets)
+  if bucketed and format == "npy":
+    raise ConfigError(
+      f"config.data.buckets={config.data.buckets!r}: latents in buckets have one shape per "
+      "bucket, which the npy arrays cannot hold; use --format=array_record (the default with "
+      "buckets)."
+    )
+  format = records.output_format(format, out, sharded_default=bucketed)
   if shard_size < 1:
     raise ConfigError(f"--shard_size={shard_size} must be at least 1.")
   shard_size = -(-shard_size // batch_size) * batch_size if format == records.FORMAT else 0
@@ -282,7 +316,7 @@ def encode_latents(
   vc = vae.config
   pixel = pixel_config(config, vc, source, source_path)
   try:
-    src = sources.build_source(pixel)
+    src = sources.build_source(pixel, bucketed=bucketed, encoding=True)
   except ConfigError as e:
     # Its fields are derived here (e.g. image_size from the latent size), so say from what.
     d = pixel.data
@@ -311,12 +345,17 @@ def encode_latents(
     has_labels="label" in src[0],
     format=format,
     shard_size=shard_size,
+    buckets=buckets.format_sizes(
+      buckets.scaled(buckets.parse(pixel.data.buckets), vc.downsample_factor)
+    ),
   )
   start = _agree_on_start(out, meta)
   if start >= count:
     logging.info("%s is complete: %d latents; nothing to do.", out, count)
     return meta
   writer = jax.process_index() == 0
+  if bucketed:
+    return _encode_in_buckets(src, vae, meta, out, start, max_chunks)
   sharded = format == records.FORMAT
   arrays, shard = {}, {}  # The memory maps (npy); the rows of the shard being filled.
   if writer and not sharded:
@@ -332,11 +371,7 @@ def encode_latents(
     return images, labels
 
   def encode(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n = len(images)
-    if n < batch_size:  # The last chunk: pad, so that every call has the compiled shape.
-      images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]), np.float32)])
-    mean, sd = vae.encode(images)
-    return mean[:n], sd[:n]
+    return _encode(vae, images, batch_size)
 
   from tqdm import tqdm
 
@@ -410,6 +445,16 @@ def encode_latents(
   return meta
 
 
+def _encode(vae, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) of `images` [n <= batch_size, ...], padded to `batch_size` so that every call
+  has the compiled shape."""
+  n = len(images)
+  if n < batch_size:
+    images = np.concatenate([images, np.zeros((batch_size - n, *images.shape[1:]), np.float32)])
+  mean, sd = vae.encode(images)
+  return mean[:n], sd[:n]
+
+
 _RECORD_KEYS = {
   latents.LATENTS_FILE: "latent",
   latents.STD_FILE: "latent_std",
@@ -418,14 +463,105 @@ _RECORD_KEYS = {
 }
 
 
-def _write_shard(out: str, meta: latents.LatentsMetadata, index: int, rows: dict) -> None:
-  """Writes shard `index`: its labels first, then its records (whose file marks it done)."""
+def _write_shard(
+  out: str, meta: latents.LatentsMetadata, index: int, rows: dict, bucket_ids=None
+) -> None:
+  """Writes shard `index`: its labels (and buckets) first, then its records (whose file marks
+  it done). `rows`: chunks [rows, ...] by key, or with `bucket_ids` one array per row."""
   n = records.num_shards(meta.count, meta.shard_size)
-  rows = {k: np.concatenate(v) for k, v in rows.items()}
   labels = rows.pop("label", None)
+  if bucket_ids is None:
+    rows = {k: np.concatenate(v) for k, v in rows.items()}
+    labels = None if labels is None else np.concatenate(labels)
+  else:
+    storage.save_npy(storage.join(out, records.shard_name("buckets", index, n)), bucket_ids)
   if labels is not None:
     storage.save_npy(storage.join(out, records.shard_name("labels", index, n)), labels)
   records.write_shard(storage.join(out, records.shard_name("latents", index, n)), rows)
+
+
+def _encode_in_buckets(src, vae, meta, out, start, max_chunks) -> latents.LatentsMetadata:
+  """`encode_latents` for config.data.buckets: each image comes from the source at the size of
+  its bucket; images wait in a queue per bucket and are encoded `meta.batch_size` at a time (the
+  one compiled shape of each bucket); a shard's remaining queues are encoded (padded) before it
+  is written, so every shard is encoded the same way however often the run is resumed."""
+  f, b = meta.downsample_factor, meta.batch_size
+  sizes = buckets.parse(meta.buckets)
+  bucket_index = {(h * f, w * f): i for i, (h, w) in enumerate(sizes)}
+  writer = jax.process_index() == 0
+  keys = {name: _RECORD_KEYS[name] for name in meta.latent_files()}
+
+  def flush(queue: list, rows: dict) -> None:
+    """Encodes the (row, image) pairs of one bucket's `queue` into `rows`; empties it."""
+    at = [r for r, _ in queue]
+    images = np.stack([image for _, image in queue])
+    queue.clear()
+    names = (latents.LATENTS_FILE, latents.STD_FILE)
+    results = dict(zip(names, _encode(vae, images, b), strict=True))
+    if meta.flip:
+      names = (latents.FLIP_FILE, latents.FLIP_STD_FILE)
+      results.update(zip(names, _encode(vae, images[:, :, ::-1], b), strict=True))
+    for name, key in keys.items():
+      stored = _stored(results[name], meta.dtype, f"{name} values of images {at}")
+      for j, r in enumerate(at):
+        rows[key][r] = stored[j]
+
+  from tqdm import tqdm
+
+  chunks, counts = 0, np.zeros(len(sizes), np.int64)
+  with (
+    futures.ThreadPoolExecutor(_READ_THREADS) as pool,
+    futures.ThreadPoolExecutor(1) as reader,
+    tqdm(
+      total=meta.count, initial=start, desc="encode_latents", unit="img", disable=not writer
+    ) as bar,
+  ):
+
+    def read(begin: int, end: int) -> list:
+      return list(pool.map(lambda i: src[i], range(begin, end)))
+
+    for shard in range(start // meta.shard_size, records.num_shards(meta.count, meta.shard_size)):
+      lo = shard * meta.shard_size
+      hi = min(meta.count, lo + meta.shard_size)
+      rows = {key: [None] * (hi - lo) for key in keys.values()}
+      labels, bucket_ids = [], np.zeros(hi - lo, np.int32)
+      queues = [[] for _ in sizes]
+      pending = reader.submit(read, lo, min(lo + b, hi))
+      for begin in range(lo, hi, b):
+        elements = pending.result()
+        if begin + b < hi:  # Read the next chunk while this one is encoded.
+          pending = reader.submit(read, begin + b, min(begin + 2 * b, hi))
+        for r, element in enumerate(elements, start=begin - lo):
+          image = np.asarray(element["image"], np.float32)
+          bucket = bucket_index[image.shape[:2]]
+          bucket_ids[r] = bucket
+          if meta.has_labels:
+            labels.append(element["label"])
+          queues[bucket].append((r, image))
+          if len(queues[bucket]) == b:
+            flush(queues[bucket], rows)
+        bar.update(len(elements))
+        chunks += 1
+      for queue in queues:
+        if queue:  # The shard's partial batches, padded.
+          flush(queue, rows)
+      counts += np.bincount(bucket_ids, minlength=len(sizes))
+      if writer:
+        if meta.has_labels:
+          rows["label"] = np.asarray(labels, np.int32)
+        _write_shard(out, meta, shard, rows, bucket_ids)
+      if max_chunks is not None and chunks >= max_chunks and hi < meta.count:
+        logging.info("Stopping after %d chunks (max_chunks), with shard %d.", chunks, shard)
+        return meta
+  logging.info(
+    "Wrote latents %d..%d in buckets %s (elements per bucket: %s) to %s.",
+    start,
+    meta.count - 1,
+    meta.buckets,
+    counts.tolist(),
+    out,
+  )
+  return meta
 
 
 def _define_flags() -> None:
