@@ -24,6 +24,11 @@ shards of --shard_size rows instead (`dit_jax.data.records`), each written whole
 so a killed run resumes after its last whole shard, to the same bytes; training reads them from
 the bucket with random access.
 
+With config.data.buckets set (latent cells for a config of latents, pixels otherwise), each image
+is read at the bucket nearest its aspect ratio (folder, TFDS, shapes or synthetic images), images
+are encoded a batch of one bucket at a time, and the rows go into ArrayRecord shards with their
+buckets (buckets-<i>-of-<n>.npy), for training in those buckets.
+
 In the npy format the arrays are filled chunk by chunk through memory maps and progress.json records
 the rows finished, so a killed run, rerun with the same arguments, resumes after its last finished
 chunk and writes the same bytes as an uninterrupted run; a rerun with other arguments is refused. A
@@ -68,11 +73,12 @@ def pixel_config(
 
   Returns:
     A copy of `config` whose data describes the images: name, path, channels (the VAE's input
-    channels; digits stay grayscale) and image_size (for latents: latent size x downsample factor).
+    channels; digits stay grayscale), image_size (for latents: latent size x downsample factor)
+    and buckets (in pixels).
 
   Raises:
-    ConfigError: if the pixel data cannot be told from the arguments, or the VAE's latents do not
-      have the config's channels or size.
+    ConfigError: if the pixel data cannot be told from the arguments, the VAE's latents do not
+      have the config's channels or size, or the buckets cannot be encoded from that data.
   """
   data = config.data
   is_latent = data.name == "latents"
