@@ -457,22 +457,22 @@ class LatentsSource:
     scale: float,
     text_spec: text.TextSpec | None = None,
     vae_path: str = "",
-    buckets: tuple = (),
+    sizes: tuple = (),
   ):
     self._path = path
     self._sharded = False
     self._rows = None  # Element i is stored row i, or row _rows[i] (a view of one bucket).
     meta = latents.LatentsMetadata.load(path) if storage.isdir(path) else None
-    if meta is not None and meta.format == records.FORMAT:
-      self._init_records(meta, image_size, channels, scale, text_spec, vae_path, tuple(buckets))
-      return
-    if buckets:
+    if sizes and not (meta is not None and meta.buckets):
       raise DataError(
-        f"config.data.buckets is set, but config.data.path={path!r} holds latents of one size; "
-        "encode the images in those buckets with `python -m dit_jax.tools.encode_latents` and "
-        "this config (it reads config.data.buckets) into a new --out, or set "
+        f"config.data.buckets={buckets.format_sizes(sizes)!r}, but config.data.path={path!r} "
+        "holds latents of one size; encode the images in those buckets with `python -m "
+        "dit_jax.tools.encode_latents` and this config into a new --out, or set "
         "config.data.buckets=''."
       )
+    if meta is not None and meta.format == records.FORMAT:
+      self._init_records(meta, image_size, channels, scale, text_spec, vae_path, tuple(sizes))
+      return
     if storage.is_remote(path):
       raise DataError(
         f"config.data.path={path!r} holds no array_record latents (no {latents.METADATA_FILE} "
@@ -547,13 +547,6 @@ class LatentsSource:
     self._open()
     if meta.buckets:
       self._init_buckets(image_size, channels, sizes)
-    elif sizes:
-      raise DataError(
-        f"config.data.buckets={buckets.format_sizes(sizes)!r}, but config.data.path={path!r} "
-        "holds latents of one size; encode the images in those buckets with `python -m "
-        "dit_jax.tools.encode_latents` and this config into a new --out, or set "
-        "config.data.buckets=''."
-      )
     else:
       self._check_shape(image_size, channels)
     if text_spec is not None:
